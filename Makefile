@@ -1,0 +1,25 @@
+# The two commands of the README: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU wheel of torch (on disk on our machines); the Docker image installs a CUDA build instead.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install install-dev serve test bench-smoke
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps -r requirements-data.txt
+
+install-dev: install
+	$(BIN)/pip install -q -e '.[dev]'
+
+serve: install
+	$(BIN)/logquant-serve $(ARGS)
+
+test: install-dev
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,140 @@
+"""Byte layout and cost model of the paged KV store (pure Python, no tensors).
+
+One page is `page_bytes` bytes in every layer; page ids index all layers at once. A page
+holds either full-precision tokens (`fp_page_tokens` tokens of K and V) or one demoted
+block of `block_tokens` 2-bit tokens:
+
+    key codes   [block_tokens, kv_heads, head_dim * bits / 8]  uint8 (packed along head_dim)
+    value codes [block_tokens, kv_heads, head_dim * bits / 8]  uint8
+    key scale, key zero      [kv_heads, head_dim]                per channel over the block
+    value scale, value zero  [block_tokens, kv_heads, head_dim / group_size]  per token
+
+For policies that demote, `page_bytes` is the size of one block (sections aligned to 16
+bytes), so a page is never wasted on the 2-bit tier; full-precision pages then hold as many
+tokens as fit. For `fp16`, a page holds `DEFAULT_FP_PAGE_TOKENS` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from logquant.policy import TokenPolicy
+
+ALIGN = 16
+DEFAULT_FP_PAGE_TOKENS = 16
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of one model's KV cache under one policy; every size is in bytes."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    policy: TokenPolicy
+    dtype_bytes: int = 2  # full-precision tier element size (2 for bf16/fp16, 4 for fp32)
+    group_size: int = 32  # value quantization group (channels of one token)
+    bits: int = 2
+    scale_bytes: int = 2  # scales and zero points are stored as float16
+
+    def __post_init__(self) -> None:
+        if self.head_dim % self.group_size != 0:
+            raise ValueError(f"head_dim {self.head_dim} is not a multiple of group_size {self.group_size}")
+        if self.head_dim * self.bits % 8 != 0:
+            raise ValueError(f"head_dim {self.head_dim} cannot be packed at {self.bits} bits")
+
+    @property
+    def block_tokens(self) -> int:
+        return self.policy.block_tokens
+
+    @property
+    def fp_token_bytes(self) -> int:
+        """K and V of one token in one layer at full precision."""
+        return 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    def q_sections(self) -> dict[str, tuple[int, int]]:
+        """name -> (byte offset, byte length) of each section of a 2-bit page."""
+        bt, h, d = self.block_tokens, self.num_kv_heads, self.head_dim
+        lengths = {
+            "key_codes": bt * h * d * self.bits // 8,
+            "value_codes": bt * h * d * self.bits // 8,
+            "key_scale": h * d * self.scale_bytes,
+            "key_zero": h * d * self.scale_bytes,
+            "value_scale": bt * h * (d // self.group_size) * self.scale_bytes,
+            "value_zero": bt * h * (d // self.group_size) * self.scale_bytes,
+        }
+        sections, offset = {}, 0
+        for name, length in lengths.items():
+            sections[name] = (offset, length)
+            offset += _align(length)
+        return sections
+
+    @property
+    def q_block_bytes(self) -> int:
+        """Bytes of one 2-bit block (aligned sections) in one layer; 0 for `fp16`."""
+        if self.block_tokens == 0:
+            return 0
+        offset, length = list(self.q_sections().values())[-1]
+        return offset + _align(length)
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page in one layer."""
+        if self.block_tokens == 0:
+            return _align(DEFAULT_FP_PAGE_TOKENS * self.fp_token_bytes)
+        return _align(max(self.q_block_bytes, self.fp_token_bytes))
+
+    @property
+    def fp_page_tokens(self) -> int:
+        return self.page_bytes // self.fp_token_bytes
+
+    def fp_pages_for(self, num_tokens: int) -> int:
+        """Full-precision pages a sequence of `num_tokens` tokens holds (they are never
+        returned before the sequence ends, so this covers its peak)."""
+        return _ceil_div(self.policy.peak_fp_tokens(num_tokens), self.fp_page_tokens)
+
+    def q_pages_for(self, num_tokens: int) -> int:
+        return self.policy.num_blocks(num_tokens)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return self.fp_pages_for(num_tokens) + self.q_pages_for(num_tokens)
+
+    def bytes_for(self, num_tokens: int) -> int:
+        """Exact bytes of KV cache (all layers) of one sequence of `num_tokens` tokens."""
+        return self.pages_for(num_tokens) * self.page_bytes * self.num_layers
+
+    def fp16_bytes_for(self, num_tokens: int) -> int:
+        """What the same tokens would take in a 16-bit cache with no paging overhead."""
+        return num_tokens * 2 * self.num_kv_heads * self.head_dim * 2 * self.num_layers
+
+    def num_pages(self, kv_budget_bytes: int) -> int:
+        return kv_budget_bytes // (self.page_bytes * self.num_layers)
+
+
+class PagePool:
+    """Free list of page ids in [0, num_pages). Pure Python."""
+
+    def __init__(self, num_pages: int) -> None:
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise MemoryError(f"need {count} pages, {len(self._free)} free")
+        return [self._free.pop() for _ in range(count)]
+
+    def free(self, page_ids: list[int]) -> None:
+        self._free.extend(reversed(page_ids))
+        assert len(self._free) <= self.num_pages, "a page was freed twice"

@@ -1,0 +1,201 @@
+"""Token policies: which tokens of a sequence stay in full precision.
+
+Every policy is a deterministic function of the sequence length. Tokens leave the
+full-precision set in *blocks* (`block_tokens` tokens at a time); a block is quantized once,
+as one key group per channel, and never touched again. A `PolicyState` follows one sequence:
+`append(n)` returns the blocks demoted by those n tokens, and appending n tokens at once
+gives exactly the same state as n single appends.
+
+- `fp16`: nothing is ever demoted.
+- `kivi`: the newest tokens stay full precision while there are at most R = fp_budget of
+  them; past that the oldest `group_size` full-precision tokens are demoted as one block
+  (so between R - group_size + 1 and R tokens are full precision).
+- `logquant`: W = fp_budget // 3; a local window of the newest W+1..2W tokens plus a
+  log-sparse set of W older tokens. When the window passes 2W its oldest W tokens merge with
+  the sparse set, which keeps every other token (`(sparse + oldest_W)[0::2]`); the other half
+  (W tokens) is the demoted block. The first time, the sparse set is just the oldest W.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+POLICY_NAMES = ("fp16", "kivi", "logquant")
+
+
+class PolicyState(ABC):
+    """Per-sequence state of a policy."""
+
+    num_tokens: int
+
+    @abstractmethod
+    def append(self, count: int) -> list[list[int]]:
+        """Add `count` tokens; return the blocks of positions that left full precision."""
+
+    @abstractmethod
+    def full_precision_positions(self) -> list[int]:
+        """Positions currently in full precision, ascending."""
+
+
+class TokenPolicy(ABC):
+    name: str
+    fp_budget: int
+    block_tokens: int  # tokens per demoted block; 0 when nothing is ever demoted
+    max_fp_tokens: int | None  # most full-precision tokens a sequence ever holds; None: unbounded
+
+    @abstractmethod
+    def new_state(self) -> PolicyState: ...
+
+    @abstractmethod
+    def num_blocks(self, num_tokens: int) -> int:
+        """Blocks demoted once a sequence holds `num_tokens` tokens (closed form)."""
+
+    def full_precision_positions(self, num_tokens: int) -> list[int]:
+        state = self.new_state()
+        state.append(num_tokens)
+        return state.full_precision_positions()
+
+    def num_fp_tokens(self, num_tokens: int) -> int:
+        return num_tokens - self.num_blocks(num_tokens) * self.block_tokens
+
+    def peak_fp_tokens(self, num_tokens: int) -> int:
+        """Most full-precision tokens held at any length <= num_tokens."""
+        return num_tokens if self.max_fp_tokens is None else min(num_tokens, self.max_fp_tokens)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class _Fp16State(PolicyState):
+    num_tokens: int = 0
+
+    def append(self, count: int) -> list[list[int]]:
+        self.num_tokens += count
+        return []
+
+    def full_precision_positions(self) -> list[int]:
+        return list(range(self.num_tokens))
+
+
+@dataclass(frozen=True)
+class Fp16Policy(TokenPolicy):
+    fp_budget: int = 0
+    name: str = "fp16"
+    block_tokens: int = 0
+    max_fp_tokens: int | None = None
+
+    def new_state(self) -> PolicyState:
+        return _Fp16State()
+
+    def num_blocks(self, num_tokens: int) -> int:
+        return 0
+
+
+@dataclass
+class _KiviState(PolicyState):
+    residual: int
+    group_size: int
+    num_tokens: int = 0
+    num_quantized: int = 0
+
+    def append(self, count: int) -> list[list[int]]:
+        self.num_tokens += count
+        blocks = []
+        while self.num_tokens - self.num_quantized > self.residual:
+            blocks.append(list(range(self.num_quantized, self.num_quantized + self.group_size)))
+            self.num_quantized += self.group_size
+        return blocks
+
+    def full_precision_positions(self) -> list[int]:
+        return list(range(self.num_quantized, self.num_tokens))
+
+
+@dataclass(frozen=True)
+class KiviPolicy(TokenPolicy):
+    fp_budget: int
+    group_size: int = 32
+    name: str = "kivi"
+
+    @property
+    def block_tokens(self) -> int:  # type: ignore[override]
+        return self.group_size
+
+    @property
+    def max_fp_tokens(self) -> int:  # type: ignore[override]
+        return self.fp_budget
+
+    def new_state(self) -> PolicyState:
+        return _KiviState(residual=self.fp_budget, group_size=self.group_size)
+
+    def num_blocks(self, num_tokens: int) -> int:
+        return max(0, _ceil_div(num_tokens - self.fp_budget, self.group_size))
+
+
+@dataclass
+class _LogQuantState(PolicyState):
+    window: int
+    num_tokens: int = 0
+    local_start: int = 0  # the local window is [local_start, num_tokens)
+    sparse: list[int] = field(default_factory=list)
+    merged_once: bool = False
+
+    def append(self, count: int) -> list[list[int]]:
+        self.num_tokens += count
+        blocks = []
+        w = self.window
+        while self.num_tokens - self.local_start > 2 * w:
+            oldest = list(range(self.local_start, self.local_start + w))
+            self.local_start += w
+            if not self.merged_once:
+                self.sparse, self.merged_once = oldest, True
+                continue
+            merged = self.sparse + oldest
+            self.sparse = merged[0::2]
+            blocks.append(merged[1::2])
+        return blocks
+
+    def full_precision_positions(self) -> list[int]:
+        return self.sparse + list(range(self.local_start, self.num_tokens))
+
+
+@dataclass(frozen=True)
+class LogQuantPolicy(TokenPolicy):
+    fp_budget: int
+    name: str = "logquant"
+
+    @property
+    def window(self) -> int:
+        return self.fp_budget // 3
+
+    @property
+    def block_tokens(self) -> int:  # type: ignore[override]
+        return self.window
+
+    @property
+    def max_fp_tokens(self) -> int:  # type: ignore[override]
+        return 3 * self.window
+
+    def new_state(self) -> PolicyState:
+        return _LogQuantState(window=self.window)
+
+    def num_blocks(self, num_tokens: int) -> int:
+        merges = max(0, _ceil_div(num_tokens - 2 * self.window, self.window))
+        return max(0, merges - 1)
+
+
+def make_policy(name: str, fp_budget: int = 192, group_size: int = 32) -> TokenPolicy:
+    """Build a policy by name (`fp16`, `kivi`, `logquant`) at a full-precision budget."""
+    if name == "fp16":
+        return Fp16Policy(fp_budget=fp_budget)
+    if name == "kivi":
+        if fp_budget < group_size:
+            raise ValueError(f"kivi needs fp_budget >= group_size ({group_size}), got {fp_budget}")
+        return KiviPolicy(fp_budget=fp_budget, group_size=group_size)
+    if name == "logquant":
+        if fp_budget < 3:
+            raise ValueError(f"logquant needs fp_budget >= 3 (window = fp_budget // 3), got {fp_budget}")
+        return LogQuantPolicy(fp_budget=fp_budget)
+    raise ValueError(f"unknown policy {name!r}; expected one of {POLICY_NAMES}")
