@@ -1,0 +1,75 @@
+"""Tiny random-weight models and a byte-level tokenizer with a chat template, built offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+ARCHS = {
+    "llama": dict(model_type="llama"),
+    "qwen2": dict(model_type="qwen2"),
+    "qwen3": dict(model_type="qwen3", head_dim=32),
+    "mistral": dict(model_type="mistral"),
+    "phi3": dict(model_type="phi3", pad_token_id=0),
+}
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.add_special_tokens({"additional_special_tokens": SPECIAL})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, weight_std: float = 0.15) -> torch.nn.Module:
+    tok = byte_tokenizer()
+    kwargs = dict(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(ARCHS[arch])
+    config = AutoConfig.for_model(**kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Larger random weights give peaked, input-dependent logits (a flat model makes any
+    # perturbation look small and greedy text degenerate).
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, weight_std)
+    return model.eval()
+
+
+def save_tiny(path: Path, arch: str = "llama", seed: int = 0, layers: int = 2) -> Path:
+    model = tiny_model(arch, seed, layers)
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
