@@ -1,20 +1,30 @@
-"""logquant: a 2-bit KV cache library (LogQuant, KIVI and fp16 token policies)."""
+"""logquant: a 2-bit KV cache library (LogQuant, KIVI and fp16 token policies).
 
-from logquant.hf import LogQuantCache
-from logquant.layout import KVLayout, PagePool
-from logquant.policy import POLICY_NAMES, TokenPolicy, make_policy
-from logquant.quant import QuantizedTensor, dequantize, quantize
-from logquant.store import PagedKVStore
+Attributes load lazily, so pure-Python parts (`logquant.policy`, `logquant.layout`) import
+without torch.
+"""
 
-__all__ = [
-    "POLICY_NAMES",
-    "KVLayout",
-    "LogQuantCache",
-    "PagePool",
-    "PagedKVStore",
-    "QuantizedTensor",
-    "TokenPolicy",
-    "dequantize",
-    "make_policy",
-    "quantize",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "POLICY_NAMES": "logquant.policy",
+    "TokenPolicy": "logquant.policy",
+    "make_policy": "logquant.policy",
+    "KVLayout": "logquant.layout",
+    "PagePool": "logquant.layout",
+    "QuantizedTensor": "logquant.quant",
+    "quantize": "logquant.quant",
+    "dequantize": "logquant.quant",
+    "PagedKVStore": "logquant.store",
+    "LogQuantCache": "logquant.hf",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'logquant' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

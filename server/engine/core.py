@@ -1,0 +1,126 @@
+"""EngineCore: one step = schedule -> run -> postprocess, plus statistics for metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from logquant.models import load_model
+from logquant.policy import make_policy
+from logquant.store import PagedKVStore
+from server.engine.config import EngineConfig
+from server.engine.pages import PageAllocator
+from server.engine.request import SamplingParams, Sequence
+from server.engine.runner import ModelRunner, layout_for
+from server.engine.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+CPU_DEFAULT_KV_BYTES = 2**30
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    kv_bytes_by_tier: dict[str, int] = field(default_factory=dict)
+    kv_capacity_bytes: int = 0
+    kv_fp16_equivalent_bytes: int = 0  # what the cached tokens would take in a 16-bit cache
+    num_preemptions: int = 0
+    prompt_tokens: int = 0  # counters, since start
+    generation_tokens: int = 0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.config, self.model, self.tokenizer = config, model, tokenizer
+        self.device, self.dtype = config.resolved_device(), config.resolved_dtype()
+        policy = make_policy(config.policy, config.fp_budget, config.group_size)
+        self.layout = layout_for(model, policy, self.dtype, config.group_size)
+        kv_bytes = config.kv_cache_memory or self._default_kv_bytes()
+        self.allocator = PageAllocator(self.layout, kv_bytes)
+        self.store = PagedKVStore(self.layout, self.allocator.num_pages, self.dtype, self.device)
+        text_config = model.config.get_text_config(decoder=True)
+        self.max_model_len = config.max_model_len or text_config.max_position_embeddings
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.allocator
+        )
+        self.runner = ModelRunner(model, self.store)
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.stats = EngineStats(kv_capacity_bytes=self.allocator.capacity_bytes)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> EngineCore:
+        model, tokenizer = load_model(config.model, config.resolved_device(), config.resolved_dtype())
+        return cls(config, model, tokenizer)
+
+    def _default_kv_bytes(self) -> int:
+        if self.device.type != "cuda":
+            return CPU_DEFAULT_KV_BYTES
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        return max(0, int(total * self.config.gpu_memory_utilization) - used)
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
+        params.validate()
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        seqs = [
+            Sequence(f"{request_id}-{i}", request_id, i, list(prompt_token_ids), params, self.eos_token_ids)
+            for i in range(params.n)
+        ]
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return seqs
+
+    def abort_request(self, request_id: str, n: int) -> None:
+        for i in range(n):
+            self.scheduler.abort(f"{request_id}-{i}")
+        # The store drops them at the start of the next step (SchedulerOutput.freed_seq_ids);
+        # their pages are already back in the allocator, so accounting is exact now.
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step ------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """Run one step; return the sequences that got a new token (finished ones included)."""
+        output = self.scheduler.schedule()
+        sampled = self.runner.execute(output, self.scheduler.sequences)
+        now = time.monotonic()
+        updated = self.scheduler.update(output, {s: r.token_id for s, r in sampled.items()})
+        for seq in updated:
+            result = sampled[seq.seq_id]
+            if result.logprob is not None:
+                seq.output_logprobs.append({"logprob": result.logprob, "top": result.top_logprobs})
+            if len(seq.output_token_ids) == 1:
+                self.stats.prompt_tokens += seq.num_prompt_tokens
+                seq.timings.first_token = now
+            seq.timings.last_token = now
+        self.stats.generation_tokens += len(updated)
+        self._update_stats()
+        return updated
+
+    def _update_stats(self) -> None:
+        s = self.stats
+        s.num_running = len(self.scheduler.running)
+        s.num_waiting = len(self.scheduler.waiting)
+        s.kv_usage = self.allocator.usage
+        s.kv_bytes_by_tier = self.allocator.bytes_by_tier()
+        s.kv_fp16_equivalent_bytes = self.layout.fp16_bytes_for(self.allocator.num_cached_tokens())
+        s.num_preemptions = self.scheduler.num_preemptions
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    ids: set[int] = set()
+    for source in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return tuple(sorted(ids))

@@ -1,0 +1,116 @@
+"""Requests and sequences as the scheduler sees them: ids, token ids and counts (no torch)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+
+class SamplingParamsError(ValueError):
+    """Invalid sampling parameters; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings (OpenAI names, plus vLLM's top_k/min_p/repetition_penalty)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    n: int = 1
+    logprobs: int | None = None  # number of top alternatives per token; None: no logprobs
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
+            (0.0 <= self.temperature <= 2.0, "temperature", "must be between 0 and 2"),
+            (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
+            (self.top_k == -1 or self.top_k >= 0, "top_k", "must be -1, 0 (off) or positive"),
+            (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be between -2 and 2"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be between -2 and 2"),
+            (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", "must be in (0, 10]"),
+            (1 <= self.n <= 16, "n", "must be between 1 and 16"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20"),
+            (self.seed is None or -(2**63) <= self.seed < 2**63, "seed", "must fit in 64 bits"),
+        ]
+        for ok, param, message in checks:
+            if not ok:
+                raise SamplingParamsError(f"{param} {message}", param)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class SequenceTimings:
+    arrival: float = field(default_factory=time.monotonic)
+    scheduled: float | None = None  # first time it left the waiting queue
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+
+
+@dataclass
+class Sequence:
+    """One generated sample. `num_computed_tokens` tokens are in the KV cache."""
+
+    seq_id: str
+    request_id: str
+    index: int  # sample index within its request (for n > 1)
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[dict] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    num_preemptions: int = 0
+    timings: SequenceTimings = field(default_factory=SequenceTimings)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def check_stop(self, max_model_len: int) -> str | None:
+        """Finish reason after the latest token, or None to continue."""
+        last = self.output_token_ids[-1]
+        if last in self.params.stop_token_ids:
+            return "stop"
+        if not self.params.ignore_eos and last in self.eos_token_ids:
+            return "stop"
+        if len(self.output_token_ids) >= self.params.max_tokens or self.num_tokens >= max_model_len:
+            return "length"
+        return None

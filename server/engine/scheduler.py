@@ -1,0 +1,162 @@
+"""FCFS continuous-batching scheduler with chunked prefill and preemption (pure Python).
+
+Each step has one token budget (`max_num_batched_tokens`) shared by running sequences
+(decodes and unfinished prefills, oldest first) and newly admitted prompts. A sequence that
+needs a page when none is free preempts the newest running sequence: its pages are freed and
+it goes back to the front of the waiting queue, to be recomputed from its tokens later.
+The scheduler sees sequence ids, token ids/counts and page ids only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from server.engine.pages import NewPages, PageAllocator
+from server.engine.request import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 8192
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq_id: str
+    token_ids: list[int]  # the tokens to compute this step
+    start_position: int  # position of token_ids[0] (== num_computed_tokens)
+    new_pages: NewPages  # pages to hand to the KV store before computing
+    sample: bool  # the chunk ends at the last known token: sample the next one
+    first_chunk: bool  # the sequence is not in the KV store yet
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    freed_seq_ids: list[str]  # drop these from the KV store before running the chunks
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: PageAllocator) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.sequences: dict[str, Sequence] = {}
+        self._freed: list[str] = []
+        self.num_preemptions = 0
+
+    # ---- requests ------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        final_len = min(seq.num_prompt_tokens + seq.params.max_tokens, self.config.max_model_len)
+        if self.allocator.pages_for(final_len) > self.allocator.num_pages:
+            raise ValueError(
+                f"a sequence of {final_len} tokens needs {self.allocator.pages_for(final_len)} KV pages; "
+                f"the cache has {self.allocator.num_pages}"
+            )
+        self.sequences[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, seq_id: str) -> Sequence | None:
+        seq = self.sequences.get(seq_id)
+        if seq is None or seq.is_finished:
+            return None
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        self._finish(seq, "abort")
+        return seq
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted = False
+        for seq in list(self.running):
+            if seq.status != SequenceStatus.RUNNING or budget == 0:
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.allocator.can_allocate(seq.seq_id, seq.num_computed_tokens + num_new):
+                preempted = True
+                if self._preempt_newest() is seq:
+                    break
+            if seq.status == SequenceStatus.RUNNING:
+                chunks.append(self._chunk(seq, num_new, first_chunk=False))
+                budget -= num_new
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.allocator.can_allocate(seq.seq_id, seq.num_tokens):
+                break  # FCFS: the oldest waiting prompt must fit before anything else is admitted
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            seq.timings.scheduled = seq.timings.scheduled or time.monotonic()
+            self.running.append(seq)
+            num_new = min(seq.num_tokens, budget)
+            chunks.append(self._chunk(seq, num_new, first_chunk=True))
+            budget -= num_new
+        freed, self._freed = self._freed, []
+        return SchedulerOutput(chunks=chunks, freed_seq_ids=freed)
+
+    def _chunk(self, seq: Sequence, num_new: int, first_chunk: bool) -> ScheduledChunk:
+        start = seq.num_computed_tokens
+        pages = self.allocator.allocate(seq.seq_id, start + num_new)
+        return ScheduledChunk(
+            seq_id=seq.seq_id,
+            token_ids=seq.token_ids()[start : start + num_new],
+            start_position=start,
+            new_pages=pages,
+            sample=start + num_new == seq.num_tokens,
+            first_chunk=first_chunk,
+        )
+
+    def _preempt_newest(self) -> Sequence:
+        victim = self.running.pop()
+        self.allocator.free(victim.seq_id)
+        self._freed.append(victim.seq_id)
+        victim.status = SequenceStatus.WAITING
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+        return victim
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+        """Apply a step's results (`sampled`: seq_id -> new token id for chunks with `sample`).
+        Returns the sequences that got a token this step (finished ones included)."""
+        updated = []
+        for chunk in output.chunks:
+            seq = self.sequences.get(chunk.seq_id)
+            if seq is None or seq.status != SequenceStatus.RUNNING:
+                continue  # aborted while the step ran
+            seq.num_computed_tokens += len(chunk.token_ids)
+            if not chunk.sample:
+                continue
+            seq.output_token_ids.append(sampled[chunk.seq_id])
+            updated.append(seq)
+            reason = seq.check_stop(self.config.max_model_len)
+            if reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+        return updated
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.timings.finished = time.monotonic()
+        if seq.seq_id in self.allocator.tables:
+            self._freed.append(seq.seq_id)
+        self.allocator.free(seq.seq_id)
+        del self.sequences[seq.seq_id]
+

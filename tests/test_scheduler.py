@@ -1,0 +1,146 @@
+"""Scheduler and allocator alone, with hand-made runner outputs (no torch in the scheduler)."""
+
+import random
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from logquant.layout import KVLayout
+from logquant.policy import make_policy
+from server.engine.pages import PageAllocator
+from server.engine.request import SamplingParams, Sequence, SequenceStatus
+from server.engine.scheduler import Scheduler, SchedulerConfig
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32, policy=make_policy("fp16"), dtype_bytes=2)
+PAGE = LAYOUT.page_bytes * LAYOUT.num_layers  # 16 tokens per page
+
+
+def make(num_pages: int, max_seqs: int = 8, budget: int = 64) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_seqs, budget, 4096), PageAllocator(LAYOUT, num_pages * PAGE))
+
+
+def seq(name: str, prompt_len: int, max_tokens: int = 100) -> Sequence:
+    return Sequence(name, name, 0, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens, temperature=0))
+
+
+def run_step(s: Scheduler, token: int = 7):
+    out = s.schedule()
+    s.update(out, {c.seq_id: token for c in out.chunks if c.sample})
+    return out
+
+
+def test_scheduler_imports_no_torch() -> None:
+    code = "import sys, server.engine.scheduler, server.engine.pages; print('torch' in sys.modules)"
+    assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "False"
+
+
+def test_chunked_prefill_shares_budget_with_decodes() -> None:
+    s = make(num_pages=100, budget=32)
+    s.add(seq("a", 10))
+    out = run_step(s)
+    assert [(c.seq_id, len(c.token_ids), c.sample) for c in out.chunks] == [("a", 10, True)]
+    s.add(seq("b", 70))
+    out = run_step(s)  # a decodes 1 token, b gets the remaining 31 of the budget
+    assert [(c.seq_id, len(c.token_ids), c.sample) for c in out.chunks] == [("a", 1, True), ("b", 31, False)]
+    out = run_step(s)
+    assert [(c.seq_id, len(c.token_ids)) for c in out.chunks] == [("a", 1), ("b", 31)]
+    out = run_step(s)
+    assert [(c.seq_id, len(c.token_ids), c.sample) for c in out.chunks] == [("a", 1, True), ("b", 8, True)]
+    assert out.chunks[1].start_position == 62
+
+
+def test_admission_waits_for_prompt_pages_fcfs() -> None:
+    s = make(num_pages=4)
+    s.add(seq("a", 40, max_tokens=8))  # 3 pages
+    s.add(seq("b", 30, max_tokens=8))  # 2 pages: does not fit next to a
+    s.add(seq("c", 5, max_tokens=8))  # would fit, but FCFS keeps it behind b
+    out = run_step(s)
+    assert [c.seq_id for c in out.chunks] == ["a"]
+    assert [q.seq_id for q in s.waiting] == ["b", "c"]
+    s.abort("a")
+    out = run_step(s)
+    assert [c.seq_id for c in out.chunks] == ["b", "c"] and out.freed_seq_ids == ["a"]
+
+
+def test_preempts_newest_and_recomputes() -> None:
+    s = make(num_pages=2)
+    s.add(seq("old", 15, max_tokens=17))
+    s.add(seq("new", 15, max_tokens=17))
+    run_step(s)
+    run_step(s)  # both have 16 tokens cached in one page each; 17 tokens known
+    assert s.allocator.num_free_pages == 0
+    out = run_step(s)  # old needs a second page for token 17 -> new is preempted
+    assert out.freed_seq_ids == ["new"] and [c.seq_id for c in out.chunks] == ["old"]
+    assert s.num_preemptions == 1 and s.waiting[0].seq_id == "new"
+    preempted = s.waiting[0]
+    assert preempted.num_computed_tokens == 0 and preempted.output_token_ids == [7, 7]
+    s.abort("old")
+    out = run_step(s)  # new is recomputed: prompt + its generated token
+    assert out.chunks[0].token_ids == list(range(15)) + [7, 7] and out.chunks[0].sample
+
+
+def test_max_num_seqs() -> None:
+    s = make(num_pages=100, max_seqs=2)
+    for name in "abc":
+        s.add(seq(name, 4))
+    out = run_step(s)
+    assert [c.seq_id for c in out.chunks] == ["a", "b"]
+
+
+def test_finishes_on_length_and_stop() -> None:
+    s = make(num_pages=10)
+    s.add(seq("a", 4, max_tokens=2))
+    stop = seq("b", 4)
+    stop.params.stop_token_ids = [9]
+    s.add(stop)
+    run_step(s)
+    run_step(s, token=9)
+    assert not s.has_work() and s.allocator.num_free_pages == 10
+
+
+def test_rejects_sequence_larger_than_cache() -> None:
+    s = make(num_pages=2)
+    with pytest.raises(ValueError, match="KV pages"):
+        s.add(seq("a", 40, max_tokens=1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "abort", "step", "step", "step"]), st.integers(1, 90)), max_size=60))
+def test_no_page_leaks_and_budget_never_exceeded(actions) -> None:
+    s = make(num_pages=12, max_seqs=4, budget=40)
+    rng = random.Random(0)
+    live: list[str] = []
+    for i, (action, n) in enumerate(actions):
+        if action == "add":
+            s.add(seq(f"r{i}", n, max_tokens=rng.randint(1, 30)))
+            live.append(f"r{i}")
+        elif action == "abort" and live:
+            s.abort(live.pop(rng.randrange(len(live))))
+        else:
+            out = run_step(s)
+            assert out.num_batched_tokens <= 40
+        held = sum(len(t.fp_pages) + len(t.q_pages) for t in s.allocator.tables.values())
+        assert held + s.allocator.num_free_pages == 12
+        assert set(s.allocator.tables) <= {q.seq_id for q in s.running}
+        for q in s.running:
+            assert s.allocator.tables[q.seq_id].num_tokens >= q.num_computed_tokens
+    for name in live:
+        s.abort(name)
+    while s.has_work():
+        run_step(s)
+    assert s.allocator.num_free_pages == 12 and not s.allocator.tables
+
+
+@pytest.mark.parametrize("policy", ["kivi", "logquant"])
+def test_allocator_pages_follow_cost_model(policy: str) -> None:
+    layout = KVLayout(2, 2, 32, make_policy(policy, 48, group_size=16), dtype_bytes=2, group_size=16)
+    alloc = PageAllocator(layout, 1000 * layout.page_bytes * 2)
+    for n in [1, 50, 51, 200, 1000]:
+        alloc.allocate("x", n)
+        table = alloc.tables["x"]
+        assert len(table.fp_pages) == layout.fp_pages_for(n) and len(table.q_pages) == layout.q_pages_for(n)
+    assert alloc.bytes_by_tier()["fp"] + alloc.bytes_by_tier()["2bit"] == layout.bytes_for(1000)
+    assert SequenceStatus.WAITING.value == "waiting"
