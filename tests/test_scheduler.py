@@ -37,19 +37,22 @@ def test_scheduler_imports_no_torch() -> None:
     assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "False"
 
 
-def test_chunked_prefill_shares_budget_with_decodes() -> None:
-    s = make(num_pages=100, budget=32)
+def test_chunked_prefill_at_fixed_cut_points() -> None:
+    s = make(num_pages=100, max_seqs=8, budget=32)  # prefill chunks of 32 - 8 = 24 tokens
     s.add(seq("a", 10))
     out = run_step(s)
     assert [(c.seq_id, len(c.token_ids), c.sample) for c in out.chunks] == [("a", 10, True)]
     s.add(seq("b", 70))
-    out = run_step(s)  # a decodes 1 token, b gets the remaining 31 of the budget
-    assert [(c.seq_id, len(c.token_ids), c.sample) for c in out.chunks] == [("a", 1, True), ("b", 31, False)]
+    out = run_step(s)  # a decodes 1 token; b's first chunk is a full 24 (fits in the 31 left)
+    assert [(c.seq_id, len(c.token_ids), c.sample) for c in out.chunks] == [("a", 1, True), ("b", 24, False)]
+    s.add(seq("c", 20))
+    out = run_step(s)  # b's next 24 leave 7: c's 20-token prompt waits rather than being cut at 7
+    assert [(c.seq_id, len(c.token_ids)) for c in out.chunks] == [("a", 1), ("b", 24)]
     out = run_step(s)
-    assert [(c.seq_id, len(c.token_ids)) for c in out.chunks] == [("a", 1), ("b", 31)]
+    assert [(c.seq_id, len(c.token_ids), c.sample) for c in out.chunks] == [("a", 1, True), ("b", 22, True)]
+    assert out.chunks[1].start_position == 48
     out = run_step(s)
-    assert [(c.seq_id, len(c.token_ids), c.sample) for c in out.chunks] == [("a", 1, True), ("b", 8, True)]
-    assert out.chunks[1].start_position == 62
+    assert [(c.seq_id, len(c.token_ids)) for c in out.chunks] == [("a", 1), ("b", 1), ("c", 20)]
 
 
 def test_admission_waits_for_prompt_pages_fcfs() -> None:

@@ -52,6 +52,7 @@ class EngineCore:
         self.runner = ModelRunner(model, self.store)
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.stats = EngineStats(kv_capacity_bytes=self.allocator.capacity_bytes)
+        self.last_step_itl: list[float] = []  # inter-token latencies observed by the last step
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> EngineCore:
@@ -78,11 +79,12 @@ class EngineCore:
             self.scheduler.add(seq)
         return seqs
 
-    def abort_request(self, request_id: str, n: int) -> None:
-        for i in range(n):
-            self.scheduler.abort(f"{request_id}-{i}")
-        # The store drops them at the start of the next step (SchedulerOutput.freed_seq_ids);
-        # their pages are already back in the allocator, so accounting is exact now.
+    def abort_request(self, request_id: str, n: int) -> list[Sequence]:
+        """Abort the request's unfinished samples; return them. Their pages are back in the
+        allocator at once (the store forgets them at the start of the next step)."""
+        aborted = [self.scheduler.abort(f"{request_id}-{i}") for i in range(n)]
+        self._update_stats()
+        return [seq for seq in aborted if seq is not None]
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -94,6 +96,7 @@ class EngineCore:
         sampled = self.runner.execute(output, self.scheduler.sequences)
         now = time.monotonic()
         updated = self.scheduler.update(output, {s: r.token_id for s, r in sampled.items()})
+        self.last_step_itl = [now - s.timings.last_token for s in updated if s.timings.last_token is not None]
         for seq in updated:
             result = sampled[seq.seq_id]
             if result.logprob is not None:

@@ -23,6 +23,14 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int = 8192
 
+    @property
+    def prefill_chunk_tokens(self) -> int:
+        """Prefills are cut at fixed multiples of this, never where a step's budget happens
+        to run out: with a 2-bit policy, earlier chunks are demoted before later chunks attend
+        to them, so fixed cut points keep outputs independent of what else is batched. A full
+        chunk fits next to `max_num_seqs` decodes, or half the budget if that is larger."""
+        return max(1, self.max_num_batched_tokens - self.max_num_seqs, self.max_num_batched_tokens // 2)
+
 
 @dataclass(frozen=True)
 class ScheduledChunk:
@@ -87,7 +95,9 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING or budget == 0:
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = self._next_chunk(seq)
+            if num_new > budget:
+                continue  # this prefill chunk waits for a step with room for all of it
             while not self.allocator.can_allocate(seq.seq_id, seq.num_computed_tokens + num_new):
                 preempted = True
                 if self._preempt_newest() is seq:
@@ -97,17 +107,23 @@ class Scheduler:
                 budget -= num_new
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self.allocator.can_allocate(seq.seq_id, seq.num_tokens):
+            num_new = self._next_chunk(seq)
+            if num_new > budget or not self.allocator.can_allocate(seq.seq_id, seq.num_tokens):
                 break  # FCFS: the oldest waiting prompt must fit before anything else is admitted
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.timings.scheduled = seq.timings.scheduled or time.monotonic()
             self.running.append(seq)
-            num_new = min(seq.num_tokens, budget)
             chunks.append(self._chunk(seq, num_new, first_chunk=True))
             budget -= num_new
         freed, self._freed = self._freed, []
         return SchedulerOutput(chunks=chunks, freed_seq_ids=freed)
+
+    def _next_chunk(self, seq: Sequence) -> int:
+        """Tokens to compute next: up to the next multiple of the prefill chunk size."""
+        size = self.config.prefill_chunk_tokens
+        end = min(seq.num_tokens, (seq.num_computed_tokens // size + 1) * size)
+        return end - seq.num_computed_tokens
 
     def _chunk(self, seq: Sequence, num_new: int, first_chunk: bool) -> ScheduledChunk:
         start = seq.num_computed_tokens

@@ -1,0 +1,1 @@
+"""HTTP layer: OpenAI protocol, routes, errors, auth, SSE."""

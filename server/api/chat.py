@@ -1,0 +1,111 @@
+"""POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.api.detokenize import token_text
+from server.api.errors import APIError, error_body
+from server.api.protocol import ChatCompletionRequest, new_id, now
+from server.api.serving import (
+    ChoiceEvent,
+    ServingContext,
+    check_request,
+    choice_events,
+    log_request,
+    sampling_params,
+    sse,
+    until_disconnect,
+    usage,
+)
+
+
+def render_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> list[int]:
+    messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
+    try:
+        ids = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as exc:  # template errors come from user content (e.g. role order)
+        raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
+    return list(ids)
+
+
+def logprob_entries(ctx: ServingContext, entries: list[dict]) -> list[dict]:
+    def one(token_id: int, logprob: float) -> dict:
+        text = token_text(ctx.tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return [
+        {**one(e["token_id"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]} for e in entries
+    ]
+
+
+async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
+    started = time.monotonic()
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+    prompt = render_prompt(ctx, req)
+    (max_tokens,) = check_request(ctx, req, [prompt])
+    params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    request_id = new_id("chatcmpl")
+    events = choice_events(ctx, request_id, [prompt], [params], req.stop or [])
+    head = {"id": request_id, "created": now(), "model": ctx.model_name, "system_fingerprint": ctx.fingerprint}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        body = _stream(ctx, req, head, prompt, events, include_usage, started)
+        return StreamingResponse(body, media_type="text/event-stream")
+    texts, logprobs, finish, generated = await until_disconnect(raw, _collect(events, req.n))
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": texts[i]},
+            "logprobs": {"content": logprob_entries(ctx, logprobs[i])} if req.logprobs else None,
+            "finish_reason": finish[i],
+        }
+        for i in range(req.n)
+    ]
+    log_request(ctx, request_id, "chat", started, prompt_tokens=len(prompt), completion_tokens=generated,
+                finish_reasons=finish)  # fmt: skip
+    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage([prompt], generated)})
+
+
+async def _collect(events: AsyncIterator[ChoiceEvent], n: int) -> tuple[list[str], list[list[dict]], list, int]:
+    texts, logprobs, finish, generated = [""] * n, [[] for _ in range(n)], [None] * n, 0
+    async for event in events:
+        texts[event.index] += event.text
+        logprobs[event.index] += event.logprobs
+        finish[event.index] = event.finish_reason or finish[event.index]
+        generated += len(event.token_ids)
+    return texts, logprobs, finish, generated
+
+
+async def _stream(ctx, req, head, prompt, events, include_usage: bool, started: float) -> AsyncIterator[str]:
+    head = {**head, "object": "chat.completion.chunk"}
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return sse({**head, "choices": [choice], **extra})
+
+    generated = 0
+    try:
+        for i in range(req.n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for event in events:
+            generated += len(event.token_ids)
+            logprobs = {"content": logprob_entries(ctx, event.logprobs)} if req.logprobs else None
+            if event.text or logprobs:
+                yield chunk(event.index, {"content": event.text}, None, logprobs)
+            if event.finish_reason is not None:
+                yield chunk(event.index, {}, event.finish_reason)
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": usage([prompt], generated)})
+    except APIError as err:
+        yield sse(error_body(err.status, err.message, err.param, err.code))
+    finally:
+        await events.aclose()
+        log_request(ctx, head["id"], "chat.stream", started, prompt_tokens=len(prompt), completion_tokens=generated)
+    yield sse("[DONE]")

@@ -1,0 +1,122 @@
+"""POST /v1/completions (legacy text completions)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.api.detokenize import token_text
+from server.api.errors import APIError, error_body
+from server.api.protocol import CompletionRequest, new_id, now
+from server.api.serving import (
+    ChoiceEvent,
+    ServingContext,
+    check_request,
+    choice_events,
+    log_request,
+    sampling_params,
+    sse,
+    until_disconnect,
+    usage,
+)
+
+
+def tokenize_prompts(ctx: ServingContext, req: CompletionRequest) -> list[list[int]]:
+    if isinstance(req.prompt, str):
+        return [ctx.tokenizer.encode(req.prompt)]
+    if all(isinstance(p, int) for p in req.prompt):
+        vocab = len(ctx.tokenizer)
+        if any(not 0 <= p < vocab for p in req.prompt):  # type: ignore[operator]
+            raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
+        return [list(req.prompt)]  # type: ignore[arg-type]
+    return [ctx.tokenizer.encode(p) for p in req.prompt]  # type: ignore[arg-type]
+
+
+def legacy_logprobs(ctx: ServingContext, entries: list[dict], offset: int) -> dict:
+    tokens = [token_text(ctx.tokenizer, e["token_id"]) for e in entries]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{token_text(ctx.tokenizer, t): lp for t, lp in e["top"]} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
+    started = time.monotonic()
+    if req.echo and req.logprobs is not None:
+        raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
+    prompts = tokenize_prompts(ctx, req)
+    limits = check_request(ctx, req, prompts)
+    params = [sampling_params(req, limit, req.logprobs) for limit in limits]
+    request_id = new_id("cmpl")
+    events = choice_events(ctx, request_id, prompts, params, req.stop or [])
+    echo = [ctx.tokenizer.decode(p) if req.echo else "" for p in prompts for _ in range(req.n)]
+    head = {"id": request_id, "object": "text_completion", "created": now(), "model": ctx.model_name,
+            "system_fingerprint": ctx.fingerprint}  # fmt: skip
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(ctx, req, head, prompts, echo, events, include_usage, started), media_type="text/event-stream"
+        )
+    num = len(prompts) * req.n
+    texts, entries, finish, generated = await until_disconnect(raw, _collect(events, num))
+    choices = [
+        {
+            "index": i,
+            "text": echo[i] + texts[i],
+            "logprobs": legacy_logprobs(ctx, entries[i], len(echo[i])) if req.logprobs is not None else None,
+            "finish_reason": finish[i],
+        }
+        for i in range(num)
+    ]
+    log_request(ctx, request_id, "completions", started, prompt_tokens=sum(map(len, prompts)),
+                completion_tokens=generated, finish_reasons=finish)  # fmt: skip
+    return JSONResponse({**head, "choices": choices, "usage": usage(prompts, generated)})
+
+
+async def _collect(events: AsyncIterator[ChoiceEvent], num: int) -> tuple[list[str], list[list[dict]], list, int]:
+    texts, entries, finish, generated = [""] * num, [[] for _ in range(num)], [None] * num, 0
+    async for event in events:
+        texts[event.index] += event.text
+        entries[event.index] += event.logprobs
+        finish[event.index] = event.finish_reason or finish[event.index]
+        generated += len(event.token_ids)
+    return texts, entries, finish, generated
+
+
+async def _stream(ctx, req, head, prompts, echo, events, include_usage: bool, started: float) -> AsyncIterator[str]:
+    extra = {"usage": None} if include_usage else {}
+    offsets = [len(e) for e in echo]
+
+    def chunk(index: int, text: str, finish: str | None, logprobs: dict | None) -> str:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return sse({**head, "choices": [choice], **extra})
+
+    generated = 0
+    try:
+        for i, text in enumerate(echo):
+            if text:
+                yield chunk(i, text, None, None)
+        async for event in events:
+            generated += len(event.token_ids)
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = legacy_logprobs(ctx, event.logprobs, offsets[event.index])
+            offsets[event.index] += len(event.text)
+            yield chunk(event.index, event.text, event.finish_reason, logprobs)
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": usage(prompts, generated)})
+    except APIError as err:
+        yield sse(error_body(err.status, err.message, err.param, err.code))
+    finally:
+        await events.aclose()
+        log_request(ctx, head["id"], "completions.stream", started, completion_tokens=generated)
+    yield sse("[DONE]")

@@ -1,0 +1,195 @@
+"""What chat and completions share: request checks, sampling params, one merged stream of
+choice events over one or more engine requests, and disconnect handling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fastapi import Request
+from transformers import PreTrainedTokenizerBase
+
+from server.api.detokenize import TextTracker
+from server.api.errors import APIError
+from server.api.protocol import SamplingFields, new_id
+from server.engine.async_engine import AsyncEngine, EngineDeadError, SequenceDelta
+from server.engine.request import SamplingParams, SamplingParamsError
+
+logger = logging.getLogger("logquant.requests")
+T = TypeVar("T")
+
+
+@dataclass
+class ServingContext:
+    engine: AsyncEngine
+    tokenizer: PreTrainedTokenizerBase
+    model_name: str
+    max_model_len: int
+    max_waiting_requests: int
+    fingerprint: str  # names the KV policy, e.g. "logquant-fp192-g32"
+    log_prompts: bool = False
+
+
+@dataclass
+class ChoiceEvent:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict]  # {"token_id", "logprob", "top": [(id, logprob)]} for this event's tokens
+    finish_reason: str | None
+
+
+@dataclass
+class Choice:
+    """Accumulated state of one choice (a sample of one prompt)."""
+
+    index: int
+    tracker: TextTracker
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def on_delta(self, delta: SequenceDelta) -> ChoiceEvent | None:
+        if self.finish_reason is not None or delta.token_id is None:
+            return None  # stopped on a stop string; the engine is aborting the rest
+        text = self.tracker.add(delta.token_id)
+        entry = [{"token_id": delta.token_id, **delta.logprob}] if delta.logprob else []
+        self.logprobs += entry
+        if self.tracker.stopped:
+            self.finish_reason = "stop"
+        elif delta.finish_reason is not None:
+            text += self.tracker.finish()
+            self.finish_reason = "length" if delta.finish_reason == "length" else "stop"
+        return ChoiceEvent(self.index, text, [delta.token_id], entry, self.finish_reason)
+
+
+def check_request(ctx: ServingContext, req: SamplingFields, prompts: list[list[int]]) -> list[int]:
+    """Model, context length and queue checks; returns max_tokens per prompt."""
+    if req.model != ctx.model_name:
+        raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
+    limits = []
+    for ids in prompts:
+        if not ids:
+            raise APIError(400, "The prompt is empty after tokenization.", param="prompt")
+        requested = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        max_tokens = requested or ctx.max_model_len - len(ids)
+        if len(ids) + max_tokens > ctx.max_model_len or max_tokens < 1:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {ctx.max_model_len} tokens. However, you requested "
+                f"{len(ids) + max(max_tokens, 0)} tokens ({len(ids)} in the messages, {max_tokens} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                param="messages" if hasattr(req, "messages") else "prompt",
+                code="context_length_exceeded",
+            )
+        limits.append(max_tokens)
+    if ctx.engine.num_waiting + len(prompts) * req.n > ctx.max_waiting_requests:
+        raise APIError(429, "Too many requests are waiting; retry later.", headers={"Retry-After": "1"})
+    return limits
+
+
+def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        min_p=req.min_p or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        seed=req.seed,
+        n=req.n,
+        logprobs=logprobs,
+        ignore_eos=req.ignore_eos,
+    )
+    try:
+        params.validate()
+    except SamplingParamsError as exc:
+        raise APIError(400, str(exc), param=exc.param) from exc
+    return params
+
+
+async def choice_events(
+    ctx: ServingContext, request_id: str, prompts: list[list[int]], params: list[SamplingParams], stops: list[str]
+) -> AsyncIterator[ChoiceEvent]:
+    """Run every prompt (n samples each) and yield choice events as tokens arrive.
+    Closing this iterator aborts whatever is still running."""
+    n = params[0].n
+    choices = [Choice(i, TextTracker(ctx.tokenizer, stops)) for i in range(len(prompts) * n)]
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        try:
+            async for delta in ctx.engine.generate(f"{request_id}-p{i}", prompts[i], params[i]):
+                await queue.put((i, delta))
+        except Exception as exc:  # forwarded to the consumer, which raises it
+            await queue.put((i, exc))
+        await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
+    try:
+        done = 0
+        while done < len(tasks):
+            i, item = await queue.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, Exception):
+                raise _as_api_error(item)
+            else:
+                choice = choices[i * n + item.index]
+                event = choice.on_delta(item)
+                if event is not None and choice.tracker.stopped and item.finish_reason is None:
+                    ctx.engine.abort_sample(f"{request_id}-p{i}", item.index)
+                if event is not None:
+                    yield event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _as_api_error(exc: Exception) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc))
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc))
+    return APIError(500, f"generation failed: {exc}")
+
+
+async def until_disconnect(raw: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (which aborts its requests) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.2)
+            if done:
+                return task.result()
+            if await raw.is_disconnected():
+                raise APIError(499, "client disconnected")
+    finally:
+        task.cancel()
+
+
+def log_request(ctx: ServingContext, request_id: str, kind: str, started: float, **fields: object) -> None:
+    record = {"request_id": request_id, "endpoint": kind, "duration_s": round(time.monotonic() - started, 4)}
+    record.update({k: v for k, v in fields.items() if k != "prompt" or ctx.log_prompts})
+    logger.info(json.dumps(record))
+
+
+def usage(prompts: list[list[int]], num_generated: int) -> dict:
+    prompt_tokens = sum(len(p) for p in prompts)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": num_generated,
+            "total_tokens": prompt_tokens + num_generated}  # fmt: skip
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+__all__ = ["ServingContext", "check_request", "choice_events", "new_id", "sampling_params", "until_disconnect"]

@@ -1,0 +1,68 @@
+"""Run the real app under uvicorn on 127.0.0.1 in a background thread, for tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+import uvicorn
+
+from server.api.app import create_app
+from server.config import ServerSettings
+from server.engine.config import EngineConfig
+from server.engine.core import EngineCore
+from tiny import byte_tokenizer, tiny_model
+
+MODEL = "tiny-llama"
+
+
+def tiny_core_factory(policy: str = "logquant", kv_bytes: int = 64 << 20, **engine: object) -> Callable[[], EngineCore]:
+    def build() -> EngineCore:
+        config = EngineConfig(policy=policy, fp_budget=24, group_size=8, kv_cache_memory=kv_bytes, device="cpu",
+                              max_model_len=512, max_num_batched_tokens=64, **engine)  # fmt: skip
+        return EngineCore(config, tiny_model(), byte_tokenizer())
+
+    return build
+
+
+class RunningServer:
+    def __init__(self, factory: Callable[[], EngineCore], **settings: object) -> None:
+        defaults = dict(model=MODEL, policy="logquant", fp_budget=24, group_size=8, port=0)
+        self.settings = ServerSettings(**{**defaults, **settings})
+        self.app = create_app(self.settings, factory)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> RunningServer:
+        self.thread.start()
+        self._wait(lambda: self.server.started, "server start")
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def wait_ready(self) -> RunningServer:
+        self._wait(lambda: httpx.get(f"{self.url}/ready").status_code == 200, "readiness")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    @property
+    def core(self) -> EngineCore:
+        return self.app.state.logquant.ctx.engine.core
+
+    @staticmethod
+    def _wait(condition: Callable[[], bool], what: str, limit: float = 60.0) -> None:
+        deadline = time.monotonic() + limit
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {limit}s for {what}")
+            time.sleep(0.02)
+
+
+def wait_for(condition: Callable[[], bool], what: str, limit: float = 20.0) -> None:
+    RunningServer._wait(condition, what, limit)
