@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import signal
 import sys
 
 import uvicorn
@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from server.api.app import create_app
+from server import logs
 from server.config import ServerSettings
 
 
@@ -22,11 +23,10 @@ def main(argv: list[str] | None = None) -> None:
         settings = parse_settings(argv)
     except ValidationError as exc:
         sys.exit(f"logquant-serve: invalid settings:\n{exc}")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format='{"time": "%(asctime)s", "level": "%(levelname)s", '
-        '"logger": "%(name)s", "message": %(message)r}'
-    )  # fmt: skip
+    logs.configure(settings.log_level)
     app = create_app(settings)
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal: exit 0 on it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         app,
         host=settings.host,

@@ -68,7 +68,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         for i in range(req.n)
     ]
     log_request(ctx, request_id, "chat", started, prompt_tokens=len(prompt), completion_tokens=generated,
-                finish_reasons=finish)  # fmt: skip
+                finish_reasons=finish, prompt=[m.text() for m in req.messages])  # fmt: skip
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage([prompt], generated)})
 
 

@@ -78,7 +78,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         for i in range(num)
     ]
     log_request(ctx, request_id, "completions", started, prompt_tokens=sum(map(len, prompts)),
-                completion_tokens=generated, finish_reasons=finish)  # fmt: skip
+                completion_tokens=generated, finish_reasons=finish, prompt=req.prompt)  # fmt: skip
     return JSONResponse({**head, "choices": choices, "usage": usage(prompts, generated)})
 
 

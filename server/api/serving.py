@@ -179,7 +179,7 @@ async def until_disconnect(raw: Request, work: Awaitable[T]) -> T:
 def log_request(ctx: ServingContext, request_id: str, kind: str, started: float, **fields: object) -> None:
     record = {"request_id": request_id, "endpoint": kind, "duration_s": round(time.monotonic() - started, 4)}
     record.update({k: v for k, v in fields.items() if k != "prompt" or ctx.log_prompts})
-    logger.info(json.dumps(record))
+    logger.info("request done", extra={"fields": record})
 
 
 def usage(prompts: list[list[int]], num_generated: int) -> dict:
