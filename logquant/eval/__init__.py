@@ -1,0 +1,1 @@
+"""Evaluation tools: python -m logquant.eval {coverage,ppl,agreement,passkey}."""
