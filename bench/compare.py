@@ -23,7 +23,8 @@ from logquant.models import resolve_model  # noqa: E402
 
 
 def run_transformers_serve(model_dir: str, args, runs: dict, continuous_batching: bool) -> None:
-    exe = shutil.which("transformers")
+    beside = Path(sys.executable).parent / "transformers"  # a venv's script when its bin is not on PATH
+    exe = str(beside) if beside.exists() else shutil.which("transformers")
     if exe is None:
         raise SystemExit("the `transformers` command is not on PATH")
     port = free_port()

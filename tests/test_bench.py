@@ -1,0 +1,55 @@
+"""Each benchmark script once, in its smallest setting (no timings are asserted)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_capacity(tmp_path) -> None:
+    stdout = run("bench/capacity.py", "--kv-cache-memory", "1GiB", "--lengths", "512,2048", "--json",
+                 str(tmp_path / "c.json"))  # fmt: skip
+    table = json.loads((tmp_path / "c.json").read_text())
+    assert table["SmolLM2-135M"]["logquant"]["2048"] > 3 * table["SmolLM2-135M"]["fp16"]["2048"]
+    assert "Llama-3.1-8B" in stdout
+
+
+@pytest.mark.real_model
+def test_serve_and_plots(tmp_path) -> None:
+    out = tmp_path / "serve.json"
+    stdout = run("bench/serve.py", "--policies", "fp16,logquant", "--num-requests", "2", "--concurrency", "1,2",
+                 "--max-tokens", "4", "--json", str(out))  # fmt: skip
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"fp16 c=1", "fp16 c=2", "logquant c=1", "logquant c=2"}
+    assert all(r["errors"] == 0 and r["output_tokens"] > 0 for r in runs.values())
+    assert "ratios" in stdout
+    acc = tmp_path / "acc.json"
+    run("bench/accuracy.py", "--smoke", "--json", str(acc))
+    cap = tmp_path / "cap.json"
+    run("bench/capacity.py", "--lengths", "512,2048", "--json", str(cap))
+    run("bench/plots.py", "--serve", str(out), "--accuracy", str(acc), "--capacity", str(cap), "--out",
+        str(tmp_path / "docs"))  # fmt: skip
+    assert len(list((tmp_path / "docs").glob("*.png"))) == 4
+
+
+@pytest.mark.real_model
+def test_compare_with_transformers_serve(tmp_path) -> None:
+    if shutil.which("transformers") is None and not (Path(sys.executable).parent / "transformers").exists():
+        pytest.skip("the transformers CLI is not installed")
+    out = tmp_path / "cmp.json"
+    run("bench/compare.py", "--policies", "logquant", "--num-requests", "2", "--concurrency", "2", "--max-tokens",
+        "4", "--json", str(out))  # fmt: skip
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"transformers", "logquant-serve logquant"}
+    assert all(r["errors"] == 0 for r in runs.values())
