@@ -150,6 +150,8 @@ def error_of(response: httpx.Response) -> dict:
         ({"messages": [{"role": "user"}]}, "messages.0.content"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"stop": [""]}, "stop"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
     ],
 )
 def test_bad_parameters_400(srv, payload: dict, param: str) -> None:

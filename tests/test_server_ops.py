@@ -1,5 +1,6 @@
 """Auth, readiness, disconnects, metrics and shutdown of the real server."""
 
+import json
 import os
 import signal
 import subprocess
@@ -154,3 +155,17 @@ def test_sigterm_drains_and_exits_zero(tmp_path) -> None:
     assert proc.wait(60) == 0
     # the in-flight request was drained, not cut
     assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 300
+
+
+def test_one_structured_log_line_per_request_without_prompt(srv, caplog) -> None:
+    import logging
+
+    from server.logs import JsonFormatter
+
+    caplog.set_level(logging.INFO, logger="logquant.requests")
+    httpx.post(f"{srv.url}/v1/chat/completions", json={**BODY, "user": "u-42"}, timeout=60)
+    records = [r for r in caplog.records if r.name == "logquant.requests"]
+    assert len(records) == 1
+    line = json.loads(JsonFormatter().format(records[0]))
+    assert line["endpoint"] == "chat" and line["user"] == "u-42" and line["completion_tokens"] >= 1
+    assert "prompt" not in line and "hello there" not in json.dumps(line)

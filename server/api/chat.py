@@ -25,7 +25,10 @@ from server.api.serving import (
 
 
 def render_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> list[int]:
-    messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in req.messages]
+    messages = []
+    for m in req.messages:
+        message = {"role": m.role if m.role != "developer" else "system", "content": m.text()}
+        messages.append(message | ({"name": m.name} if m.name else {}))
     try:
         ids = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     except Exception as exc:  # template errors come from user content (e.g. role order)
@@ -68,7 +71,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         for i in range(req.n)
     ]
     log_request(ctx, request_id, "chat", started, prompt_tokens=len(prompt), completion_tokens=generated,
-                finish_reasons=finish, prompt=[m.text() for m in req.messages])  # fmt: skip
+                finish_reasons=finish, user=req.user, prompt=[m.text() for m in req.messages])  # fmt: skip
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage([prompt], generated)})
 
 
@@ -107,5 +110,6 @@ async def _stream(ctx, req, head, prompt, events, include_usage: bool, started: 
         yield sse(error_body(err.status, err.message, err.param, err.code))
     finally:
         await events.aclose()
-        log_request(ctx, head["id"], "chat.stream", started, prompt_tokens=len(prompt), completion_tokens=generated)
+        log_request(ctx, head["id"], "chat.stream", started, prompt_tokens=len(prompt), completion_tokens=generated,
+                    user=req.user)  # fmt: skip
     yield sse("[DONE]")

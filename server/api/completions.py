@@ -78,7 +78,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         for i in range(num)
     ]
     log_request(ctx, request_id, "completions", started, prompt_tokens=sum(map(len, prompts)),
-                completion_tokens=generated, finish_reasons=finish, prompt=req.prompt)  # fmt: skip
+                completion_tokens=generated, finish_reasons=finish, user=req.user, prompt=req.prompt)  # fmt: skip
     return JSONResponse({**head, "choices": choices, "usage": usage(prompts, generated)})
 
 
@@ -118,5 +118,5 @@ async def _stream(ctx, req, head, prompts, echo, events, include_usage: bool, st
         yield sse(error_body(err.status, err.message, err.param, err.code))
     finally:
         await events.aclose()
-        log_request(ctx, head["id"], "completions.stream", started, completion_tokens=generated)
+        log_request(ctx, head["id"], "completions.stream", started, completion_tokens=generated, user=req.user)
     yield sse("[DONE]")

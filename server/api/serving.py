@@ -69,6 +69,8 @@ class Choice:
 
 def check_request(ctx: ServingContext, req: SamplingFields, prompts: list[list[int]]) -> list[int]:
     """Model, context length and queue checks; returns max_tokens per prompt."""
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if req.model != ctx.model_name:
         raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
     limits = []
