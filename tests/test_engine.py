@@ -1,7 +1,6 @@
 """The engine end to end on tiny random-weight models."""
 
 import pytest
-import torch
 
 from server.engine import LLM, SamplingParams
 from server.engine.core import EngineCore

@@ -8,6 +8,7 @@ import sys
 import threading
 
 import httpx
+from pydantic import ValidationError
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -127,7 +128,7 @@ def test_settings_from_cli_and_env(monkeypatch) -> None:
     s = parse_settings(["--policy", "kivi", "--kv-cache-memory", "2GiB", "--max-num-seqs", "8"])
     assert (s.policy, s.fp_budget, s.api_key, s.max_num_seqs) == ("kivi", 128, "k", 8)
     assert s.engine_config().kv_cache_memory == 2 * 2**30
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="cannot parse a byte size"):
         parse_settings(["--kv-cache-memory", "lots"])
 
 

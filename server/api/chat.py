@@ -12,9 +12,9 @@ from server.api.detokenize import token_text
 from server.api.errors import APIError, error_body
 from server.api.protocol import ChatCompletionRequest, new_id, now
 from server.api.serving import (
-    ChoiceEvent,
     ServingContext,
     check_request,
+    collect_choices,
     choice_events,
     log_request,
     sampling_params,
@@ -60,7 +60,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = _stream(ctx, req, head, prompt, events, include_usage, started)
         return StreamingResponse(body, media_type="text/event-stream")
-    texts, logprobs, finish, generated = await until_disconnect(raw, _collect(events, req.n))
+    texts, logprobs, finish, generated = await until_disconnect(raw, collect_choices(events, req.n))
     choices = [
         {
             "index": i,
@@ -73,16 +73,6 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     log_request(ctx, request_id, "chat", started, prompt_tokens=len(prompt), completion_tokens=generated,
                 finish_reasons=finish, user=req.user, prompt=[m.text() for m in req.messages])  # fmt: skip
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage([prompt], generated)})
-
-
-async def _collect(events: AsyncIterator[ChoiceEvent], n: int) -> tuple[list[str], list[list[dict]], list, int]:
-    texts, logprobs, finish, generated = [""] * n, [[] for _ in range(n)], [None] * n, 0
-    async for event in events:
-        texts[event.index] += event.text
-        logprobs[event.index] += event.logprobs
-        finish[event.index] = event.finish_reason or finish[event.index]
-        generated += len(event.token_ids)
-    return texts, logprobs, finish, generated
 
 
 async def _stream(ctx, req, head, prompt, events, include_usage: bool, started: float) -> AsyncIterator[str]:

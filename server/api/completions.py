@@ -12,9 +12,9 @@ from server.api.detokenize import token_text
 from server.api.errors import APIError, error_body
 from server.api.protocol import CompletionRequest, new_id, now
 from server.api.serving import (
-    ChoiceEvent,
     ServingContext,
     check_request,
+    collect_choices,
     choice_events,
     log_request,
     sampling_params,
@@ -67,7 +67,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
             _stream(ctx, req, head, prompts, echo, events, include_usage, started), media_type="text/event-stream"
         )
     num = len(prompts) * req.n
-    texts, entries, finish, generated = await until_disconnect(raw, _collect(events, num))
+    texts, entries, finish, generated = await until_disconnect(raw, collect_choices(events, num))
     choices = [
         {
             "index": i,
@@ -80,16 +80,6 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     log_request(ctx, request_id, "completions", started, prompt_tokens=sum(map(len, prompts)),
                 completion_tokens=generated, finish_reasons=finish, user=req.user, prompt=req.prompt)  # fmt: skip
     return JSONResponse({**head, "choices": choices, "usage": usage(prompts, generated)})
-
-
-async def _collect(events: AsyncIterator[ChoiceEvent], num: int) -> tuple[list[str], list[list[dict]], list, int]:
-    texts, entries, finish, generated = [""] * num, [[] for _ in range(num)], [None] * num, 0
-    async for event in events:
-        texts[event.index] += event.text
-        entries[event.index] += event.logprobs
-        finish[event.index] = event.finish_reason or finish[event.index]
-        generated += len(event.token_ids)
-    return texts, entries, finish, generated
 
 
 async def _stream(ctx, req, head, prompts, echo, events, include_usage: bool, started: float) -> AsyncIterator[str]:

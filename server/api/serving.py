@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from server.api.detokenize import TextTracker
 from server.api.errors import APIError
-from server.api.protocol import SamplingFields, new_id
+from server.api.protocol import SamplingFields
 from server.engine.async_engine import AsyncEngine, EngineDeadError, SequenceDelta
 from server.engine.request import SamplingParams, SamplingParamsError
 
@@ -154,6 +154,18 @@ async def choice_events(
             task.cancel()
 
 
+async def collect_choices(events: AsyncIterator[ChoiceEvent], num: int) -> tuple[list[str], list[list[dict]], list, int]:
+    """Non-streaming: run `events` to the end; per choice text, logprob entries and finish
+    reason, plus the number of generated tokens."""
+    texts, entries, finish, generated = [""] * num, [[] for _ in range(num)], [None] * num, 0
+    async for event in events:
+        texts[event.index] += event.text
+        entries[event.index] += event.logprobs
+        finish[event.index] = event.finish_reason or finish[event.index]
+        generated += len(event.token_ids)
+    return texts, entries, finish, generated
+
+
 def _as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, APIError):
         return exc
@@ -194,4 +206,3 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-__all__ = ["ServingContext", "check_request", "choice_events", "new_id", "sampling_params", "until_disconnect"]
