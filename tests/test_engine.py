@@ -128,3 +128,25 @@ def test_abort_frees_pages() -> None:
     assert not engine.has_work()
     engine.step()
     assert not engine.store.sequences
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3"])
+def test_other_architectures_match_generate(arch: str) -> None:
+    config = EngineConfig(policy="fp16", kv_cache_memory=32 << 20, max_num_batched_tokens=16, device="cpu")
+    engine = EngineCore(config, tiny_model(arch), byte_tokenizer())
+    tok = engine.tokenizer
+    seqs = [engine.add_request(f"r{i}", tok.encode(p), SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+            for i, p in enumerate(PROMPTS[:3])]  # fmt: skip
+    while engine.has_work():
+        engine.step()
+    reference_model = tiny_model(arch)
+    for prompt, seq in zip(PROMPTS, seqs):
+        ids = tok(prompt, return_tensors="pt")
+        out = reference_model.generate(**ids, max_new_tokens=10, do_sample=False, eos_token_id=None)
+        assert seq.output_token_ids == out[0, ids["input_ids"].shape[1] :].tolist(), (arch, prompt)
+    logquant = EngineCore(EngineConfig(policy="logquant", fp_budget=24, group_size=8, kv_cache_memory=32 << 20,
+                                       device="cpu"), tiny_model(arch), byte_tokenizer())  # fmt: skip
+    (seq,) = logquant.add_request("q", list(range(3, 120)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    while logquant.has_work():
+        logquant.step()
+    assert len(seq.output_token_ids) == 8
