@@ -81,6 +81,17 @@ def test_quantized_store_holds_2bit_pages_while_running() -> None:
     assert engine.stats.kv_fp16_equivalent_bytes > tiers["fp"] + tiers["2bit"]
 
 
+@pytest.mark.parametrize("policy", ["kivi", "logquant"])
+def test_quantized_outputs_unchanged_by_preemption(policy: str) -> None:
+    roomy = make_engine(policy, budget=64, fp_budget=24)
+    expected = run_staggered(roomy, 40)
+    assert roomy.scheduler.num_preemptions == 0
+    page = roomy.layout.page_bytes * 2
+    tight = make_engine(policy, kv=roomy.layout.pages_for(100) * 2 * page, budget=64, fp_budget=24)
+    assert run_staggered(tight, 40) == expected
+    assert tight.scheduler.num_preemptions > 0
+
+
 def test_seed_reproducible_across_batch_compositions() -> None:
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
     alone = make_engine()

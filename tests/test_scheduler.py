@@ -147,3 +147,16 @@ def test_allocator_pages_follow_cost_model(policy: str) -> None:
         assert len(table.fp_pages) == layout.fp_pages_for(n) and len(table.q_pages) == layout.q_pages_for(n)
     assert alloc.bytes_by_tier()["fp"] + alloc.bytes_by_tier()["2bit"] == layout.bytes_for(1000)
     assert SequenceStatus.WAITING.value == "waiting"
+
+
+def test_exact_recompute_replays_outputs_one_per_step() -> None:
+    s = Scheduler(SchedulerConfig(8, 64, 4096, exact_recompute=True), PageAllocator(LAYOUT, 100 * PAGE))
+    victim = seq("v", 40)
+    victim.output_token_ids = [5, 6, 7]  # as if preempted after generating three tokens
+    s.add(victim)
+    sizes = []
+    while not victim.output_token_ids[3:]:
+        out = run_step(s)
+        sizes.append([(len(c.token_ids), c.sample) for c in out.chunks])
+    # the prompt as first computed (one chunk: chunks are 64 - 8 = 56), then the three known tokens one by one
+    assert sizes == [[(40, False)], [(1, False)], [(1, False)], [(1, True)]]

@@ -46,9 +46,10 @@ class EngineCore:
         self.store = PagedKVStore(self.layout, self.allocator.num_pages, self.dtype, self.device)
         text_config = model.config.get_text_config(decoder=True)
         self.max_model_len = config.max_model_len or text_config.max_position_embeddings
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.allocator
+        scheduler_config = SchedulerConfig(
+            config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, exact_recompute=policy.block_tokens > 0
         )
+        self.scheduler = Scheduler(scheduler_config, self.allocator)
         self.runner = ModelRunner(model, self.store)
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.stats = EngineStats(kv_capacity_bytes=self.allocator.capacity_bytes)

@@ -22,6 +22,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int = 8192
+    # Recompute a preempted sequence's generated tokens one per step, as they were first
+    # computed: with a 2-bit policy that rebuilds exactly the same cache (and output).
+    exact_recompute: bool = False
 
     @property
     def prefill_chunk_tokens(self) -> int:
@@ -120,10 +123,13 @@ class Scheduler:
         return SchedulerOutput(chunks=chunks, freed_seq_ids=freed)
 
     def _next_chunk(self, seq: Sequence) -> int:
-        """Tokens to compute next: up to the next multiple of the prefill chunk size."""
-        size = self.config.prefill_chunk_tokens
-        end = min(seq.num_tokens, (seq.num_computed_tokens // size + 1) * size)
-        return end - seq.num_computed_tokens
+        """Tokens to compute next: up to the next multiple of the prefill chunk size (one
+        token at a time past the prompt under `exact_recompute`)."""
+        size, done = self.config.prefill_chunk_tokens, seq.num_computed_tokens
+        if self.config.exact_recompute and done >= seq.num_prompt_tokens:
+            return 1
+        limit = seq.num_prompt_tokens if self.config.exact_recompute else seq.num_tokens
+        return min(limit, (done // size + 1) * size) - done
 
     def _chunk(self, seq: Sequence, num_new: int, first_chunk: bool) -> ScheduledChunk:
         start = seq.num_computed_tokens
