@@ -49,10 +49,10 @@ def main() -> None:
         if mode == "passkey" and args.passkey_lengths:
             extra[extra.index("--lengths") + 1] = args.passkey_lengths
         results[mode] = {"args": extra, "results": run_eval([mode, "--model", args.model, "--budgets", budgets, *extra])}
+        if args.json:  # after every mode, so a long run that is stopped keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"model": args.model, "budgets": budgets, **results}, indent=2))
     print_summary(results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": args.model, "budgets": budgets, **results}, indent=2))
 
 
 def print_summary(results: dict) -> None:

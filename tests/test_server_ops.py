@@ -170,3 +170,18 @@ def test_one_structured_log_line_per_request_without_prompt(srv, caplog) -> None
     line = json.loads(JsonFormatter().format(records[0]))
     assert line["endpoint"] == "chat" and line["user"] == "u-42" and line["completion_tokens"] >= 1
     assert "prompt" not in line and "hello there" not in json.dumps(line)
+
+
+def test_engine_step_failure_fails_requests_without_hanging(srv) -> None:
+    runner = srv.core.runner
+    original = runner.execute
+
+    def broken(*args, **kwargs):
+        runner.execute = original  # fail once
+        raise RuntimeError("simulated device error")
+
+    runner.execute = broken
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=BODY, timeout=60)
+    assert r.status_code == 500 and "simulated device error" in r.json()["error"]["message"]
+    assert httpx.post(f"{srv.url}/v1/chat/completions", json=BODY, timeout=60).status_code == 200
+    wait_for(lambda: scrape(srv.url)["logquant:kv_cache_usage_perc{}"] == 0, "pages freed")

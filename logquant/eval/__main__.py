@@ -83,7 +83,8 @@ def run_agreement(args, model, tokenizer, cols: list[CacheConfig]) -> dict:
     continuations = [ppl.greedy_continuation(model, p, args.tokens, eos) for p in tqdm(prompts, desc="fp16")]
     result = {}
     for c in cols:
-        counts = [ppl.forced_agreement(model, c, p, g) for p, g in zip(prompts, continuations)]
+        pairs = tqdm(list(zip(prompts, continuations)), desc=c.label, leave=False)
+        counts = [ppl.forced_agreement(model, c, p, g) for p, g in pairs]
         result[c.label] = sum(m for m, _ in counts) / max(1, sum(n for _, n in counts))
     cells = {(lbl, "agreement"): f"{v:.3f}" for lbl, v in result.items()}
     print_table(f"greedy agreement with fp16 ({args.cases} prompts of {args.length} tokens, {args.tokens} tokens)",

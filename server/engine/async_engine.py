@@ -124,7 +124,7 @@ class AsyncEngine:
             pending: _Pending = arg  # type: ignore[assignment]
             try:
                 self.core.add_request(pending.request_id, pending.prompt_token_ids, pending.params)
-            except ValueError as exc:
+            except Exception as exc:  # reported to that request (ValueError: a 400), never kills the loop
                 self._send(pending, exc)
                 return
             self._streams[pending.request_id] = pending
