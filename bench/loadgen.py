@@ -45,9 +45,13 @@ def random_requests(count: int, input_words: int, output_tokens: int, seed: int)
     return [BenchRequest(" ".join(rng.choices(WORDS, k=input_words)), output_tokens) for _ in range(count)]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, req: BenchRequest) -> RequestResult:
+async def one_request(
+    client: httpx.AsyncClient, url: str, model: str, req: BenchRequest, ignore_eos: bool = False
+) -> RequestResult:
     body = {"model": model, "messages": [{"role": "user", "content": req.prompt}], "max_tokens": req.max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    if ignore_eos:  # vLLM's extra field: every request generates exactly max_tokens
+        body["ignore_eos"] = True
     start = time.perf_counter()
     result, last, chunks = RequestResult(ok=False), start, 0
     try:
@@ -78,7 +82,13 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, req: Benc
 
 
 async def run_load(
-    base_url: str, model: str, requests: list[BenchRequest], concurrency: int | None, rate: float | None, seed: int = 0
+    base_url: str,
+    model: str,
+    requests: list[BenchRequest],
+    concurrency: int | None,
+    rate: float | None,
+    seed: int = 0,
+    ignore_eos: bool = False,
 ) -> tuple[list[RequestResult], float]:
     """Fixed concurrency, or Poisson arrivals at `rate` req/s. Returns results and wall time."""
     url = f"{base_url.rstrip('/')}/v1/chat/completions"
@@ -90,7 +100,7 @@ async def run_load(
 
         async def limited(req: BenchRequest) -> RequestResult:
             async with limit:
-                result = await one_request(client, url, model, req)
+                result = await one_request(client, url, model, req, ignore_eos)
             bar.update(1)
             return result
 

@@ -72,7 +72,9 @@ def bench_url(url: str, model: str, args: argparse.Namespace, label: str, runs: 
     requests = make_requests(args)
     for concurrency in [int(c) for c in args.concurrency.split(",")] if not args.request_rate else [None]:
         name = f"{label} c={concurrency}" if concurrency else f"{label} rate={args.request_rate}"
-        results, elapsed = asyncio.run(run_load(url, model, requests, concurrency, args.request_rate, args.seed))
+        results, elapsed = asyncio.run(
+            run_load(url, model, requests, concurrency, args.request_rate, args.seed, args.ignore_eos)
+        )
         runs[name] = summarize(results, elapsed) | {"concurrency": concurrency, "label": label}
         print(f"{name}: {runs[name]['output_tokens_per_s']:.1f} output tokens/s, {runs[name]['errors']} errors")
 
@@ -101,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128, help="cap on sharegpt output lengths")
     p.add_argument("--input-len", type=int, default=256, help="random mode: prompt words")
     p.add_argument("--output-len", type=int, default=64, help="random mode: output tokens")
+    p.add_argument("--ignore-eos", action="store_true", help="send vLLM's ignore_eos: fixed output lengths")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
