@@ -80,11 +80,13 @@ def plot_accuracy_vs_bits(data: dict, out: Path) -> Path:
     ppl = data["ppl"]["results"]
     ppl_len = int(data["ppl"]["args"][data["ppl"]["args"].index("--length") + 1])
     for label in passkey:
-        policy = label.split("@")[0]
-        left.scatter(bits_per_value(label, longest), passkey[label][str(longest)], color=COLORS[policy])
-        left.annotate(label, (bits_per_value(label, longest), passkey[label][str(longest)]), fontsize=7)
-        right.scatter(bits_per_value(label, ppl_len), ppl[label]["ppl"], color=COLORS[policy])
-        right.annotate(label, (bits_per_value(label, ppl_len), ppl[label]["ppl"]), fontsize=7)
+        point = (bits_per_value(label, longest), passkey[label][str(longest)])
+        left.scatter(*point, color=COLORS[label.split("@")[0]])
+        left.annotate(label, point, fontsize=7)
+    for label in ppl:
+        point = (bits_per_value(label, ppl_len), ppl[label]["ppl"])
+        right.scatter(*point, color=COLORS[label.split("@")[0]])
+        right.annotate(label, point, fontsize=7)
     left.set(xlabel=f"KV bits per value at {longest} tokens", ylabel="passkey accuracy", title=f"Passkey @ {longest}")
     right.set(xlabel=f"KV bits per value at {ppl_len} tokens", ylabel="perplexity", title="Perplexity")
     return save(fig, out / "accuracy_vs_bits.png")
