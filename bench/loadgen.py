@@ -8,7 +8,7 @@ import json
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -162,6 +162,3 @@ def print_runs(runs: dict[str, dict], baseline_of: dict[str, str] | None = None)
         tpot = s["tpot_s"]["p50"] / base["tpot_s"]["p50"] if base["tpot_s"]["p50"] else 0.0
         print(f"  {name:<22} / {baseline:<22} {speed:6.2f}x tokens/s   {tpot:6.2f}x p50 TPOT")
 
-
-def to_json(results: list[RequestResult]) -> list[dict]:
-    return [asdict(r) for r in results]
