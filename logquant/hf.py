@@ -20,6 +20,7 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
+from logquant.layout import head_dim_of
 from logquant.policy import TokenPolicy, make_policy
 from logquant.quant import QuantizedTensor, dequantize, quantize
 
@@ -142,9 +143,7 @@ class LogQuantCache(Cache):
         bits: int = 2,
     ) -> None:
         text_config = config.get_text_config(decoder=True)
-        head_dim = getattr(text_config, "head_dim", None) or (
-            text_config.hidden_size // text_config.num_attention_heads
-        )
+        head_dim = head_dim_of(text_config)
         if head_dim % group_size != 0:
             raise ValueError(f"head_dim {head_dim} is not a multiple of group_size {group_size}")
         token_policy = make_policy(policy, fp_budget, group_size) if isinstance(policy, str) else policy

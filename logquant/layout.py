@@ -24,6 +24,12 @@ ALIGN = 16
 DEFAULT_FP_PAGE_TOKENS = 16
 
 
+def head_dim_of(text_config: object) -> int:
+    """Attention head size of a transformers text config (explicit `head_dim` or hidden / heads)."""
+    explicit = getattr(text_config, "head_dim", None)
+    return explicit or text_config.hidden_size // text_config.num_attention_heads  # type: ignore[attr-defined]
+
+
 def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
@@ -93,6 +99,11 @@ class KVLayout:
         return _align(max(self.q_block_bytes, self.fp_token_bytes))
 
     @property
+    def page_bytes_all_layers(self) -> int:
+        """Bytes of one page id: the page in every layer."""
+        return self.page_bytes * self.num_layers
+
+    @property
     def fp_page_tokens(self) -> int:
         return self.page_bytes // self.fp_token_bytes
 
@@ -109,14 +120,14 @@ class KVLayout:
 
     def bytes_for(self, num_tokens: int) -> int:
         """Exact bytes of KV cache (all layers) of one sequence of `num_tokens` tokens."""
-        return self.pages_for(num_tokens) * self.page_bytes * self.num_layers
+        return self.pages_for(num_tokens) * self.page_bytes_all_layers
 
     def fp16_bytes_for(self, num_tokens: int) -> int:
         """What the same tokens would take in a 16-bit cache with no paging overhead."""
         return num_tokens * 2 * self.num_kv_heads * self.head_dim * 2 * self.num_layers
 
     def num_pages(self, kv_budget_bytes: int) -> int:
-        return kv_budget_bytes // (self.page_bytes * self.num_layers)
+        return kv_budget_bytes // self.page_bytes_all_layers
 
 
 class PagePool:

@@ -105,7 +105,7 @@ class PagedKVStore:
 
     def bytes_used(self) -> dict[str, int]:
         """Exact bytes held per tier (all layers)."""
-        per_page = self.layout.page_bytes * self.layout.num_layers
+        per_page = self.layout.page_bytes_all_layers
         fp = sum(len(s.fp_pages) for s in self.sequences.values())
         q = sum(len(s.q_pages) + len(s.spare_q_pages) for s in self.sequences.values())
         return {"fp": fp * per_page, "2bit": q * per_page}

@@ -27,10 +27,9 @@ class CacheConfig:
         return LogQuantCache(model.config, policy=self.policy, fp_budget=self.fp_budget or 192, group_size=group_size)
 
 
-def configs(policies: list[str], budgets: list[int], include_fp16: bool = True) -> list[CacheConfig]:
-    out = [CacheConfig("fp16")] if include_fp16 or "fp16" in policies else []
-    out += [CacheConfig(p, b) for b in budgets for p in policies if p != "fp16"]
-    return out
+def configs(policies: list[str], budgets: list[int]) -> list[CacheConfig]:
+    """fp16 (the reference every mode compares with) plus each 2-bit policy at each budget."""
+    return [CacheConfig("fp16")] + [CacheConfig(p, b) for b in budgets for p in policies if p != "fp16"]
 
 
 @torch.inference_mode()

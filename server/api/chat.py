@@ -9,16 +9,17 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.detokenize import token_text
-from server.api.errors import APIError, error_body
+from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, new_id, now
 from server.api.serving import (
+    ChoiceEvent,
     ServingContext,
     check_request,
     collect_choices,
     choice_events,
     log_request,
     sampling_params,
-    sse,
+    stream_sse,
     until_disconnect,
     usage,
 )
@@ -75,31 +76,20 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage([prompt], generated)})
 
 
-async def _stream(ctx, req, head, prompt, events, include_usage: bool, started: float) -> AsyncIterator[str]:
+def _stream(ctx, req, head, prompt, events, include_usage: bool, started: float) -> AsyncIterator[str]:
     head = {**head, "object": "chat.completion.chunk"}
-    extra = {"usage": None} if include_usage else {}
 
-    def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return sse({**head, "choices": [choice], **extra})
+    def choice(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
-    generated = 0
-    try:
-        for i in range(req.n):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        async for event in events:
-            generated += len(event.token_ids)
-            logprobs = {"content": logprob_entries(ctx, event.logprobs)} if req.logprobs else None
-            if event.text or logprobs:
-                yield chunk(event.index, {"content": event.text}, None, logprobs)
-            if event.finish_reason is not None:
-                yield chunk(event.index, {}, event.finish_reason)
-        if include_usage:
-            yield sse({**head, "choices": [], "usage": usage([prompt], generated)})
-    except APIError as err:
-        yield sse(error_body(err.status, err.message, err.param, err.code))
-    finally:
-        await events.aclose()
-        log_request(ctx, head["id"], "chat.stream", started, prompt_tokens=len(prompt), completion_tokens=generated,
-                    user=req.user)  # fmt: skip
-    yield sse("[DONE]")
+    def render(event: ChoiceEvent) -> list[dict]:
+        out = []
+        logprobs = {"content": logprob_entries(ctx, event.logprobs)} if req.logprobs else None
+        if event.text or logprobs:
+            out.append(choice(event.index, {"content": event.text}, None, logprobs))
+        if event.finish_reason is not None:
+            out.append(choice(event.index, {}, event.finish_reason))
+        return out
+
+    opening = [choice(i, {"role": "assistant", "content": ""}) for i in range(req.n)]
+    return stream_sse(ctx, "chat.stream", head, [prompt], events, include_usage, started, req.user, opening, render)

@@ -9,16 +9,17 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.detokenize import token_text
-from server.api.errors import APIError, error_body
+from server.api.errors import APIError
 from server.api.protocol import CompletionRequest, new_id, now
 from server.api.serving import (
+    ChoiceEvent,
     ServingContext,
     check_request,
     collect_choices,
     choice_events,
     log_request,
     sampling_params,
-    sse,
+    stream_sse,
     until_disconnect,
     usage,
 )
@@ -82,31 +83,19 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     return JSONResponse({**head, "choices": choices, "usage": usage(prompts, generated)})
 
 
-async def _stream(ctx, req, head, prompts, echo, events, include_usage: bool, started: float) -> AsyncIterator[str]:
-    extra = {"usage": None} if include_usage else {}
+def _stream(ctx, req, head, prompts, echo, events, include_usage: bool, started: float) -> AsyncIterator[str]:
     offsets = [len(e) for e in echo]
 
-    def chunk(index: int, text: str, finish: str | None, logprobs: dict | None) -> str:
-        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        return sse({**head, "choices": [choice], **extra})
+    def choice(index: int, text: str, finish: str | None, logprobs: dict | None) -> dict:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-    generated = 0
-    try:
-        for i, text in enumerate(echo):
-            if text:
-                yield chunk(i, text, None, None)
-        async for event in events:
-            generated += len(event.token_ids)
-            logprobs = None
-            if req.logprobs is not None:
-                logprobs = legacy_logprobs(ctx, event.logprobs, offsets[event.index])
-            offsets[event.index] += len(event.text)
-            yield chunk(event.index, event.text, event.finish_reason, logprobs)
-        if include_usage:
-            yield sse({**head, "choices": [], "usage": usage(prompts, generated)})
-    except APIError as err:
-        yield sse(error_body(err.status, err.message, err.param, err.code))
-    finally:
-        await events.aclose()
-        log_request(ctx, head["id"], "completions.stream", started, completion_tokens=generated, user=req.user)
-    yield sse("[DONE]")
+    def render(event: ChoiceEvent) -> list[dict]:
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = legacy_logprobs(ctx, event.logprobs, offsets[event.index])
+        offsets[event.index] += len(event.text)
+        return [choice(event.index, event.text, event.finish_reason, logprobs)]
+
+    opening = [choice(i, text, None, None) for i, text in enumerate(echo) if text]
+    return stream_sse(ctx, "completions.stream", head, prompts, events, include_usage, started, req.user, opening,
+                      render)  # fmt: skip

@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -15,7 +15,7 @@ from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
 from server.api.detokenize import TextTracker
-from server.api.errors import APIError
+from server.api.errors import APIError, error_body
 from server.api.protocol import SamplingFields
 from server.engine.async_engine import AsyncEngine, EngineDeadError, SequenceDelta
 from server.engine.request import SamplingParams, SamplingParamsError
@@ -200,6 +200,40 @@ def usage(prompts: list[list[int]], num_generated: int) -> dict:
     prompt_tokens = sum(len(p) for p in prompts)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": num_generated,
             "total_tokens": prompt_tokens + num_generated}  # fmt: skip
+
+
+async def stream_sse(
+    ctx: ServingContext,
+    endpoint: str,
+    head: dict,
+    prompts: list[list[int]],
+    events: AsyncIterator[ChoiceEvent],
+    include_usage: bool,
+    started: float,
+    user: str | None,
+    opening: list[dict],
+    render: Callable[[ChoiceEvent], list[dict]],
+) -> AsyncIterator[str]:
+    """SSE framing shared by chat and completions: the `opening` choices, then `render(event)`
+    choices per event, the usage chunk if asked, an error event on failure, `[DONE]`."""
+    extra = {"usage": None} if include_usage else {}
+    generated = 0
+    try:
+        for choice in opening:
+            yield sse({**head, "choices": [choice], **extra})
+        async for event in events:
+            generated += len(event.token_ids)
+            for choice in render(event):
+                yield sse({**head, "choices": [choice], **extra})
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": usage(prompts, generated)})
+    except APIError as err:
+        yield sse(error_body(err.status, err.message, err.param, err.code))
+    finally:
+        await events.aclose()
+        log_request(ctx, head["id"], endpoint, started, prompt_tokens=sum(map(len, prompts)),
+                    completion_tokens=generated, user=user)  # fmt: skip
+    yield sse("[DONE]")
 
 
 def sse(payload: dict | str) -> str:

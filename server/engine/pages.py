@@ -33,7 +33,7 @@ class PageAllocator:
         if self.num_pages == 0:
             raise ValueError(
                 f"KV budget of {kv_budget_bytes} bytes is smaller than one page "
-                f"({layout.page_bytes * layout.num_layers} bytes)"
+                f"({layout.page_bytes_all_layers} bytes)"
             )
         self.pool = PagePool(self.num_pages)
         self.tables: dict[str, SequencePages] = {}
@@ -84,10 +84,10 @@ class PageAllocator:
 
     @property
     def capacity_bytes(self) -> int:
-        return self.num_pages * self.layout.page_bytes * self.layout.num_layers
+        return self.num_pages * self.layout.page_bytes_all_layers
 
     def bytes_by_tier(self) -> dict[str, int]:
-        per_page = self.layout.page_bytes * self.layout.num_layers
+        per_page = self.layout.page_bytes_all_layers
         fp = sum(len(t.fp_pages) for t in self.tables.values())
         q = sum(len(t.q_pages) for t in self.tables.values())
         return {"fp": fp * per_page, "2bit": q * per_page}

@@ -13,7 +13,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from logquant.layout import KVLayout
+from logquant.layout import KVLayout, head_dim_of
 from logquant.store import AppendPlan, PagedKVStore
 from server.engine.request import Sequence
 from server.engine.sampler import SampleResult, sample
@@ -59,11 +59,10 @@ AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
 
 def layout_for(model: PreTrainedModel, policy, dtype: torch.dtype, group_size: int) -> KVLayout:
     config = model.config.get_text_config(decoder=True)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return KVLayout(
         num_layers=config.num_hidden_layers,
         num_kv_heads=config.num_key_value_heads,
-        head_dim=head_dim,
+        head_dim=head_dim_of(config),
         policy=policy,
         dtype_bytes=torch.empty((), dtype=dtype).element_size(),
         group_size=group_size,
