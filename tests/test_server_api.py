@@ -152,6 +152,18 @@ def error_of(response: httpx.Response) -> dict:
         ({"stop": [""]}, "stop"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"max_tokens": "4"}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": 4.0}, "max_tokens"),
+        ({"n": "2"}, "n"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"temperature": False}, "temperature"),
+        ({"seed": "1"}, "seed"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"logprobs": "true"}, "logprobs"),
+        ({"stream": "false"}, "stream"),
+        ({"ignore_eos": 0}, "ignore_eos"),
+        ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
     ],
 )
 def test_bad_parameters_400(srv, payload: dict, param: str) -> None:
@@ -159,6 +171,21 @@ def test_bad_parameters_400(srv, payload: dict, param: str) -> None:
     r = httpx.post(f"{srv.url}/v1/chat/completions", json=body)
     assert r.status_code == 400
     assert error_of(r)["param"] == param
+
+
+@pytest.mark.parametrize(
+    "payload,param",
+    [({"echo": 1}, "echo"), ({"logprobs": "2"}, "logprobs"), ({"prompt": [1, True]}, "prompt")],
+)
+def test_completions_strict_types_400(srv, payload: dict, param: str) -> None:
+    r = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "hi", **payload})
+    assert r.status_code == 400
+    assert error_of(r)["param"] == param
+
+
+def test_float_fields_take_json_integers(client) -> None:
+    r = chat(client, temperature=1, top_p=1, max_tokens=2, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 2
 
 
 def test_context_length_exceeded(srv) -> None:

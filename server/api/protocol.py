@@ -6,9 +6,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
+from pydantic import Strict as StrictType
 
 MAX_INT = 2**31 - 1
+# Strict scalars: JSON numbers and booleans only ("4" or true is not an int, 1 is not a bool).
+# A float field takes a JSON integer (1 is 1.0), as JSON has one number type.
+Int = Annotated[int, StrictType()]
+Float = Annotated[float, StrictType()]
+Bool = Annotated[bool, StrictType()]
 
 
 class Strict(BaseModel):
@@ -32,28 +38,28 @@ class ChatMessage(Strict):
 
 
 class StreamOptions(Strict):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class SamplingFields(Strict):
     """Fields shared by chat and completions (OpenAI names plus vLLM's extras)."""
 
     model: str
-    max_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=16)] = 1
+    max_tokens: Annotated[Int, Field(ge=1, le=MAX_INT)] | None = None
+    temperature: Annotated[Float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[Float, Field(gt=0, le=1)] | None = None
+    n: Annotated[Int, Field(ge=1, le=16)] = 1
     stop: str | list[str] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    stream: bool = False
+    seed: Annotated[Int, Field(ge=-(2**63), lt=2**63)] | None = None
+    presence_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[Float, Field(ge=-2, le=2)] | None = None
+    stream: Bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    top_k: Annotated[int, Field(ge=-1, le=MAX_INT)] | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
-    ignore_eos: bool = False
+    top_k: Annotated[Int, Field(ge=-1, le=MAX_INT)] | None = None
+    min_p: Annotated[Float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[Float, Field(gt=0, le=10)] | None = None
+    ignore_eos: Bool = False
 
     @field_validator("stop")
     @classmethod
@@ -68,22 +74,25 @@ class SamplingFields(Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = None
-    logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    max_completion_tokens: Annotated[Int, Field(ge=1, le=MAX_INT)] | None = None
+    logprobs: Bool = False
+    top_logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int]
-    echo: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    prompt: str | list[str] | list[Int]
+    echo: Bool = False
+    logprobs: Annotated[Int, Field(ge=0, le=5)] | None = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="wrap")
     @classmethod
-    def _check_prompt(cls, value: Any) -> Any:
+    def _check_prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         if isinstance(value, list) and len(value) == 0:
             raise ValueError("prompt must not be empty")
-        return value
+        try:
+            return handler(value)
+        except ValidationError:  # one message for the union, reported on `prompt` itself
+            raise ValueError("prompt must be a string, a list of strings or a list of token ids") from None
 
 
 def new_id(prefix: str) -> str:
