@@ -16,7 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from server.api.chat import create_chat_completion
 from server.api.completions import create_completion
 from server.api.errors import APIError, error_body, install_error_handlers
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, now
+from server.api.info import info_routes
+from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.serving import ServingContext
 from server.config import ServerSettings
 from server.engine.async_engine import AsyncEngine
@@ -104,12 +105,7 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
     async def completions(req: CompletionRequest, raw: Request):
         return await create_completion(serving(), req, raw)
 
-    @app.get("/v1/models", dependencies=guarded)
-    async def models():
-        ctx = serving()
-        card = {"id": ctx.model_name, "object": "model", "created": now(), "owned_by": "logquant-serve",
-                "max_model_len": ctx.max_model_len}  # fmt: skip
-        return {"object": "list", "data": [card]}
+    app.include_router(info_routes(serving, guarded, state.settings.model))  # models, tokenize, version
 
     @app.get("/health")
     async def health():

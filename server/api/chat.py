@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.api.chat_template import render_chat
 from server.api.detokenize import token_text
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, new_id, now
@@ -25,18 +26,6 @@ from server.api.serving import (
 )
 
 
-def render_prompt(ctx: ServingContext, req: ChatCompletionRequest) -> list[int]:
-    messages = []
-    for m in req.messages:
-        message = {"role": m.role if m.role != "developer" else "system", "content": m.text()}
-        messages.append(message | ({"name": m.name} if m.name else {}))
-    try:
-        ids = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    except Exception as exc:  # template errors come from user content (e.g. role order)
-        raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
-    return list(ids)
-
-
 def logprob_entries(ctx: ServingContext, entries: list[dict]) -> list[dict]:
     def one(token_id: int, logprob: float) -> dict:
         text = token_text(ctx.tokenizer, token_id)
@@ -51,7 +40,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     started = time.monotonic()
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-    prompt = render_prompt(ctx, req)
+    prompt = render_chat(ctx.tokenizer, req.messages)
     (max_tokens,) = check_request(ctx, req, [prompt])
     params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     request_id = new_id("chatcmpl")

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from server.api.detokenize import TextTracker
 from server.api.errors import APIError, error_body
-from server.api.protocol import SamplingFields
+from server.api.protocol import SamplingFields, now
 from server.engine.async_engine import AsyncEngine, EngineDeadError, SequenceDelta
 from server.engine.request import SamplingParams, SamplingParamsError
 
@@ -33,6 +33,7 @@ class ServingContext:
     max_waiting_requests: int
     fingerprint: str  # names the KV policy, e.g. "logquant-fp192-g32"
     log_prompts: bool = False
+    created: int = field(default_factory=now)  # the model card's `created`: when the model loaded
 
 
 @dataclass

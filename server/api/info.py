@@ -1,0 +1,109 @@
+"""Model cards, tokenizer endpoints and the version: `GET /v1/models`, `GET /v1/models/{id}`,
+`POST /tokenize`, `POST /detokenize` (vLLM's shapes) and `GET /version`."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from pydantic import Field
+
+from server.api.chat_template import render_chat
+from server.api.errors import APIError
+from server.api.protocol import Bool, ChatMessage, Int, Strict
+from server.api.serving import ServingContext
+
+OWNER = "logquant-serve"
+
+
+class TokenizeRequest(Strict):
+    """vLLM's two request shapes in one model: `prompt` (text) or `messages` (chat)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: Bool | None = None  # default: true for a prompt, false for messages
+    add_generation_prompt: Bool = True
+    continue_final_message: Bool = False
+    return_token_strs: Bool = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        chat_only = {"add_generation_prompt", "continue_final_message"} & self.model_fields_set
+        if self.prompt is not None and chat_only:
+            name = sorted(chat_only)[0]
+            raise APIError(400, f"{name} applies to messages only", param=name)
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = None
+    tokens: list[Annotated[Int, Field(ge=0)]]
+
+
+def model_card(ctx: ServingContext, root: str) -> dict:
+    return {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": OWNER, "root": root,
+            "parent": None, "max_model_len": ctx.max_model_len}  # fmt: skip
+
+
+def check_model(ctx: ServingContext, model: str | None) -> None:
+    if model is not None and model != ctx.model_name:
+        raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+
+def check_token_ids(ctx: ServingContext, ids: list[int], param: str) -> None:
+    vocab = len(ctx.tokenizer)
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is not in the vocabulary [0, {vocab})", param=param)
+
+
+def _tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:
+    if req.messages is not None:
+        ids = render_chat(ctx.tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message)
+        if req.add_special_tokens:
+            ids = ctx.tokenizer.build_inputs_with_special_tokens(ids)
+    else:
+        assert req.prompt is not None, "checked by TokenizeRequest"
+        ids = ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+    body = {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids}
+    if req.return_token_strs:
+        body["token_strs"] = ctx.tokenizer.convert_ids_to_tokens(ids)
+    return body
+
+
+def info_routes(serving: Callable[[], ServingContext], guarded: list, model_root: str) -> APIRouter:
+    """The routes above; `serving` gives the loaded model (or raises a 503), `guarded` are the
+    auth dependencies, `model_root` is the model path that `root` reports."""
+    router = APIRouter()
+
+    @router.get("/v1/models", dependencies=guarded)
+    async def list_models() -> dict:
+        return {"object": "list", "data": [model_card(serving(), model_root)]}
+
+    @router.get("/v1/models/{model_id:path}", dependencies=guarded)
+    async def retrieve_model(model_id: str) -> dict:
+        ctx = serving()
+        check_model(ctx, model_id)
+        return model_card(ctx, model_root)
+
+    @router.post("/tokenize", dependencies=guarded)
+    async def tokenize(req: TokenizeRequest, ctx=Depends(serving)) -> dict:
+        check_model(ctx, req.model)
+        req.check()
+        return await asyncio.to_thread(_tokenize, ctx, req)
+
+    @router.post("/detokenize", dependencies=guarded)
+    async def detokenize(req: DetokenizeRequest, ctx=Depends(serving)) -> dict:
+        check_model(ctx, req.model)
+        check_token_ids(ctx, req.tokens, "tokens")
+        return {"prompt": await asyncio.to_thread(ctx.tokenizer.decode, req.tokens)}
+
+    @router.get("/version")
+    async def version() -> dict:
+        return {"version": importlib.metadata.version("logquant-serve")}
+
+    return router
