@@ -9,9 +9,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.chat_template import render_chat
-from server.api.detokenize import token_text
+from server.api.detokenize import token_bytes, token_text
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, new_id, now
+from server.api.sampling import check_stream_options, output_options, sampling_params
 from server.api.serving import (
     ChoiceEvent,
     ServingContext,
@@ -19,7 +20,6 @@ from server.api.serving import (
     collect_choices,
     choice_events,
     log_request,
-    sampling_params,
     stream_sse,
     until_disconnect,
     usage,
@@ -29,7 +29,7 @@ from server.api.serving import (
 def logprob_entries(ctx: ServingContext, entries: list[dict]) -> list[dict]:
     def one(token_id: int, logprob: float) -> dict:
         text = token_text(ctx.tokenizer, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"token": text, "logprob": logprob, "bytes": list(token_bytes(ctx.tokenizer, token_id))}
 
     return [
         {**one(e["token_id"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]} for e in entries
@@ -38,17 +38,17 @@ def logprob_entries(ctx: ServingContext, entries: list[dict]) -> list[dict]:
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
     started = time.monotonic()
+    check_stream_options(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     prompt = render_chat(ctx.tokenizer, req.messages)
     (max_tokens,) = check_request(ctx, req, [prompt])
-    params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    params = sampling_params(ctx, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     request_id = new_id("chatcmpl")
-    events = choice_events(ctx, request_id, [prompt], [params], req.stop or [])
+    events = choice_events(ctx, request_id, [prompt], [params], output_options(req))
     head = {"id": request_id, "created": now(), "model": ctx.model_name, "system_fingerprint": ctx.fingerprint}
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _stream(ctx, req, head, prompt, events, include_usage, started)
+        body = _stream(ctx, req, head, prompt, events, started)
         return StreamingResponse(body, media_type="text/event-stream")
     texts, logprobs, finish, generated = await until_disconnect(raw, collect_choices(events, req.n))
     choices = [
@@ -65,7 +65,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage([prompt], generated)})
 
 
-def _stream(ctx, req, head, prompt, events, include_usage: bool, started: float) -> AsyncIterator[str]:
+def _stream(ctx, req, head, prompt, events, started: float) -> AsyncIterator[str]:
     head = {**head, "object": "chat.completion.chunk"}
 
     def choice(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
@@ -81,4 +81,4 @@ def _stream(ctx, req, head, prompt, events, include_usage: bool, started: float)
         return out
 
     opening = [choice(i, {"role": "assistant", "content": ""}) for i in range(req.n)]
-    return stream_sse(ctx, "chat.stream", head, [prompt], events, include_usage, started, req.user, opening, render)
+    return stream_sse(ctx, "chat.stream", head, [prompt], events, req.stream_options, started, req.user, opening, render)

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server.api.detokenize import token_text
 from server.api.errors import APIError
 from server.api.protocol import CompletionRequest, new_id, now
+from server.api.sampling import check_stream_options, check_token_ids, output_options, sampling_params
 from server.api.serving import (
     ChoiceEvent,
     ServingContext,
@@ -18,7 +19,6 @@ from server.api.serving import (
     collect_choices,
     choice_events,
     log_request,
-    sampling_params,
     stream_sse,
     until_disconnect,
     usage,
@@ -26,14 +26,16 @@ from server.api.serving import (
 
 
 def tokenize_prompts(ctx: ServingContext, req: CompletionRequest) -> list[list[int]]:
-    if isinstance(req.prompt, str):
-        return [ctx.tokenizer.encode(req.prompt)]
-    if all(isinstance(p, int) for p in req.prompt):
-        vocab = len(ctx.tokenizer)
-        if any(not 0 <= p < vocab for p in req.prompt):  # type: ignore[operator]
-            raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
-        return [list(req.prompt)]  # type: ignore[arg-type]
-    return [ctx.tokenizer.encode(p) for p in req.prompt]  # type: ignore[arg-type]
+    """Text prompts are tokenized; token-id prompts (one list, or a list of lists) are checked."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        return [ctx.tokenizer.encode(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return [ctx.tokenizer.encode(p) for p in prompt]  # type: ignore[arg-type]
+    prompts = [list(p) for p in prompt] if isinstance(prompt[0], list) else [list(prompt)]  # type: ignore[arg-type]
+    for ids in prompts:
+        check_token_ids(ctx, ids, "prompt")
+    return prompts
 
 
 def legacy_logprobs(ctx: ServingContext, entries: list[dict], offset: int) -> dict:
@@ -52,21 +54,19 @@ def legacy_logprobs(ctx: ServingContext, entries: list[dict], offset: int) -> di
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Request):
     started = time.monotonic()
+    check_stream_options(req)
     if req.echo and req.logprobs is not None:
         raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
     prompts = tokenize_prompts(ctx, req)
     limits = check_request(ctx, req, prompts)
-    params = [sampling_params(req, limit, req.logprobs) for limit in limits]
+    params = [sampling_params(ctx, req, limit, req.logprobs) for limit in limits]
     request_id = new_id("cmpl")
-    events = choice_events(ctx, request_id, prompts, params, req.stop or [])
+    events = choice_events(ctx, request_id, prompts, params, output_options(req))
     echo = [ctx.tokenizer.decode(p) if req.echo else "" for p in prompts for _ in range(req.n)]
     head = {"id": request_id, "object": "text_completion", "created": now(), "model": ctx.model_name,
             "system_fingerprint": ctx.fingerprint}  # fmt: skip
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(
-            _stream(ctx, req, head, prompts, echo, events, include_usage, started), media_type="text/event-stream"
-        )
+        return StreamingResponse(_stream(ctx, req, head, prompts, echo, events, started), media_type="text/event-stream")
     num = len(prompts) * req.n
     texts, entries, finish, generated = await until_disconnect(raw, collect_choices(events, num))
     choices = [
@@ -83,7 +83,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     return JSONResponse({**head, "choices": choices, "usage": usage(prompts, generated)})
 
 
-def _stream(ctx, req, head, prompts, echo, events, include_usage: bool, started: float) -> AsyncIterator[str]:
+def _stream(ctx, req, head, prompts, echo, events, started: float) -> AsyncIterator[str]:
     offsets = [len(e) for e in echo]
 
     def choice(index: int, text: str, finish: str | None, logprobs: dict | None) -> dict:
@@ -97,5 +97,5 @@ def _stream(ctx, req, head, prompts, echo, events, include_usage: bool, started:
         return [choice(event.index, event.text, event.finish_reason, logprobs)]
 
     opening = [choice(i, text, None, None) for i, text in enumerate(echo) if text]
-    return stream_sse(ctx, "completions.stream", head, prompts, events, include_usage, started, req.user, opening,
+    return stream_sse(ctx, "completions.stream", head, prompts, events, req.stream_options, started, req.user, opening,
                       render)  # fmt: skip

@@ -14,6 +14,7 @@ from pydantic import Field
 from server.api.chat_template import render_chat
 from server.api.errors import APIError
 from server.api.protocol import Bool, ChatMessage, Int, Strict
+from server.api.sampling import check_token_ids
 from server.api.serving import ServingContext
 
 OWNER = "logquant-serve"
@@ -52,13 +53,6 @@ def model_card(ctx: ServingContext, root: str) -> dict:
 def check_model(ctx: ServingContext, model: str | None) -> None:
     if model is not None and model != ctx.model_name:
         raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-
-
-def check_token_ids(ctx: ServingContext, ids: list[int], param: str) -> None:
-    vocab = len(ctx.tokenizer)
-    bad = [i for i in ids if not 0 <= i < vocab]
-    if bad:
-        raise APIError(400, f"token id {bad[0]} is not in the vocabulary [0, {vocab})", param=param)
 
 
 def _tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFun
 from pydantic import Strict as StrictType
 
 MAX_INT = 2**31 - 1
+MAX_STOP_STRINGS = 4  # OpenAI's limit, and vLLM's default (VLLM_MAX_STOP_STRINGS)
 # Strict scalars: JSON numbers and booleans only ("4" or true is not an int, 1 is not a bool).
 # A float field takes a JSON integer (1 is 1.0), as JSON has one number type.
 Int = Annotated[int, StrictType()]
@@ -39,6 +40,7 @@ class ChatMessage(Strict):
 
 class StreamOptions(Strict):
     include_usage: Bool = False
+    continuous_usage_stats: Bool = False  # usage on every chunk (needs include_usage)
 
 
 class SamplingFields(Strict):
@@ -60,15 +62,22 @@ class SamplingFields(Strict):
     min_p: Annotated[Float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[Float, Field(gt=0, le=10)] | None = None
     ignore_eos: Bool = False
+    stop_token_ids: list[Int] | None = None
+    include_stop_str_in_output: Bool = False
+    skip_special_tokens: Bool = True
+    spaces_between_special_tokens: Bool = True
 
-    @field_validator("stop")
+    @field_validator("stop", mode="wrap")
     @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
+    def _check_stop(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> list[str] | None:
+        message = f"stop must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings"
+        try:
+            value = handler(value)
+        except ValidationError:
+            raise ValueError(message) from None
         stops = [value] if isinstance(value, str) else value
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop must be at most 4 non-empty strings")
+        if stops is not None and (len(stops) > MAX_STOP_STRINGS or any(not s for s in stops)):
+            raise ValueError(message)
         return stops
 
 
@@ -80,19 +89,21 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[Int]
+    prompt: str | list[str] | list[Int] | list[list[Int]]
     echo: Bool = False
     logprobs: Annotated[Int, Field(ge=0, le=5)] | None = None
 
     @field_validator("prompt", mode="wrap")
     @classmethod
     def _check_prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        if isinstance(value, list) and len(value) == 0:
+        if isinstance(value, list) and (len(value) == 0 or any(item == [] for item in value)):
             raise ValueError("prompt must not be empty")
         try:
             return handler(value)
         except ValidationError:  # one message for the union, reported on `prompt` itself
-            raise ValueError("prompt must be a string, a list of strings or a list of token ids") from None
+            raise ValueError(
+                "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
+            ) from None
 
 
 def new_id(prefix: str) -> str:

@@ -14,11 +14,11 @@ from typing import TypeVar
 from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
-from server.api.detokenize import TextTracker
+from server.api.detokenize import OutputOptions, TextTracker
 from server.api.errors import APIError, error_body
-from server.api.protocol import SamplingFields, now
+from server.api.protocol import SamplingFields, StreamOptions, now
 from server.engine.async_engine import AsyncEngine, EngineDeadError, SequenceDelta
-from server.engine.request import SamplingParams, SamplingParamsError
+from server.engine.request import SamplingParams
 
 logger = logging.getLogger("logquant.requests")
 T = TypeVar("T")
@@ -57,7 +57,7 @@ class Choice:
     def on_delta(self, delta: SequenceDelta) -> ChoiceEvent | None:
         if self.finish_reason is not None or delta.token_id is None:
             return None  # stopped on a stop string; the engine is aborting the rest
-        text = self.tracker.add(delta.token_id)
+        text = self.tracker.add(delta.token_id, stop_token=delta.finish_reason == "stop")
         entry = [{"token_id": delta.token_id, **delta.logprob}] if delta.logprob else []
         self.logprobs += entry
         if self.tracker.stopped:
@@ -95,35 +95,13 @@ def check_request(ctx: ServingContext, req: SamplingFields, prompts: list[list[i
     return limits
 
 
-def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        min_p=req.min_p or 0.0,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        repetition_penalty=req.repetition_penalty or 1.0,
-        seed=req.seed,
-        n=req.n,
-        logprobs=logprobs,
-        ignore_eos=req.ignore_eos,
-    )
-    try:
-        params.validate()
-    except SamplingParamsError as exc:
-        raise APIError(400, str(exc), param=exc.param) from exc
-    return params
-
-
 async def choice_events(
-    ctx: ServingContext, request_id: str, prompts: list[list[int]], params: list[SamplingParams], stops: list[str]
+    ctx: ServingContext, request_id: str, prompts: list[list[int]], params: list[SamplingParams], output: OutputOptions
 ) -> AsyncIterator[ChoiceEvent]:
     """Run every prompt (n samples each) and yield choice events as tokens arrive.
     Closing this iterator aborts whatever is still running."""
     n = params[0].n
-    choices = [Choice(i, TextTracker(ctx.tokenizer, stops)) for i in range(len(prompts) * n)]
+    choices = [Choice(i, TextTracker(ctx.tokenizer, output)) for i in range(len(prompts) * n)]
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int) -> None:
@@ -209,7 +187,7 @@ async def stream_sse(
     head: dict,
     prompts: list[list[int]],
     events: AsyncIterator[ChoiceEvent],
-    include_usage: bool,
+    stream_options: StreamOptions | None,
     started: float,
     user: str | None,
     opening: list[dict],
@@ -217,15 +195,20 @@ async def stream_sse(
 ) -> AsyncIterator[str]:
     """SSE framing shared by chat and completions: the `opening` choices, then `render(event)`
     choices per event, the usage chunk if asked, an error event on failure, `[DONE]`."""
-    extra = {"usage": None} if include_usage else {}
+    include_usage = stream_options is not None and stream_options.include_usage
+    continuous = include_usage and stream_options.continuous_usage_stats  # type: ignore[union-attr]
     generated = 0
+
+    def usage_field() -> dict:  # usage so far on every chunk with continuous_usage_stats
+        return {"usage": usage(prompts, generated) if continuous else None} if include_usage else {}
+
     try:
         for choice in opening:
-            yield sse({**head, "choices": [choice], **extra})
+            yield sse({**head, "choices": [choice], **usage_field()})
         async for event in events:
             generated += len(event.token_ids)
             for choice in render(event):
-                yield sse({**head, "choices": [choice], **extra})
+                yield sse({**head, "choices": [choice], **usage_field()})
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage(prompts, generated)})
     except APIError as err:
