@@ -1,5 +1,5 @@
 """Max concurrent sequences per KV policy at one fixed KV budget, by filling the engine's
-page allocator with sequences of each context length until no page is left.
+KV manager with sequences of each context length until no page is left.
 
     python bench/capacity.py --kv-cache-memory 8GiB --json results/capacity.json
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from logquant.layout import KVLayout
 from logquant.policy import make_policy
 from server.engine.config import parse_bytes
-from server.engine.pages import PageAllocator
+from logquant.kv_manager import KVManager
 
 SHAPES = {  # num_hidden_layers, num_key_value_heads, head_dim
     "SmolLM2-135M": (30, 3, 64),
@@ -26,8 +26,8 @@ POLICIES = ("fp16", "kivi", "logquant")
 
 
 def max_sequences(layout: KVLayout, kv_budget_bytes: int, context_length: int) -> int:
-    """Allocate sequences of `context_length` tokens until the allocator says no."""
-    allocator = PageAllocator(layout, kv_budget_bytes)
+    """Allocate sequences of `context_length` tokens until the KV manager says no."""
+    allocator = KVManager.for_budget(layout, kv_budget_bytes)
     count = 0
     while allocator.can_allocate(f"s{count}", context_length):
         allocator.allocate(f"s{count}", context_length)

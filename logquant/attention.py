@@ -1,5 +1,7 @@
 """Position-agnostic attention over a set of cached (key, value) pairs plus a new chunk.
 
+`attend` (one sequence) is the test oracle; `bucket_attention` is the batched CPU path.
+
 Keys are stored after RoPE, so attention for one sequence is a softmax over a *set*: the
 order of cached tokens does not matter. The new chunk's `q_len` tokens come last in `keys`
 and are causal among themselves; every cached token is visible to every query.
@@ -39,3 +41,30 @@ def causal_tail_mask(q_len: int, num_keys: int, device: torch.device) -> torch.T
     rows = torch.arange(q_len, device=device).unsqueeze(1)
     cols = torch.arange(num_keys, device=device).unsqueeze(0) - num_cached
     return torch.where(cols <= rows, 0.0, float("-inf"))
+
+
+def bucket_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim], the step's flat batch
+    key_pool: torch.Tensor,  # [pool_rows, kv_heads, head_dim]
+    value_pool: torch.Tensor,  # [pool_rows, kv_heads, head_dim]
+    buckets: list,  # list[logquant.step.AttentionBucket]
+    scaling: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Batched attention of a whole step: one SDPA call per bucket. GQA is folded into the
+    query rows (each KV head's group of query heads is a block of rows), so K/V are never
+    repeated."""
+    num_tokens, num_heads, head_dim = query.shape
+    kv_heads = key_pool.shape[1]
+    group = num_heads // kv_heads
+    out = torch.empty_like(query)
+    for bucket in buckets:
+        s, q_len = bucket.query_rows.shape
+        q = query[bucket.query_rows].view(s, q_len, kv_heads, group, head_dim)
+        q = q.permute(0, 2, 1, 3, 4).reshape(s, kv_heads, q_len * group, head_dim)  # rows: (token, head)
+        k = key_pool[bucket.key_rows].transpose(1, 2)  # [s, kv_heads, L, d]
+        v = value_pool[bucket.key_rows].transpose(1, 2)
+        mask = bucket.mask if group == 1 else bucket.mask.repeat_interleave(group, dim=1)  # [s, q_len * group, L]
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=scaling)
+        o = o.view(s, kv_heads, q_len, group, head_dim).permute(0, 2, 1, 3, 4).reshape(s * q_len, num_heads, head_dim)
+        out[bucket.out_rows] = o[bucket.out_sources]
+    return out

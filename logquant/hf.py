@@ -3,127 +3,130 @@
     cache = LogQuantCache(model.config, policy="logquant", fp_budget=192)
     model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
 
-Each layer keeps its full-precision tokens as dense `[batch, kv_heads, n_fp, head_dim]`
-tensors plus a list of 2-bit blocks (one per demotion, quantized once). On `update` the layer
-returns the cached tokens in position order (2-bit blocks dequantized for this layer only)
-followed by the new tokens at full precision, so transformers' own masks (causal, left
-padding) apply unchanged; then it stores the new tokens and demotes what the policy says.
-With left padding all rows share one length, so the policy counts pad positions too.
+It runs the server's KV path: one `KVManager` (pages, slot maps, policy state; each batch row
+is one sequence) plans every step, and one `PagedKVStore` executes the plan, so demotion and
+block quantization are the very code the server runs. On `update` a layer gets its cached
+tokens back in position order (2-bit pages dequantized for this layer only) followed by the
+new tokens at full precision, so transformers' own masks (causal, left padding) apply
+unchanged; then the store writes the new tokens and the step's demoted blocks. With left
+padding all rows share one length, so the policy counts pad positions too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import replace
 
 import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
-from logquant.layout import head_dim_of
+from logquant.kv_manager import KVManager
+from logquant.layout import KVLayout, head_dim_of
 from logquant.policy import TokenPolicy, make_policy
-from logquant.quant import QuantizedTensor, dequantize, quantize
+from logquant.step import StepTensors
+from logquant.store import PagedKVStore
 
-SEQ_AXIS = 2  # [batch, kv_heads, seq, head_dim]
+INITIAL_PAGES = 64
 
 
-@dataclass(frozen=True)
-class QuantizedBlock:
-    positions: torch.Tensor  # [block_tokens] long
-    keys: QuantizedTensor  # [batch, kv_heads, block_tokens, head_dim], one group per channel
-    values: QuantizedTensor  # same shape, groups of `group_size` channels per token
+class SharedKV:
+    """The KV manager and store of one cache, shared by its layers. A step starts when a
+    layer is updated a second time (layer 0 of the next forward)."""
+
+    def __init__(self, layout: KVLayout) -> None:
+        self.layout = layout  # its dtype_bytes is set from the first keys
+        self.manager = KVManager(layout, INITIAL_PAGES)
+        self.store: PagedKVStore | None = None
+        self.step: StepTensors | None = None
+        self.order: torch.Tensor | None = None  # [batch * tokens] pool rows in (row, position) order
+        self.updated_layers: set[int] = set()
+
+    def update(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """key_states, value_states: [batch, kv_heads, num_new, head_dim] -> all tokens, same layout."""
+        batch, heads, num_new, dim = key_states.shape
+        if self.store is None:
+            self.layout = replace(self.layout, dtype_bytes=key_states.element_size())
+            self.manager = KVManager(self.layout, INITIAL_PAGES)
+            self.store = PagedKVStore(self.layout, self.manager.num_pages, key_states.dtype, key_states.device)
+        if self.step is None or layer in self.updated_layers:
+            self._begin_step(batch, num_new)
+        self.updated_layers.add(layer)
+        flat_keys = key_states.transpose(1, 2).reshape(batch * num_new, heads, dim)  # [rows, kv_heads, dim]
+        flat_values = value_states.transpose(1, 2).reshape(batch * num_new, heads, dim)
+        key_pool, value_pool = self.store.pool(layer, self.step, flat_keys, flat_values)
+        keys = key_pool[self.order].view(batch, -1, heads, dim).transpose(1, 2)  # [batch, kv_heads, tokens, dim]
+        values = value_pool[self.order].view(batch, -1, heads, dim).transpose(1, 2)
+        self.store.write(layer, self.step, key_pool[self.step.num_q_rows :], value_pool[self.step.num_q_rows :])
+        return keys.to(key_states.dtype), values.to(value_states.dtype)
+
+    def _begin_step(self, batch: int, num_new: int) -> None:
+        rows = [f"row{i}" for i in range(batch)]
+        total = (self.manager.num_tokens(rows[0]) if rows[0] in self.manager.sequences else 0) + num_new
+        needed = sum(self.layout.pages_for(total) - len(self._pages_of(r)) for r in rows)
+        if needed > self.manager.num_free_pages:
+            self._grow(max(needed - self.manager.num_free_pages, self.manager.num_pages))
+        for row in rows:
+            self.manager.allocate(row, total)
+        plan = self.manager.plan_step([(row, num_new) for row in rows])
+        self.step = self.store.prepare(plan)
+        self.order = _position_order(plan, self.layout.block_tokens, batch, total).to(self.store.device)
+        self.updated_layers = set()
+
+    def _pages_of(self, row: str) -> list[int]:
+        seq = self.manager.sequences.get(row)
+        return seq.pages if seq else []
+
+    def _grow(self, count: int) -> None:
+        self.manager.pool.grow(count)
+        self.store.grow(self.manager.num_pages)
+
+    def num_tokens(self) -> int:
+        return self.manager.num_tokens("row0") if "row0" in self.manager.sequences else 0
+
+    def num_blocks(self) -> int:
+        return sum(len(s.q_pages) for s in self.manager.sequences.values())
+
+
+def _position_order(plan, block_tokens: int, batch: int, total: int) -> torch.Tensor:
+    """Pool rows sorted by (sequence, position): q rows, cached fp rows, then new rows."""
+    def owner(ptr: list[int], scale: int = 1) -> torch.Tensor:
+        counts = torch.tensor([(ptr[i + 1] - ptr[i]) * scale for i in range(batch)])
+        return torch.repeat_interleave(torch.arange(batch), counts)
+
+    new_positions = [plan.start_positions[i] + t for i in range(batch) for t in range(plan.query_ptr[i + 1] - plan.query_ptr[i])]
+    positions = torch.tensor(plan.q_positions + plan.fp_positions + new_positions, dtype=torch.long)
+    owners = torch.cat([owner(plan.q_ptr, block_tokens), owner(plan.fp_ptr), owner(plan.query_ptr)])
+    order = torch.empty(batch * total, dtype=torch.long)
+    order[owners * total + positions] = torch.arange(positions.numel())
+    return order
 
 
 class LogQuantLayer(DynamicLayer):
+    """One layer's view of the shared KV; it counts the tokens it has been given."""
+
     is_croppable = False
 
-    def __init__(self, policy: TokenPolicy, group_size: int = 32, bits: int = 2) -> None:
+    def __init__(self, shared: SharedKV, layer_idx: int) -> None:
         super().__init__()
-        self.policy, self.group_size, self.bits = policy, group_size, bits
-        self.state = policy.new_state()
-        self.fp_positions = torch.empty(0, dtype=torch.long)  # positions of self.keys' columns
-        self.blocks: list[QuantizedBlock] = []
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        b, h, _, d = key_states.shape
-        self.keys = key_states.new_empty(b, h, 0, d)
-        self.values = value_states.new_empty(b, h, 0, d)
-        self.fp_positions = self.fp_positions.to(key_states.device)
-
-    def get_seq_length(self) -> int:
-        return self.state.num_tokens
+        self.shared, self.layer_idx, self.num_tokens = shared, layer_idx, 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        old_keys, old_values = self._materialize()
-        keys_out = torch.cat([old_keys, key_states], dim=SEQ_AXIS)
-        values_out = torch.cat([old_values, value_states], dim=SEQ_AXIS)
-        self._store(key_states, value_states)
-        return keys_out, values_out
+        self.num_tokens += key_states.shape[-2]
+        return self.shared.update(self.layer_idx, key_states, value_states)
 
-    def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached tokens in position order: [batch, kv_heads, num_tokens, head_dim]."""
-        if not self.blocks:
-            return self.keys, self.values  # full precision only, already in position order
-        b, h, _, d = self.keys.shape
-        n = self.state.num_tokens
-        keys = self.keys.new_empty(b, h, n, d)
-        values = self.values.new_empty(b, h, n, d)
-        keys[:, :, self.fp_positions] = self.keys
-        values[:, :, self.fp_positions] = self.values
-        for block in self.blocks:
-            keys[:, :, block.positions] = dequantize(block.keys)
-            values[:, :, block.positions] = dequantize(block.values)
-        return keys, values
-
-    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        num_old, num_new = self.state.num_tokens, key_states.shape[SEQ_AXIS]
-        device = key_states.device
-        new_positions = torch.arange(num_old, num_old + num_new, device=device)
-        positions = torch.cat([self.fp_positions, new_positions])
-        keys = torch.cat([self.keys, key_states], dim=SEQ_AXIS)
-        values = torch.cat([self.values, value_states], dim=SEQ_AXIS)
-        column_of = {int(p): i for i, p in enumerate(positions.tolist())}
-        keep = torch.ones(positions.numel(), dtype=torch.bool, device=device)
-        for block in self.state.append(num_new):
-            columns = torch.tensor([column_of[p] for p in block], device=device)
-            keep[columns] = False
-            self.blocks.append(self._quantize_block(positions[columns], keys[:, :, columns], values[:, :, columns]))
-        self.fp_positions, self.keys, self.values = positions[keep], keys[:, :, keep], values[:, :, keep]
-
-    def _quantize_block(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> QuantizedBlock:
-        block_tokens = positions.numel()
-        qk = quantize(keys, self.bits, block_tokens, axis=SEQ_AXIS, scale_dtype=torch.float16)
-        qv = quantize(values, self.bits, self.group_size, axis=-1, scale_dtype=torch.float16)
-        return QuantizedBlock(positions, qk, qv)
+    def get_seq_length(self) -> int:
+        return self.num_tokens
 
     def reset(self) -> None:
-        super().reset()
-        self.state = self.policy.new_state()
-        self.fp_positions = torch.empty(0, dtype=torch.long)
-        self.blocks = []
+        raise NotImplementedError("LogQuantCache cannot be reset: make a new cache")
 
-    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if not self.is_initialized:
-            return
-        self.keys, self.values = fn(self.keys), fn(self.values)
+    def _no_batch_change(self, *args, **kwargs) -> None:
+        if self.num_tokens:
+            raise NotImplementedError("LogQuantCache keeps one paged sequence per row: beam search and row reordering are not supported")
 
-        def on_quantized(q: QuantizedTensor) -> QuantizedTensor:
-            codes, scale, zero = fn(q.codes), fn(q.scale), fn(q.zero)
-            return replace(q, codes=codes, scale=scale, zero=zero, shape=(codes.shape[0], *q.shape[1:]))
-
-        self.blocks = [replace(b, keys=on_quantized(b.keys), values=on_quantized(b.values)) for b in self.blocks]
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices, ...])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+    batch_repeat_interleave = batch_select_indices = reorder_cache = _no_batch_change
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("LogQuantCache cannot be cropped: demoted tokens are quantized once")
@@ -143,10 +146,11 @@ class LogQuantCache(Cache):
         bits: int = 2,
     ) -> None:
         text_config = config.get_text_config(decoder=True)
-        head_dim = head_dim_of(text_config)
-        if head_dim % group_size != 0:
-            raise ValueError(f"head_dim {head_dim} is not a multiple of group_size {group_size}")
         token_policy = make_policy(policy, fp_budget, group_size) if isinstance(policy, str) else policy
         self.policy = token_policy
-        layers = [LogQuantLayer(token_policy, group_size, bits) for _ in range(text_config.num_hidden_layers)]
-        super().__init__(layers=layers)
+        layout = KVLayout(
+            num_layers=text_config.num_hidden_layers, num_kv_heads=text_config.num_key_value_heads,
+            head_dim=head_dim_of(text_config), policy=token_policy, group_size=group_size, bits=bits,
+        )  # fmt: skip
+        self.shared = SharedKV(layout)
+        super().__init__(layers=[LogQuantLayer(self.shared, i) for i in range(layout.num_layers)])

@@ -146,6 +146,14 @@ class PagePool:
             raise MemoryError(f"need {count} pages, {len(self._free)} free")
         return [self._free.pop() for _ in range(count)]
 
+    def free_ids(self) -> list[int]:
+        return list(self._free)
+
+    def grow(self, count: int) -> None:
+        """Add `count` new page ids (the caller grows its buffers to match)."""
+        self._free[:0] = range(self.num_pages + count - 1, self.num_pages - 1, -1)
+        self.num_pages += count
+
     def free(self, page_ids: list[int]) -> None:
         self._free.extend(reversed(page_ids))
         assert len(self._free) <= self.num_pages, "a page was freed twice"

@@ -82,6 +82,19 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
 
 
+_LUTS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def unpack_lut(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """`unpack` as float32 through a 256-entry byte -> codes table: one gather instead of a
+    shift, a mask and a conversion. packed uint8 `[..., m]` -> float32 `[..., m * 8 // bits]`."""
+    key = (bits, packed.device)
+    if key not in _LUTS:
+        _LUTS[key] = unpack(torch.arange(256, dtype=torch.uint8, device=packed.device).unsqueeze(1), bits).float()
+    codes = _LUTS[key][packed.int()]  # [..., m, 8 // bits]
+    return codes.view(*packed.shape[:-1], -1)
+
+
 def quantize(
     x: torch.Tensor,
     bits: int = 2,

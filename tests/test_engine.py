@@ -25,7 +25,7 @@ def reference(prompt: str, n: int) -> list[int]:
 def make_engine(policy: str = "fp16", kv: int = 64 << 20, budget: int = 16, fp_budget: int = 48) -> EngineCore:
     config = EngineConfig(
         policy=policy, fp_budget=fp_budget, group_size=8, kv_cache_memory=kv, max_num_batched_tokens=budget,
-        device="cpu",
+        device="cpu", debug_integrity=True,
     )  # fmt: skip
     return EngineCore(config, tiny_model(), byte_tokenizer())
 
@@ -49,7 +49,7 @@ def test_fp16_engine_equals_generate_with_chunking_and_staggered_arrivals() -> N
     outputs = run_staggered(engine, 24)
     for prompt, tokens in outputs.items():
         assert tokens == reference(prompt, 24), prompt
-    assert engine.allocator.num_free_pages == engine.allocator.num_pages
+    assert engine.kv_manager.num_free_pages == engine.kv_manager.num_pages
 
 
 def test_fp16_engine_equals_generate_under_preemption() -> None:
@@ -67,7 +67,7 @@ def test_quantized_policies_finish_every_request(policy: str) -> None:
     outputs = run_staggered(engine, 60)
     assert all(len(t) == 60 for t in outputs.values())
     assert engine.stats.kv_bytes_by_tier == {"fp": 0, "2bit": 0}
-    assert engine.allocator.num_free_pages == engine.allocator.num_pages
+    assert engine.kv_manager.num_free_pages == engine.kv_manager.num_pages
 
 
 def test_quantized_store_holds_2bit_pages_while_running() -> None:
@@ -77,7 +77,7 @@ def test_quantized_store_holds_2bit_pages_while_running() -> None:
         engine.step()
     tiers = engine.stats.kv_bytes_by_tier
     assert tiers["2bit"] > 0 and tiers["fp"] > 0
-    assert tiers["fp"] + tiers["2bit"] == engine.layout.bytes_for(engine.allocator.tables["a-0"].num_tokens)
+    assert tiers["fp"] + tiers["2bit"] == engine.layout.bytes_for(engine.kv_manager.num_tokens("a-0"))
     assert engine.stats.kv_fp16_equivalent_bytes > tiers["fp"] + tiers["2bit"]
 
 
@@ -133,12 +133,12 @@ def test_abort_frees_pages() -> None:
     engine = make_engine()
     engine.add_request("a", list(range(3, 60)), SamplingParams(max_tokens=50, temperature=0))
     engine.step()
-    assert engine.allocator.num_free_pages < engine.allocator.num_pages
+    assert engine.kv_manager.num_free_pages < engine.kv_manager.num_pages
     engine.abort_request("a", 1)
-    assert engine.allocator.num_free_pages == engine.allocator.num_pages
+    assert engine.kv_manager.num_free_pages == engine.kv_manager.num_pages
     assert not engine.has_work()
     engine.step()
-    assert not engine.store.sequences
+    assert not engine.kv_manager.sequences
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3"])

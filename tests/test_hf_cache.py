@@ -39,11 +39,13 @@ def test_quantized_policies_generate_and_stay_close(arch: str, policy: str) -> N
     cache = LogQuantCache(model.config, policy=policy, fp_budget=48, group_size=8)
     out = generate(model, inputs, cache, n=40)
     assert out.shape == (3, inputs["input_ids"].shape[1] + 40)
-    layer = cache.layers[0]
-    total = layer.get_seq_length()
-    assert total == out.shape[1] - 1
-    assert len(layer.blocks) > 0, "the sequence is long enough that blocks were demoted"
-    assert layer.keys.shape[2] <= 48 and layer.keys.shape[2] + sum(b.positions.numel() for b in layer.blocks) == total
+    total = cache.layers[0].get_seq_length()
+    assert total == out.shape[1] - 1 == cache.shared.num_tokens()
+    manager = cache.shared.manager
+    for row in manager.sequences.values():
+        assert len(row.q_pages) > 0, "the sequence is long enough that blocks were demoted"
+        assert len(row.slot_of) <= 48 and len(row.slot_of) + len(row.q_pages) * cache.policy.block_tokens == total
+    manager.check_integrity()
 
 
 def teacher_forced_logit_error(policy: str, bits: int) -> tuple[float, float]:
@@ -58,7 +60,7 @@ def teacher_forced_logit_error(policy: str, bits: int) -> tuple[float, float]:
             ref = model(ids[:, t : t + 1], cache=ref_cache).logits[0, -1]
             got = model(ids[:, t : t + 1], cache=cache).logits[0, -1]
             diffs.append((ref - got).abs().max().item())
-    assert len(cache.layers[0].blocks) >= 3
+    assert cache.shared.num_blocks() >= 3
     return max(diffs), sum(diffs) / len(diffs)
 
 

@@ -1,4 +1,4 @@
-"""Scheduler and allocator alone, with hand-made runner outputs (no torch in the scheduler)."""
+"""Scheduler and KV manager alone, with hand-made runner outputs (no torch in either)."""
 
 import random
 import subprocess
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from logquant.layout import KVLayout
 from logquant.policy import make_policy
-from server.engine.pages import PageAllocator
+from logquant.kv_manager import KVManager
 from server.engine.request import SamplingParams, Sequence, SequenceStatus
 from server.engine.scheduler import Scheduler, SchedulerConfig
 
@@ -19,7 +19,7 @@ PAGE = LAYOUT.page_bytes * LAYOUT.num_layers  # 16 tokens per page
 
 
 def make(num_pages: int, max_seqs: int = 8, budget: int = 64) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_seqs, budget, 4096), PageAllocator(LAYOUT, num_pages * PAGE))
+    return Scheduler(SchedulerConfig(max_seqs, budget, 4096), KVManager(LAYOUT, num_pages))
 
 
 def seq(name: str, prompt_len: int, max_tokens: int = 100) -> Sequence:
@@ -28,12 +28,13 @@ def seq(name: str, prompt_len: int, max_tokens: int = 100) -> Sequence:
 
 def run_step(s: Scheduler, token: int = 7):
     out = s.schedule()
+    s.kv_manager.plan_step([(c.seq_id, len(c.token_ids)) for c in out.chunks])  # as the engine core does
     s.update(out, {c.seq_id: token for c in out.chunks if c.sample})
     return out
 
 
 def test_scheduler_imports_no_torch() -> None:
-    code = "import sys, server.engine.scheduler, server.engine.pages; print('torch' in sys.modules)"
+    code = "import sys, server.engine.scheduler, logquant.kv_manager; print('torch' in sys.modules)"
     assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "False"
 
 
@@ -65,7 +66,7 @@ def test_admission_waits_for_prompt_pages_fcfs() -> None:
     assert [q.seq_id for q in s.waiting] == ["b", "c"]
     s.abort("a")
     out = run_step(s)
-    assert [c.seq_id for c in out.chunks] == ["b", "c"] and out.freed_seq_ids == ["a"]
+    assert [c.seq_id for c in out.chunks] == ["b", "c"] and "a" not in s.kv_manager.sequences
 
 
 def test_preempts_newest_and_recomputes() -> None:
@@ -74,9 +75,9 @@ def test_preempts_newest_and_recomputes() -> None:
     s.add(seq("new", 15, max_tokens=17))
     run_step(s)
     run_step(s)  # both have 16 tokens cached in one page each; 17 tokens known
-    assert s.allocator.num_free_pages == 0
+    assert s.kv_manager.num_free_pages == 0
     out = run_step(s)  # old needs a second page for token 17 -> new is preempted
-    assert out.freed_seq_ids == ["new"] and [c.seq_id for c in out.chunks] == ["old"]
+    assert "new" not in s.kv_manager.sequences and [c.seq_id for c in out.chunks] == ["old"]
     assert s.num_preemptions == 1 and s.waiting[0].seq_id == "new"
     preempted = s.waiting[0]
     assert preempted.num_computed_tokens == 0 and preempted.output_token_ids == [7, 7]
@@ -101,7 +102,7 @@ def test_finishes_on_length_and_stop() -> None:
     s.add(stop)
     run_step(s)
     run_step(s, token=9)
-    assert not s.has_work() and s.allocator.num_free_pages == 10
+    assert not s.has_work() and s.kv_manager.num_free_pages == 10
 
 
 def test_rejects_sequence_larger_than_cache() -> None:
@@ -125,32 +126,34 @@ def test_no_page_leaks_and_budget_never_exceeded(actions) -> None:
         else:
             out = run_step(s)
             assert out.num_batched_tokens <= 40
-        held = sum(len(t.fp_pages) + len(t.q_pages) for t in s.allocator.tables.values())
-        assert held + s.allocator.num_free_pages == 12
-        assert set(s.allocator.tables) <= {q.seq_id for q in s.running}
+        held = sum(len(t.pages) for t in s.kv_manager.sequences.values())
+        assert held + s.kv_manager.num_free_pages == 12
+        assert set(s.kv_manager.sequences) <= {q.seq_id for q in s.running}
         for q in s.running:
-            assert s.allocator.tables[q.seq_id].num_tokens >= q.num_computed_tokens
+            assert s.kv_manager.num_tokens(q.seq_id) == q.num_computed_tokens
+        s.kv_manager.check_integrity()
     for name in live:
         s.abort(name)
     while s.has_work():
         run_step(s)
-    assert s.allocator.num_free_pages == 12 and not s.allocator.tables
+    assert s.kv_manager.num_free_pages == 12 and not s.kv_manager.sequences
 
 
 @pytest.mark.parametrize("policy", ["kivi", "logquant"])
-def test_allocator_pages_follow_cost_model(policy: str) -> None:
+def test_kv_manager_pages_follow_cost_model(policy: str) -> None:
     layout = KVLayout(2, 2, 32, make_policy(policy, 48, group_size=16), dtype_bytes=2, group_size=16)
-    alloc = PageAllocator(layout, 1000 * layout.page_bytes * 2)
+    alloc = KVManager(layout, 1000)
     for n in [1, 50, 51, 200, 1000]:
         alloc.allocate("x", n)
-        table = alloc.tables["x"]
-        assert len(table.fp_pages) == layout.fp_pages_for(n) and len(table.q_pages) == layout.q_pages_for(n)
+        table = alloc.sequences["x"]
+        assert len(table.fp_pages) == layout.fp_pages_for(n)
+        assert len(table.q_pages) + len(table.spare_q_pages) == layout.q_pages_for(n)
     assert alloc.bytes_by_tier()["fp"] + alloc.bytes_by_tier()["2bit"] == layout.bytes_for(1000)
     assert SequenceStatus.WAITING.value == "waiting"
 
 
 def test_exact_recompute_replays_outputs_one_per_step() -> None:
-    s = Scheduler(SchedulerConfig(8, 64, 4096, exact_recompute=True), PageAllocator(LAYOUT, 100 * PAGE))
+    s = Scheduler(SchedulerConfig(8, 64, 4096, exact_recompute=True), KVManager(LAYOUT, 100))
     victim = seq("v", 40)
     victim.output_token_ids = [5, 6, 7]  # as if preempted after generating three tokens
     s.add(victim)

@@ -69,7 +69,7 @@ def srv():
 
 def test_metrics_parse_and_move(srv) -> None:
     before = scrape(srv.url)
-    assert before["logquant:kv_cache_capacity_bytes{}"] == srv.core.allocator.capacity_bytes
+    assert before["logquant:kv_cache_capacity_bytes{}"] == srv.core.kv_manager.capacity_bytes
     info = [k for k in before if k.startswith("logquant:cache_config_info")][0]
     assert "policy=logquant" in info and "fp_budget=24" in info and "device=cpu" in info
     client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0, timeout=60)

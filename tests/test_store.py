@@ -4,25 +4,23 @@ import pytest
 import torch
 
 from logquant.attention import attend
-from logquant.layout import KVLayout, PagePool
+from logquant.layout import KVLayout
 from logquant.policy import make_policy
 from logquant.quant import dequantize, quantize
+from logquant.kv_manager import KVManager
 from logquant.store import PagedKVStore
 
 H, KVH, D, LAYERS = 4, 2, 32, 2
 
 
-def make_store(policy_name: str, budget: int, num_pages: int = 400) -> tuple[PagedKVStore, PagePool]:
-    layout = KVLayout(LAYERS, KVH, D, make_policy(policy_name, budget, group_size=8), dtype_bytes=4, group_size=8)
-    return PagedKVStore(layout, num_pages, torch.float32, "cpu"), PagePool(num_pages)
+def make_store(policy_name: str, budget: int, num_pages: int = 400, kv_heads: int = KVH) -> tuple[PagedKVStore, KVManager]:
+    layout = KVLayout(LAYERS, kv_heads, D, make_policy(policy_name, budget, group_size=8), dtype_bytes=4, group_size=8)
+    manager = KVManager(layout, num_pages)
+    random.Random(num_pages).shuffle(manager.pool._free)  # non-contiguous, shuffled page ids
+    return PagedKVStore(layout, num_pages, torch.float32, "cpu"), manager
 
 
-def grow(store: PagedKVStore, pool: PagePool, seq: str, n: int) -> None:
-    fp, q = store.pages_needed(seq, n)
-    store.add_pages(seq, pool.allocate(fp), pool.allocate(q))
-
-
-def dense_reference(policy_name, budget, keys, values, layout):
+def dense_reference(policy_name, budget, keys, values):
     """Keys/values as the policy says they are stored: fp tokens exact, demoted blocks
     quantized once each (keys per channel over the block, values per token)."""
     policy = make_policy(policy_name, budget, group_size=8)
@@ -37,30 +35,51 @@ def dense_reference(policy_name, budget, keys, values, layout):
     return torch.cat(ks), torch.cat(vs)
 
 
-@pytest.mark.parametrize("policy_name,budget", [("fp16", 0), ("kivi", 16), ("logquant", 12), ("logquant", 30)])
-def test_store_attention_equals_dense_reference(policy_name: str, budget: int) -> None:
-    gen = torch.Generator().manual_seed(0)
-    store, pool = make_store(policy_name, budget)
-    store.add_sequence("a")
-    total = 0
-    all_k = [torch.empty(0, KVH, D) for _ in range(LAYERS)]
-    all_v = [torch.empty(0, KVH, D) for _ in range(LAYERS)]
-    for chunk in [7, 1, 1, 20, 1, 33, 1, 1, 64, 1, 5]:
-        grow(store, pool, "a", chunk)
-        plan = store.plan_append("a", chunk)
+def run_steps(policy_name: str, budget: int, kv_heads: int, steps: list[dict[str, int]], seed: int) -> None:
+    """Run mixed steps (seq -> new tokens) through the manager and the batched store; check
+    every layer's output against the per-sequence oracle on the dense reference."""
+    gen = torch.Generator().manual_seed(seed)
+    heads = kv_heads * 3 if kv_heads == 1 else 4 * kv_heads if kv_heads == 2 else 4
+    store, manager = make_store(policy_name, budget, kv_heads=kv_heads)
+    history: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    for chunks in steps:
+        for seq, n in chunks.items():
+            manager.allocate(seq, (manager.num_tokens(seq) if seq in manager.sequences else 0) + n)
+        step = store.prepare(manager.plan_step(list(chunks.items())))
+        total = sum(chunks.values())
         for layer in range(LAYERS):
-            q = torch.randn(chunk, H, D, generator=gen)
-            k = torch.randn(chunk, KVH, D, generator=gen)
-            v = torch.randn(chunk, KVH, D, generator=gen)
-            out = store.forward(layer, plan, q, k, v, scaling=D**-0.5)
-            # reference: what was stored before this chunk, plus the chunk at full precision
-            ref_k, ref_v = dense_reference(policy_name, budget, all_k[layer], all_v[layer], store.layout)
-            expected = attend(q, torch.cat([ref_k, k]), torch.cat([ref_v, v]), D**-0.5)
-            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-            all_k[layer] = torch.cat([all_k[layer], k])
-            all_v[layer] = torch.cat([all_v[layer], v])
-        total += chunk
-    assert store.num_tokens("a") == total
+            q = torch.randn(total, heads, D, generator=gen)
+            k = torch.randn(total, kv_heads, D, generator=gen)
+            v = torch.randn(total, kv_heads, D, generator=gen)
+            out = store.forward(layer, step, q, k, v, scaling=D**-0.5)
+            row = 0
+            for seq, n in chunks.items():
+                old_k, old_v = history.get((seq, layer), (torch.empty(0, kv_heads, D), torch.empty(0, kv_heads, D)))
+                ref_k, ref_v = dense_reference(policy_name, budget, old_k, old_v)
+                new = slice(row, row + n)
+                expected = attend(q[new], torch.cat([ref_k, k[new]]), torch.cat([ref_v, v[new]]), D**-0.5)
+                torch.testing.assert_close(out[new], expected, atol=1e-5, rtol=1e-5)
+                history[(seq, layer)] = (torch.cat([old_k, k[new]]), torch.cat([old_v, v[new]]))
+                row += n
+        manager.check_integrity()
+
+
+MIXED_STEPS = [
+    {"a": 7},
+    {"a": 1, "b": 20},
+    {"a": 1, "b": 1, "c": 33},
+    {"c": 1, "a": 1, "b": 64},
+    {"a": 40, "b": 1, "c": 1},
+    {"b": 1, "a": 1, "c": 1},
+    {"c": 5, "a": 1},
+]
+
+
+@pytest.mark.parametrize("policy_name,budget", [("fp16", 0), ("kivi", 16), ("logquant", 12), ("logquant", 30)])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_batched_step_equals_per_sequence_reference(policy_name: str, budget: int, kv_heads: int) -> None:
+    """Decodes, prefill chunks and demotions in the same step; GQA ratios 3, 4 and 1."""
+    run_steps(policy_name, budget, kv_heads, MIXED_STEPS, seed=kv_heads)
 
 
 def test_decode_attention_matches_naive_softmax_gqa() -> None:
@@ -89,33 +108,45 @@ def test_prefill_chunk_is_causal() -> None:
 @pytest.mark.parametrize("policy_name,budget", [("fp16", 0), ("kivi", 16), ("logquant", 12)])
 def test_accounting_matches_cost_model(policy_name: str, budget: int) -> None:
     rng = random.Random(3)
-    store, pool = make_store(policy_name, budget, num_pages=2000)
+    store, manager = make_store(policy_name, budget, num_pages=2000)
     layout, lengths, next_id = store.layout, {}, 0
     for _ in range(300):
         action = rng.random()
         if action < 0.25 or not lengths:
             seq = f"s{next_id}"
             next_id += 1
-            store.add_sequence(seq)
             lengths[seq] = 0
         elif action < 0.35:
             seq = rng.choice(sorted(lengths))
-            pool.free(store.free_sequence(seq))
+            manager.free(seq)
             del lengths[seq]
             continue
         seq = rng.choice(sorted(lengths))
         n = rng.choice([1, 1, 2, 9, 40])
-        grow(store, pool, seq, n)
-        plan = store.plan_append(seq, n)
+        manager.allocate(seq, lengths[seq] + n)
+        step = store.prepare(manager.plan_step([(seq, n)]))
         for layer in range(LAYERS):
-            store.forward(layer, plan, torch.zeros(n, H, D), torch.randn(n, KVH, D), torch.randn(n, KVH, D), 1.0)
+            store.forward(layer, step, torch.zeros(n, H, D), torch.randn(n, KVH, D), torch.randn(n, KVH, D), 1.0)
         lengths[seq] += n
-        used = store.bytes_used()
+        used = manager.bytes_by_tier()
         assert used["fp"] + used["2bit"] == sum(layout.bytes_for(t) for t in lengths.values())
-        assert pool.num_free == 2000 - sum(layout.pages_for(t) for t in lengths.values())
+        assert manager.num_free_pages == 2000 - sum(layout.pages_for(t) for t in lengths.values())
+        manager.check_integrity()
     for seq in list(lengths):
-        pool.free(store.free_sequence(seq))
-    assert pool.num_free == 2000 and store.bytes_used() == {"fp": 0, "2bit": 0}
+        manager.free(seq)
+    assert manager.num_free_pages == 2000 and manager.bytes_by_tier() == {"fp": 0, "2bit": 0}
+
+
+def test_integrity_check_catches_a_double_owned_page() -> None:
+    _, manager = make_store("logquant", 12)
+    manager.allocate("a", 30)
+    manager.plan_step([("a", 30)])
+    manager.check_integrity()
+    manager.allocate("b", 1)
+    manager.plan_step([("b", 1)])
+    manager.sequences["b"].fp_pages.append(manager.sequences["a"].fp_pages[0])
+    with pytest.raises(AssertionError, match="owned twice"):
+        manager.check_integrity()
 
 
 def test_layout_capacity_near_physical_limit() -> None:

@@ -78,7 +78,7 @@ async def _load(state: AppState, factory: Callable[[], EngineCore]) -> None:
     state.ctx = ServingContext(engine, core.tokenizer, s.model_name, core.max_model_len, s.max_waiting_requests,
                                fingerprint, s.log_prompts)  # fmt: skip
     logger.info("ready: %s (%s, KV %.1f MiB, %d pages)", s.model_name, fingerprint,
-                core.allocator.capacity_bytes / 2**20, core.allocator.num_pages)  # fmt: skip
+                core.kv_manager.capacity_bytes / 2**20, core.kv_manager.num_pages)  # fmt: skip
 
 
 def _add_routes(app: FastAPI, state: AppState) -> None:

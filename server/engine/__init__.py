@@ -1,7 +1,7 @@
-"""The inference engine: scheduler, page allocator, model runner, sampler.
+"""The inference engine: scheduler, model runner, sampler (the KV manager is `logquant.kv_manager`).
 
 `from server.engine import LLM, SamplingParams`. Attributes load lazily so the scheduler and
-allocator import without torch.
+KV manager import without torch.
 """
 
 from __future__ import annotations

@@ -10,16 +10,17 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from logquant.models import load_model
+from logquant.kv_manager import KVManager
 from logquant.policy import make_policy
 from logquant.store import PagedKVStore
 from server.engine.config import EngineConfig
-from server.engine.pages import PageAllocator
 from server.engine.request import SamplingParams, Sequence
 from server.engine.runner import ModelRunner, layout_for
 from server.engine.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
 CPU_DEFAULT_KV_BYTES = 2**30
+MIN_MODEL_LEN = 16  # below this a capped context is useless: fail instead
 
 
 @dataclass
@@ -42,17 +43,16 @@ class EngineCore:
         policy = make_policy(config.policy, config.fp_budget, config.group_size)
         self.layout = layout_for(model, policy, self.dtype, config.group_size)
         kv_bytes = config.kv_cache_memory or self._default_kv_bytes()
-        self.allocator = PageAllocator(self.layout, kv_bytes)
-        self.store = PagedKVStore(self.layout, self.allocator.num_pages, self.dtype, self.device)
-        text_config = model.config.get_text_config(decoder=True)
-        self.max_model_len = config.max_model_len or text_config.max_position_embeddings
+        self.kv_manager = KVManager.for_budget(self.layout, kv_bytes)
+        self.store = PagedKVStore(self.layout, self.kv_manager.num_pages, self.dtype, self.device)
+        self.max_model_len = self._fit_max_model_len(model)
         scheduler_config = SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, exact_recompute=policy.block_tokens > 0
         )
-        self.scheduler = Scheduler(scheduler_config, self.allocator)
+        self.scheduler = Scheduler(scheduler_config, self.kv_manager)
         self.runner = ModelRunner(model, self.store)
         self.eos_token_ids = _eos_ids(model, tokenizer)
-        self.stats = EngineStats(kv_capacity_bytes=self.allocator.capacity_bytes)
+        self.stats = EngineStats(kv_capacity_bytes=self.kv_manager.capacity_bytes)
         self.last_step_itl: list[float] = []  # inter-token latencies observed by the last step
 
     @classmethod
@@ -66,6 +66,36 @@ class EngineCore:
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
         return max(0, int(total * self.config.gpu_memory_utilization) - used)
+
+    def _fit_max_model_len(self, model: PreTrainedModel) -> int:
+        """The model's context, or `--max-model-len`, checked against the KV budget: one
+        sequence of `max_model_len` tokens must fit, so that running out of pages is only
+        ever solved by preemption. An explicit length that does not fit is an error; the
+        model's own length is capped with a warning."""
+        model_len = model.config.get_text_config(decoder=True).max_position_embeddings
+        wanted = self.config.max_model_len or model_len
+        if wanted > model_len:
+            raise ValueError(f"--max-model-len {wanted} exceeds the model's {model_len} positions")
+        fits = self._longest_fitting_sequence(wanted)
+        if fits >= wanted:
+            return wanted
+        if self.config.max_model_len is not None or fits < MIN_MODEL_LEN:
+            raise ValueError(
+                f"the KV cache ({self.kv_manager.capacity_bytes} bytes) holds one sequence of at most {fits} tokens, "
+                f"less than max_model_len {wanted}: raise --kv-cache-memory or lower --max-model-len"
+            )
+        logger.warning("KV cache holds at most %d tokens per sequence: max_model_len capped from %d", fits, wanted)
+        return fits
+
+    def _longest_fitting_sequence(self, upper: int) -> int:
+        low, high = 0, upper  # pages_for is monotonic in the length: binary search
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self.layout.pages_for(mid) <= self.kv_manager.num_pages:
+                low = mid
+            else:
+                high = mid - 1
+        return low
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
@@ -81,8 +111,7 @@ class EngineCore:
         return seqs
 
     def abort_request(self, request_id: str, n: int) -> list[Sequence]:
-        """Abort the request's unfinished samples; return them. Their pages are back in the
-        allocator at once (the store forgets them at the start of the next step)."""
+        """Abort the request's unfinished samples; return them. Their pages are free at once."""
         aborted = [self.scheduler.abort(f"{request_id}-{i}") for i in range(n)]
         self._update_stats()
         return [seq for seq in aborted if seq is not None]
@@ -94,7 +123,12 @@ class EngineCore:
     def step(self) -> list[Sequence]:
         """Run one step; return the sequences that got a new token (finished ones included)."""
         output = self.scheduler.schedule()
-        sampled = self.runner.execute(output, self.scheduler.sequences)
+        sampled = {}
+        if output.chunks:
+            plan = self.kv_manager.plan_step([(c.seq_id, len(c.token_ids)) for c in output.chunks])
+            sampled = self.runner.execute(output, plan, self.scheduler.sequences)
+        if self.config.debug_integrity:
+            self.kv_manager.check_integrity()
         now = time.monotonic()
         updated = self.scheduler.update(output, {s: r.token_id for s, r in sampled.items()})
         self.last_step_itl = [now - s.timings.last_token for s in updated if s.timings.last_token is not None]
@@ -114,9 +148,9 @@ class EngineCore:
         s = self.stats
         s.num_running = len(self.scheduler.running)
         s.num_waiting = len(self.scheduler.waiting)
-        s.kv_usage = self.allocator.usage
-        s.kv_bytes_by_tier = self.allocator.bytes_by_tier()
-        s.kv_fp16_equivalent_bytes = self.layout.fp16_bytes_for(self.allocator.num_cached_tokens())
+        s.kv_usage = self.kv_manager.usage
+        s.kv_bytes_by_tier = self.kv_manager.bytes_by_tier()
+        s.kv_fp16_equivalent_bytes = self.layout.fp16_bytes_for(self.kv_manager.num_cached_tokens())
         s.num_preemptions = self.scheduler.num_preemptions
 
 

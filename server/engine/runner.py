@@ -1,8 +1,10 @@
 """Model runner: the only engine code that touches tensors.
 
 Packs every scheduled chunk of a step into one flat batch `[1, num_tokens]` (no padding),
-runs the Hugging Face model once with our attention (registered with transformers'
-`AttentionInterface`), which reads and writes the paged KV store per sequence, and samples.
+turns the step's `StepPlan` into index tensors once, and runs the Hugging Face model once
+with our attention (registered with transformers' `AttentionInterface`): in every layer one
+`PagedKVStore.forward` call attends all of the step's sequences and writes their new tokens.
+Then it samples the rows that end a sequence's known tokens.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
+from logquant.kv_manager import StepPlan
 from logquant.layout import KVLayout, head_dim_of
-from logquant.store import AppendPlan, PagedKVStore
+from logquant.step import StepTensors
+from logquant.store import PagedKVStore
 from server.engine.request import Sequence
 from server.engine.sampler import SampleResult, sample
 from server.engine.scheduler import SchedulerOutput
@@ -24,10 +28,10 @@ ATTENTION_NAME = "logquant_paged"
 
 @dataclass(frozen=True)
 class StepBatch:
-    """Per-sequence metadata passed through `model(...)` to every attention layer."""
+    """What `model(...)` passes to every attention layer: the store and the step's tensors."""
 
     store: PagedKVStore
-    segments: list[tuple[AppendPlan, int, int]]  # (plan, start row, end row) in the flat batch
+    step: StepTensors
 
 
 def paged_attention(
@@ -43,9 +47,7 @@ def paged_attention(
     batch: StepBatch = kwargs["logquant_batch"]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [num_tokens, heads, head_dim]
     scaling = scaling if scaling is not None else q.shape[-1] ** -0.5
-    out = torch.empty_like(q)
-    for plan, start, end in batch.segments:
-        out[start:end] = batch.store.forward(module.layer_idx, plan, q[start:end], k[start:end], v[start:end], scaling)
+    out = batch.store.forward(module.layer_idx, batch.step, q, k, v, scaling)
     return out.unsqueeze(0), None  # [1, num_tokens, heads, head_dim]
 
 
@@ -77,41 +79,29 @@ class ModelRunner:
         model.set_attn_implementation(ATTENTION_NAME)
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput, sequences: dict[str, Sequence]) -> dict[str, SampleResult]:
-        for seq_id in output.freed_seq_ids:
-            if seq_id in self.store.sequences:
-                self.store.free_sequence(seq_id)
-        if not output.chunks:
-            return {}
-        token_ids, positions, segments, sample_rows, sample_ids = [], [], [], [], []
+    def execute(self, output: SchedulerOutput, plan: StepPlan, sequences: dict[str, Sequence]) -> dict[str, SampleResult]:
+        """Run the step's chunks (`plan` is their KV plan, in the same order); sample."""
+        token_ids, positions, sample_rows, sample_ids = [], [], [], []
         for chunk in output.chunks:
-            if chunk.first_chunk:
-                self.store.add_sequence(chunk.seq_id)
-            self.store.add_pages(chunk.seq_id, chunk.new_pages.fp_pages, chunk.new_pages.q_pages)
-            plan = self.store.plan_append(chunk.seq_id, len(chunk.token_ids))
-            start = len(token_ids)
             token_ids += chunk.token_ids
             positions += range(chunk.start_position, chunk.start_position + len(chunk.token_ids))
-            segments.append((plan, start, len(token_ids)))
             if chunk.sample:
                 sample_rows.append(len(token_ids) - 1)
                 sample_ids.append(chunk.seq_id)
+        step = self.store.prepare(plan)
+        logits = self._forward(token_ids, positions, step, sample_rows or [len(token_ids) - 1])
         if not sample_rows:
-            self._forward(token_ids, positions, segments, logits_rows=[len(token_ids) - 1])
             return {}
-        logits = self._forward(token_ids, positions, segments, sample_rows)  # [num_sample, vocab]
-        results = sample(logits, [sequences[s] for s in sample_ids])
+        results = sample(logits, [sequences[s] for s in sample_ids])  # logits: [num_sample, vocab]
         return dict(zip(sample_ids, results))
 
-    def _forward(
-        self, token_ids: list[int], positions: list[int], segments: list, logits_rows: list[int]
-    ) -> torch.Tensor:
+    def _forward(self, token_ids: list[int], positions: list[int], step: StepTensors, logits_rows: list[int]) -> torch.Tensor:
         out = self.model(
             input_ids=torch.tensor([token_ids], device=self.device),
             position_ids=torch.tensor([positions], device=self.device),
             attention_mask=None,
             use_cache=False,
             logits_to_keep=torch.tensor(logits_rows, device=self.device),
-            logquant_batch=StepBatch(self.store, segments),
+            logquant_batch=StepBatch(self.store, step),
         )
         return out.logits[0]

@@ -4,7 +4,8 @@ Each step has one token budget (`max_num_batched_tokens`) shared by running sequ
 (decodes and unfinished prefills, oldest first) and newly admitted prompts. A sequence that
 needs a page when none is free preempts the newest running sequence: its pages are freed and
 it goes back to the front of the waiting queue, to be recomputed from its tokens later.
-The scheduler sees sequence ids, token ids/counts and page ids only.
+The scheduler sees sequence ids, token ids/counts and page counts only; the KV manager owns
+the pages (it grows a sequence's tables when its chunk is scheduled and frees them at once).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from server.engine.pages import NewPages, PageAllocator
+from logquant.kv_manager import KVManager
 from server.engine.request import Sequence, SequenceStatus
 
 
@@ -40,15 +41,12 @@ class ScheduledChunk:
     seq_id: str
     token_ids: list[int]  # the tokens to compute this step
     start_position: int  # position of token_ids[0] (== num_computed_tokens)
-    new_pages: NewPages  # pages to hand to the KV store before computing
     sample: bool  # the chunk ends at the last known token: sample the next one
-    first_chunk: bool  # the sequence is not in the KV store yet
 
 
 @dataclass(frozen=True)
 class SchedulerOutput:
     chunks: list[ScheduledChunk]
-    freed_seq_ids: list[str]  # drop these from the KV store before running the chunks
 
     @property
     def num_batched_tokens(self) -> int:
@@ -56,22 +54,21 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: PageAllocator) -> None:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVManager) -> None:
         self.config = config
-        self.allocator = allocator
+        self.kv_manager = kv_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.sequences: dict[str, Sequence] = {}
-        self._freed: list[str] = []
         self.num_preemptions = 0
 
     # ---- requests ------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         final_len = min(seq.num_prompt_tokens + seq.params.max_tokens, self.config.max_model_len)
-        if self.allocator.pages_for(final_len) > self.allocator.num_pages:
+        if self.kv_manager.pages_for(final_len) > self.kv_manager.num_pages:
             raise ValueError(
-                f"a sequence of {final_len} tokens needs {self.allocator.pages_for(final_len)} KV pages; "
-                f"the cache has {self.allocator.num_pages}"
+                f"a sequence of {final_len} tokens needs {self.kv_manager.pages_for(final_len)} KV pages; "
+                f"the cache has {self.kv_manager.num_pages}"
             )
         self.sequences[seq.seq_id] = seq
         self.waiting.append(seq)
@@ -101,26 +98,25 @@ class Scheduler:
             num_new = self._next_chunk(seq)
             if num_new > budget:
                 continue  # this prefill chunk waits for a step with room for all of it
-            while not self.allocator.can_allocate(seq.seq_id, seq.num_computed_tokens + num_new):
+            while not self.kv_manager.can_allocate(seq.seq_id, seq.num_computed_tokens + num_new):
                 preempted = True
                 if self._preempt_newest() is seq:
                     break
             if seq.status == SequenceStatus.RUNNING:
-                chunks.append(self._chunk(seq, num_new, first_chunk=False))
+                chunks.append(self._chunk(seq, num_new))
                 budget -= num_new
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             num_new = self._next_chunk(seq)
-            if num_new > budget or not self.allocator.can_allocate(seq.seq_id, seq.num_tokens):
+            if num_new > budget or not self.kv_manager.can_allocate(seq.seq_id, seq.num_tokens):
                 break  # FCFS: the oldest waiting prompt must fit before anything else is admitted
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             seq.timings.scheduled = seq.timings.scheduled or time.monotonic()
             self.running.append(seq)
-            chunks.append(self._chunk(seq, num_new, first_chunk=True))
+            chunks.append(self._chunk(seq, num_new))
             budget -= num_new
-        freed, self._freed = self._freed, []
-        return SchedulerOutput(chunks=chunks, freed_seq_ids=freed)
+        return SchedulerOutput(chunks=chunks)
 
     def _next_chunk(self, seq: Sequence) -> int:
         """Tokens to compute next: up to the next multiple of the prefill chunk size (one
@@ -131,22 +127,19 @@ class Scheduler:
         limit = seq.num_prompt_tokens if self.config.exact_recompute else seq.num_tokens
         return min(limit, (done // size + 1) * size) - done
 
-    def _chunk(self, seq: Sequence, num_new: int, first_chunk: bool) -> ScheduledChunk:
+    def _chunk(self, seq: Sequence, num_new: int) -> ScheduledChunk:
         start = seq.num_computed_tokens
-        pages = self.allocator.allocate(seq.seq_id, start + num_new)
+        self.kv_manager.allocate(seq.seq_id, start + num_new)
         return ScheduledChunk(
             seq_id=seq.seq_id,
             token_ids=seq.token_ids()[start : start + num_new],
             start_position=start,
-            new_pages=pages,
             sample=start + num_new == seq.num_tokens,
-            first_chunk=first_chunk,
         )
 
     def _preempt_newest(self) -> Sequence:
         victim = self.running.pop()
-        self.allocator.free(victim.seq_id)
-        self._freed.append(victim.seq_id)
+        self.kv_manager.free(victim.seq_id)
         victim.status = SequenceStatus.WAITING
         victim.num_computed_tokens = 0
         victim.num_preemptions += 1
@@ -177,8 +170,6 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.timings.finished = time.monotonic()
-        if seq.seq_id in self.allocator.tables:
-            self._freed.append(seq.seq_id)
-        self.allocator.free(seq.seq_id)
+        self.kv_manager.free(seq.seq_id)
         del self.sequences[seq.seq_id]
 
