@@ -35,6 +35,9 @@ class ServerSettings(BaseSettings):
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="drain time on SIGTERM")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = Field(False, description="include prompt text in request logs")
+    generation_config: str = Field(
+        "auto", description="sampling defaults: 'auto' (the model's generation_config), 'vllm' (none), or a folder"
+    )
 
     @field_validator("kv_cache_memory")
     @classmethod

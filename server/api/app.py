@@ -18,6 +18,7 @@ from server.api.completions import create_completion
 from server.api.errors import APIError, error_body, install_error_handlers
 from server.api.info import info_routes
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
+from server.api.sampling import generation_defaults
 from server.api.serving import ServingContext
 from server.config import ServerSettings
 from server.engine.async_engine import AsyncEngine
@@ -61,6 +62,7 @@ def create_app(settings: ServerSettings, core_factory: Callable[[], EngineCore] 
 async def _load(state: AppState, factory: Callable[[], EngineCore]) -> None:
     try:
         core = await asyncio.to_thread(factory)
+        sampling_defaults = generation_defaults(core.model, state.settings.generation_config)
     except Exception as exc:
         logger.exception("model failed to load")
         state.load_error = str(exc)
@@ -76,7 +78,8 @@ async def _load(state: AppState, factory: Callable[[], EngineCore]) -> None:
     fingerprint = f"{s.policy}-fp{s.fp_budget}-g{s.group_size}"
     state.metrics = metrics
     state.ctx = ServingContext(engine, core.tokenizer, s.model_name, core.max_model_len, s.max_waiting_requests,
-                               fingerprint, s.log_prompts)  # fmt: skip
+                               fingerprint, s.log_prompts,
+                               sampling_defaults=sampling_defaults)  # fmt: skip
     logger.info("ready: %s (%s, KV %.1f MiB, %d pages)", s.model_name, fingerprint,
                 core.kv_manager.capacity_bytes / 2**20, core.kv_manager.num_pages)  # fmt: skip
 

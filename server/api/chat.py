@@ -24,6 +24,7 @@ from server.api.serving import (
     until_disconnect,
     usage,
 )
+from server.api.stream_start import admitted
 
 
 def logprob_entries(ctx: ServingContext, entries: list[dict]) -> list[dict]:
@@ -48,7 +49,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     events = choice_events(ctx, request_id, [prompt], [params], output_options(req))
     head = {"id": request_id, "created": now(), "model": ctx.model_name, "system_fingerprint": ctx.fingerprint}
     if req.stream:
-        body = _stream(ctx, req, head, prompt, events, started)
+        body = _stream(ctx, req, head, prompt, await admitted(raw, events), started)
         return StreamingResponse(body, media_type="text/event-stream")
     texts, logprobs, finish, generated = await until_disconnect(raw, collect_choices(events, req.n))
     choices = [

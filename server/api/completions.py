@@ -23,6 +23,7 @@ from server.api.serving import (
     until_disconnect,
     usage,
 )
+from server.api.stream_start import admitted
 
 
 def tokenize_prompts(ctx: ServingContext, req: CompletionRequest) -> list[list[int]]:
@@ -66,7 +67,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     head = {"id": request_id, "object": "text_completion", "created": now(), "model": ctx.model_name,
             "system_fingerprint": ctx.fingerprint}  # fmt: skip
     if req.stream:
-        return StreamingResponse(_stream(ctx, req, head, prompts, echo, events, started), media_type="text/event-stream")
+        body = _stream(ctx, req, head, prompts, echo, await admitted(raw, events), started)
+        return StreamingResponse(body, media_type="text/event-stream")
     num = len(prompts) * req.n
     texts, entries, finish, generated = await until_disconnect(raw, collect_choices(events, num))
     choices = [

@@ -1,12 +1,41 @@
-"""Request fields -> the engine's SamplingParams and the detokenizer's OutputOptions."""
+"""Request fields -> the engine's SamplingParams and the detokenizer's OutputOptions, with
+sampling defaults from the model's generation_config for the fields a request leaves out."""
 
 from __future__ import annotations
+
+import logging
+
+from transformers import GenerationConfig, PreTrainedModel
 
 from server.api.detokenize import OutputOptions
 from server.api.errors import APIError
 from server.api.protocol import SamplingFields
 from server.api.serving import ServingContext
 from server.engine.request import SamplingParams, SamplingParamsError
+
+logger = logging.getLogger(__name__)
+# generation_config keys that set a default (vLLM's list); max_new_tokens is our max_tokens
+DEFAULT_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}  # fmt: skip
+NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def generation_defaults(model: PreTrainedModel, source: str) -> dict[str, float | int]:
+    """Sampling defaults by `--generation-config`: "auto" reads the model's generation_config,
+    "vllm" uses neutral values, anything else is a directory holding generation_config.json.
+    Only the values the config sets (those that differ from transformers' defaults) count."""
+    if source == "vllm":
+        return {}
+    config = model.generation_config if source == "auto" else GenerationConfig.from_pretrained(source)
+    given = config.to_diff_dict()
+    defaults = {ours: given[key] for key, ours in DEFAULT_KEYS.items() if given.get(key) is not None}
+    try:
+        SamplingParams(**defaults).validate()  # type: ignore[arg-type]
+    except SamplingParamsError as exc:
+        raise ValueError(f"the generation config's {exc} (use --generation-config vllm to ignore it)") from exc
+    if defaults:
+        logger.info("sampling defaults from the model's generation config: %s", defaults)
+    return defaults
 
 
 def check_token_ids(ctx: ServingContext, ids: list[int], param: str) -> None:
@@ -32,16 +61,26 @@ def output_options(req: SamplingFields) -> OutputOptions:
 
 
 def sampling_params(ctx: ServingContext, req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """`max_tokens`: what the request asked for, or else the room left in the context (then
+    capped by the generation config's max_new_tokens)."""
     check_token_ids(ctx, req.stop_token_ids or [], "stop_token_ids")
+    defaults = {**NEUTRAL, **ctx.sampling_defaults}
+    if _requested_max_tokens(req) is None and "max_tokens" in defaults:
+        max_tokens = min(max_tokens, int(defaults["max_tokens"]))
+
+    def pick(name: str) -> float | int:
+        value = getattr(req, name)
+        return defaults[name] if value is None else value
+
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        min_p=req.min_p or 0.0,
+        temperature=float(pick("temperature")),
+        top_p=float(pick("top_p")),
+        top_k=int(pick("top_k")),
+        min_p=float(pick("min_p")),
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
-        repetition_penalty=req.repetition_penalty or 1.0,
+        repetition_penalty=float(pick("repetition_penalty")),
         seed=req.seed,
         n=req.n,
         logprobs=logprobs,
@@ -53,3 +92,7 @@ def sampling_params(ctx: ServingContext, req: SamplingFields, max_tokens: int, l
     except SamplingParamsError as exc:
         raise APIError(400, str(exc), param=exc.param) from exc
     return params
+
+
+def _requested_max_tokens(req: SamplingFields) -> int | None:
+    return getattr(req, "max_completion_tokens", None) or req.max_tokens

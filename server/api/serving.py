@@ -34,6 +34,7 @@ class ServingContext:
     fingerprint: str  # names the KV policy, e.g. "logquant-fp192-g32"
     log_prompts: bool = False
     created: int = field(default_factory=now)  # the model card's `created`: when the model loaded
+    sampling_defaults: dict[str, float | int] = field(default_factory=dict)  # from the generation config
 
 
 @dataclass
