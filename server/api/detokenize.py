@@ -3,7 +3,8 @@
 `add(token_id)` returns the text that is safe to emit now: text that could still turn out to
 be the start of a stop string, or an incomplete UTF-8 character, is held back. When a stop
 string appears, the text before it (and the stop string itself with
-`include_stop_str_in_output`) is final and the sample is finished ("stop").
+`include_stop_str_in_output`) is final and the sample is finished ("stop"). Tokens are decoded
+incrementally (tokenizers' `DecodeStream`), never by re-decoding the whole output.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from tokenizers import AddedToken
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -32,54 +34,113 @@ class OutputOptions:
 
 
 class TextTracker:
+    """Stop strings and hold-back over an `IncrementalDecoder`. Each token costs time in the
+    length of its own text (plus the stop window), not in the length of the output."""
+
     def __init__(self, tokenizer: PreTrainedTokenizerBase, options: OutputOptions | None = None) -> None:
-        self.tokenizer = tokenizer
         self.options = options or OutputOptions()
-        self.token_ids: list[int] = []
-        self.emitted = ""  # text already returned
+        self.decoder = IncrementalDecoder(tokenizer, self.options)
         self.stopped = False  # a stop string was found
         longest = max((len(s) for s in self.options.stops), default=1)
         self._lookback = longest - 1  # a stop may start this far back in emitted text
         self._holdback = 0 if self.options.include_stop_str_in_output else self._lookback
-        self._added: dict[int, AddedToken] = dict(tokenizer.added_tokens_decoder)
-
-    def text(self) -> str:
-        return decode_tokens(self.tokenizer, self.token_ids, self.options, self._added)
+        self._tail = ""  # the last `_lookback` characters already emitted
+        self._pending = ""  # decoded, not yet emitted
 
     def add(self, token_id: int, stop_token: bool = False) -> str:
         """Add one token; return newly emittable text. `stop_token`: the engine stopped on this
         token (EOS or stop_token_ids); its text is dropped unless include_stop_str_in_output."""
-        if self.stopped:
+        if self.stopped or (stop_token and not self.options.include_stop_str_in_output):
             return ""
-        if stop_token and not self.options.include_stop_str_in_output:
-            return ""
-        self.token_ids.append(token_id)
-        text = self.text()
-        found = self._first_stop(text)
-        if found is not None:
-            self.stopped = True
-            cut, stop = found
-            return self._emit(text[: cut + len(stop) if self.options.include_stop_str_in_output else cut])
-        safe = len(text) - self._holdback
-        while safe > len(self.emitted) and text[safe - 1] == REPLACEMENT:
-            safe -= 1  # an incomplete multi-byte character: wait for its other bytes
-        return self._emit(text[: max(safe, len(self.emitted))])
+        new = self.decoder.add(token_id)
+        return self._advance(new, final=False) if new else ""
 
     def finish(self) -> str:
-        """The sample ended: emit whatever was held back."""
+        """The sample ended: emit whatever was held back (and incomplete bytes, as U+FFFD)."""
         if self.stopped:
             return ""
-        return self._emit(self.text())
+        return self._advance(self.decoder.flush(), final=True)
 
-    def _first_stop(self, text: str) -> tuple[int, str] | None:
-        # a stop can only start in text not yet emitted, minus the part it may overlap
-        start = max(0, len(self.emitted) - self._lookback)
-        found = [(i, s) for s in self.options.stops if (i := text.find(s, start)) >= 0]
-        return min(found, key=lambda hit: hit[0]) if found else None
+    def _advance(self, new: str, final: bool) -> str:
+        self._pending += new
+        window = self._tail + self._pending
+        found = [(i, s) for s in self.options.stops if (i := window.find(s)) >= 0]
+        if found:
+            self.stopped = True
+            start, stop = min(found, key=lambda hit: hit[0])
+            end = start + len(stop) if self.options.include_stop_str_in_output else start
+            return window[len(self._tail) : max(end, len(self._tail))]
+        safe = len(self._pending) if final else max(0, len(self._pending) - self._holdback)
+        out, self._pending = self._pending[:safe], self._pending[safe:]
+        self._tail = (self._tail + out)[-self._lookback :] if self._lookback else ""
+        return out
 
-    def _emit(self, text: str) -> str:
-        new = text[len(self.emitted) :]
-        self.emitted = text
+
+class IncrementalDecoder:
+    """Token ids -> text one token at a time; the concatenated output (after `flush`) equals
+    `decode_tokens` of all ids. Runs of ordinary tokens go through tokenizers' `DecodeStream`
+    (`WindowDecodeStream` for tokenizers without a Rust backend), which returns text only once
+    its UTF-8 characters are complete; added tokens are handled as `decode_tokens` does."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, options: OutputOptions) -> None:
+        self.tokenizer, self.options = tokenizer, options
+        self._added: dict[int, AddedToken] = dict(tokenizer.added_tokens_decoder)
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._separator = " " if options.spaces_between_special_tokens else ""
+        self._num_pieces = 0  # pieces (runs and shown added tokens) started so far
+        self._run: list[int] = []  # ids of the current run of ordinary tokens
+        self._run_text: list[str] = []  # what the stream returned for that run
+        self._stream: DecodeStream | WindowDecodeStream = self._new_stream()
+
+    def add(self, token_id: int) -> str:
+        token = self._added.get(token_id)
+        if token is None:
+            prefix = self._start_piece() if not self._run else ""
+            self._run.append(token_id)
+            text = self._stream.step(self._backend or self.tokenizer, token_id) or ""
+            self._run_text.append(text)
+            return prefix + text
+        if token.special and self.options.skip_special_tokens:
+            return ""  # dropped without ending the run, as in decode_tokens
+        return self.flush() + self._start_piece() + token.content
+
+    def flush(self) -> str:
+        """End the current run: return the rest of its text (incomplete bytes as U+FFFD)."""
+        if not self._run:
+            return ""
+        emitted = sum(map(len, self._run_text))
+        rest = self.tokenizer.decode(self._run)[emitted:]
+        self._run, self._run_text, self._stream = [], [], self._new_stream()
+        return rest
+
+    def _start_piece(self) -> str:
+        self._num_pieces += 1
+        return self._separator if self._num_pieces > 1 else ""
+
+    def _new_stream(self) -> DecodeStream | WindowDecodeStream:
+        return DecodeStream(skip_special_tokens=False) if self._backend is not None else WindowDecodeStream()
+
+
+class WindowDecodeStream:
+    """`DecodeStream`'s algorithm over any tokenizer's `decode`: decode a short window of the
+    latest ids, return what it adds to the window's previous text once it ends in a complete
+    character, then drop the ids the next step no longer needs."""
+
+    def __init__(self) -> None:
+        self._ids: list[int] = []
+        self._prefix = ""  # decode(self._ids[:self._read]) as last returned
+        self._prefix_index = 0
+
+    def step(self, tokenizer: PreTrainedTokenizerBase, token_id: int) -> str | None:
+        self._ids.append(token_id)
+        text = tokenizer.decode(self._ids)
+        if len(text) <= len(self._prefix) or text.endswith(REPLACEMENT) or not text.startswith(self._prefix):
+            return None
+        new = text[len(self._prefix) :]
+        next_index = len(self._ids) - self._prefix_index
+        self._ids = self._ids[self._prefix_index :]
+        self._prefix = tokenizer.decode(self._ids)
+        self._prefix_index = next_index
         return new
 
 
