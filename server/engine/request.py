@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import enum
+import json
+import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from server.engine.structured import GrammarState
+
+# Temperatures below this sample greedily (vLLM's epsilon): dividing logits by a subnormal
+# temperature overflows, and the distribution is a point mass on the argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
+MAX_LOGIT_BIAS = 100.0
+StructuredKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
+STRUCTURED_KINDS: tuple[str, ...] = ("json_object", "json_schema", "regex", "choice", "grammar")
 
 
 class SamplingParamsError(ValueError):
@@ -13,6 +26,48 @@ class SamplingParamsError(ValueError):
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+@dataclass(frozen=True)
+class StructuredSpec:
+    """A constraint on the output: `kind` names the language of `spec`.
+
+    - json_object: any JSON object (`spec` is "");
+    - json_schema: `spec` is the schema as JSON text;
+    - regex: `spec` is a regular expression the whole output matches;
+    - choice: `spec` is a JSON list of strings; the output is exactly one of them;
+    - grammar: `spec` is a Lark or GBNF (llama.cpp) grammar.
+    Build one with the class methods; `server.engine.structured.compile_structured` checks it.
+    """
+
+    kind: StructuredKind
+    spec: str = ""
+
+    @classmethod
+    def json_object(cls) -> StructuredSpec:
+        return cls("json_object", "")
+
+    @classmethod
+    def json_schema(cls, schema: dict[str, Any] | bool | str) -> StructuredSpec:
+        """The schema as a dict/bool or JSON text; stored canonically so equal schemas share a cache entry."""
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as exc:
+                raise SamplingParamsError(f"the JSON schema is not valid JSON: {exc}", "json_schema") from exc
+        return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+
+    @classmethod
+    def regex(cls, pattern: str) -> StructuredSpec:
+        return cls("regex", pattern)
+
+    @classmethod
+    def choice(cls, choices: list[str]) -> StructuredSpec:
+        return cls("choice", json.dumps(list(choices)))
+
+    @classmethod
+    def grammar(cls, text: str) -> StructuredSpec:
+        return cls("grammar", text)
 
 
 @dataclass
@@ -32,8 +87,29 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives per token; None: no logprobs
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many output tokens
+    structured: StructuredSpec | None = None
 
     def validate(self) -> None:
+        self._validate_ranges()
+        self._validate_logit_bias()
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise SamplingParamsError("stop_token_ids must be non-negative token ids", "stop_token_ids")
+        if self.structured is not None and self.structured.kind not in STRUCTURED_KINDS:
+            raise SamplingParamsError(f"structured output kind must be one of {STRUCTURED_KINDS}", "structured")
+
+    def _validate_logit_bias(self) -> None:
+        for token_id, bias in self.logit_bias.items():
+            if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+                raise SamplingParamsError(f"logit_bias key {token_id!r} is not a token id", "logit_bias")
+            if not (isinstance(bias, (int, float)) and math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS):
+                raise SamplingParamsError(
+                    f"logit_bias for token {token_id} must be between -{MAX_LOGIT_BIAS:g} and {MAX_LOGIT_BIAS:g}",
+                    "logit_bias",
+                )
+
+    def _validate_ranges(self) -> None:
         checks = [
             (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
             (0.0 <= self.temperature <= 2.0, "temperature", "must be between 0 and 2"),
@@ -46,6 +122,7 @@ class SamplingParams:
             (1 <= self.n <= 16, "n", "must be between 1 and 16"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20"),
             (self.seed is None or -(2**63) <= self.seed < 2**63, "seed", "must fit in 64 bits"),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be between 0 and max_tokens"),
         ]
         for ok, param, message in checks:
             if not ok:
@@ -53,7 +130,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 class SequenceStatus(enum.Enum):
@@ -88,6 +165,10 @@ class Sequence:
     finish_reason: str | None = None  # "stop", "length", "abort"
     num_preemptions: int = 0
     timings: SequenceTimings = field(default_factory=SequenceTimings)
+    # The grammar matcher of a structured request, created by the sampler at its first token.
+    # It follows `output_token_ids` (not the sampler's picks), so recompute and aborted steps
+    # never desynchronize it.
+    grammar: GrammarState | None = field(default=None, repr=False)
 
     @property
     def num_prompt_tokens(self) -> int:

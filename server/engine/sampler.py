@@ -1,17 +1,37 @@
-"""Per-row sampling: penalties, temperature, top-k, top-p, min-p, seeds, logprobs.
+"""Batched sampling over rows: penalties, logit bias, min_tokens, grammar masks, temperature,
+top-k, top-p, min-p, seeds, logprobs.
 
-Seeded rows draw from a generator seeded by (seed, sample index, output length), so a seed
-gives the same tokens whatever else is in the batch and across preemption/recompute.
-Logprobs are those of the model's distribution (log-softmax of the raw logits), as in vLLM.
+Every step of the pipeline runs once over all rows (per-row settings are tensors), and the
+chosen tokens reach Python with one `.tolist()`; nothing syncs per row.
+
+- Numerics: temperatures below `GREEDY_TEMPERATURE` are greedy; logits are shifted by their row
+  maximum before dividing by the temperature (no overflow); penalties are clamped to finite
+  values; the best token always survives top-k/top-p/min-p, so every row keeps a candidate.
+- Sampling is by inverse CDF: one uniform number per row. Seeded rows draw theirs from a
+  generator seeded by (seed, sample index, output length), so a seed gives the same tokens
+  whatever else is in the batch and across preemption/recompute.
+- Logprobs are those of the model's distribution (log-softmax of the raw logits), as in vLLM,
+  floored at `LOGPROB_FLOOR` so that they stay finite (JSON has no -inf).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import random
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from server.engine.request import SamplingParams, Sequence
+
+FLOAT_MAX = torch.finfo(torch.float32).max
+FLOAT_TINY = torch.finfo(torch.float32).tiny
+LOGPROB_FLOOR = -9999.0
+# top-k/top-p look for the nucleus among this many best tokens first (a sort of the whole
+# vocabulary costs ~5 ms a row on CPU); a row whose nucleus is larger falls back to the next size.
+CANDIDATE_SIZES = (128, 2048)
 
 
 @dataclass(frozen=True)
@@ -21,63 +41,222 @@ class SampleResult:
     top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
-    """logits: [len(seqs), vocab] for the last position of each sequence."""
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], tokenizer: PreTrainedTokenizerBase | None = None
+) -> list[SampleResult]:
+    """logits: [len(seqs), vocab] for the last position of each sequence. `tokenizer` is needed
+    only when a sequence has a structured-output constraint."""
     assert logits.shape[0] == len(seqs), "one row of logits per sequence"
-    logits = logits.float()
-    results = []
-    for row, seq in zip(logits, seqs):
-        processed = apply_penalties(row, seq)
-        token = _choose(processed, seq)
-        results.append(_with_logprobs(row, token, seq.params))
-    return results
+    if not seqs:
+        return []
+    raw = logits.float()
+    processed = process_logits(raw, seqs, tokenizer)
+    tokens = choose_tokens(processed, seqs)
+    return _results(raw, tokens, seqs)
 
 
-def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    params = seq.params
-    out = logits
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(seq.token_ids())), dtype=torch.long, device=logits.device)
-        picked = out[seen]
-        out = out.clone()
-        out[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and seq.output_token_ids:
-        ids = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
-        counts = torch.bincount(ids, minlength=logits.shape[0]).float()[: logits.shape[0]]
-        out = out - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+def process_logits(
+    logits: torch.Tensor, seqs: list[Sequence], tokenizer: PreTrainedTokenizerBase | None = None
+) -> torch.Tensor:
+    """Penalties, logit bias, grammar masks and min_tokens, on a copy of `logits`."""
+    out = apply_penalties(logits, seqs)
+    _apply_logit_bias(out, seqs)
+    if any(seq.params.structured is not None for seq in seqs):
+        from server.engine.structured import apply_grammar_masks  # llguidance loads on first use
+
+        apply_grammar_masks(out, seqs, tokenizer)
+    _apply_min_tokens(out, seqs)
     return out
 
 
-def _choose(logits: torch.Tensor, seq: Sequence) -> int:
-    params = seq.params
-    if params.greedy:
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[0]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly better tokens
-        drop = torch.zeros_like(probs, dtype=torch.bool)
-        drop[order] = before >= params.top_p
-        probs = probs.masked_fill(drop, 0.0)
-    if params.min_p > 0.0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=probs.device)
-        generator.manual_seed(hash((params.seed, seq.index, len(seq.output_token_ids))) & (2**63 - 1))
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Repetition penalty (HF rule, over prompt and output), then presence and frequency
+    penalties (OpenAI rule, over the output). Returns a new tensor."""
+    out = logits.clone()
+    vocab, device = out.shape[1], out.device
+    rows = [i for i, seq in enumerate(seqs) if seq.params.repetition_penalty != 1.0]
+    if rows:
+        index = torch.tensor(rows, device=device)
+        seen = _token_counts([seqs[i].token_ids() for i in rows], vocab, device) > 0
+        penalty = _column([seqs[i].params.repetition_penalty for i in rows], device).clamp(min=FLOAT_TINY)
+        picked = out[index]
+        penalized = torch.where(picked > 0, picked / penalty, picked * penalty).clamp(max=FLOAT_MAX)
+        out[index] = torch.where(seen, penalized, picked)
+    rows = [i for i, seq in enumerate(seqs) if _has_count_penalty(seq.params) and seq.output_token_ids]
+    if rows:
+        index = torch.tensor(rows, device=device)
+        counts = _token_counts([seqs[i].output_token_ids for i in rows], vocab, device)
+        frequency = _column([seqs[i].params.frequency_penalty for i in rows], device)
+        presence = _column([seqs[i].params.presence_penalty for i in rows], device)
+        out[index] = out[index] - frequency * counts - presence * (counts > 0).float()
+    return out
 
 
-def _with_logprobs(raw_logits: torch.Tensor, token: int, params: SamplingParams) -> SampleResult:
-    if params.logprobs is None:
-        return SampleResult(token)
-    logprobs = torch.log_softmax(raw_logits, dim=-1)
-    top: list[tuple[int, float]] = []
-    if params.logprobs > 0:
-        values, ids = torch.topk(logprobs, params.logprobs)
-        top = list(zip(ids.tolist(), values.tolist()))
-    return SampleResult(token, float(logprobs[token]), top)
+def _has_count_penalty(params: SamplingParams) -> bool:
+    return params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+
+
+def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    entries = [(i, token, bias) for i, seq in enumerate(seqs) for token, bias in seq.params.logit_bias.items()]
+    if not entries:
+        return
+    rows, tokens, biases = zip(*entries)
+    device = logits.device
+    index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
+    logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
+    logits.clamp_(max=FLOAT_MAX)
+
+
+def _apply_min_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Mask EOS (unless ignore_eos) and stop_token_ids until min_tokens output tokens, unless
+    that would leave a row without any candidate (a finished grammar allows only EOS)."""
+    entries = []
+    for i, seq in enumerate(seqs):
+        if len(seq.output_token_ids) < seq.params.min_tokens:
+            eos = () if seq.params.ignore_eos else seq.eos_token_ids
+            entries += [(i, token) for token in {*eos, *seq.params.stop_token_ids}]
+    if not entries:
+        return
+    rows, tokens = zip(*entries)
+    device = logits.device
+    blocked = logits.index_put((torch.tensor(rows, device=device), torch.tensor(tokens, device=device)),
+                               torch.tensor(float("-inf"), device=device))  # fmt: skip
+    has_candidate = (blocked > float("-inf")).any(dim=-1, keepdim=True)
+    logits.copy_(torch.where(has_candidate, blocked, logits))
+
+
+def choose_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """One token id per row: argmax for greedy rows, a draw for the others."""
+    rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
+    if len(rows) == len(seqs):
+        return _draw(logits, seqs)
+    tokens = logits.argmax(dim=-1)
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        tokens[index] = _draw(logits[index], [seqs[i] for i in rows])
+    return tokens
+
+
+def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    params = [seq.params for seq in seqs]
+    temperature = _column([p.temperature for p in params], logits.device)
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # the best token is at 0
+    weights = scaled.exp()
+    keep = _keep_mask(scaled, params)
+    if keep is not None:
+        weights = weights.masked_fill(~keep, 0.0)
+    return _inverse_cdf(weights, _uniforms(seqs, logits.device))
+
+
+def _keep_mask(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor | None:
+    """Tokens that survive min-p, top-k and top-p (None: all of them)."""
+    keep = None
+    if any(p.min_p > 0.0 for p in params):
+        log_min_p = _column([math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in params], scaled.device)
+        keep = scaled >= log_min_p  # p / p_max >= min_p, and the best token has scaled == 0
+    vocab = scaled.shape[1]
+    if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
+        nucleus = _nucleus(scaled, params)
+        keep = nucleus if keep is None else keep & nucleus
+    return keep
+
+
+def _nucleus(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """top-k (ties with the k-th kept), then top-p over the renormalized top-k distribution:
+    a token is kept if the tokens strictly before it hold less than top_p of the mass."""
+    vocab, device = scaled.shape[1], scaled.device
+    top_k_values = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    largest_k = max((k for k in top_k_values if k < vocab), default=1)
+    top_k = torch.tensor(top_k_values, device=device)
+    if all(p.top_p >= 1.0 for p in params):
+        values, _ = scaled.topk(largest_k, dim=-1)
+        return scaled >= _kth_best(values, top_k, vocab)
+    top_p = _column([p.top_p if p.top_p < 1.0 else math.inf for p in params], device)
+    for size in sorted({min(vocab, max(size, largest_k)) for size in CANDIDATE_SIZES} | {vocab}):
+        keep, covered = _nucleus_among_best(scaled, size, top_k, top_p)
+        if size == vocab or bool(covered.all()):  # one sync per candidate size, not per row
+            return keep
+    raise AssertionError("the last candidate size is the whole vocabulary")
+
+
+def _kth_best(values: torch.Tensor, top_k: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[rows, 1]: the k-th best value (values: each row's best, sorted), -inf where top-k is off."""
+    kth = values.gather(1, (top_k.clamp(max=values.shape[1]) - 1)[:, None])
+    return torch.where(top_k[:, None] >= vocab, float("-inf"), kth)
+
+
+def _nucleus_among_best(
+    scaled: torch.Tensor, size: int, top_k: torch.Tensor, top_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k/top-p mask found among the `size` best tokens, and the rows it is exact for
+    (those whose candidates hold at least top_p of the mass; size >= every top_k)."""
+    values, ids = scaled.topk(size, dim=-1)  # best first
+    kth = _kth_best(values, top_k, scaled.shape[1])
+    in_top_k = scaled >= kth
+    total = (scaled.exp() * in_top_k).sum(dim=-1, keepdim=True)
+    probs = values.exp() * (values >= kth) / total
+    mass = probs.cumsum(dim=-1)
+    kept = (mass - probs) < top_p
+    kept[:, 0] = True  # the best token survives any top_p, however small
+    no_top_p = torch.isinf(top_p)
+    in_nucleus = torch.zeros_like(in_top_k).scatter_(1, ids, kept) | no_top_p
+    covered = (mass[:, -1:] >= top_p) | no_top_p  # then every token past the candidates is dropped
+    return in_top_k & in_nucleus, covered
+
+
+def _uniforms(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
+    """One uniform number in [0, 1) per row; seeded rows get theirs from their own generator."""
+    uniforms = torch.rand(len(seqs), dtype=torch.float64, device=device)
+    seeded = [i for i, seq in enumerate(seqs) if seq.params.seed is not None]
+    if seeded:
+        values = [_seeded_uniform(seqs[i]) for i in seeded]
+        uniforms[torch.tensor(seeded, device=device)] = torch.tensor(values, dtype=torch.float64, device=device)
+    return uniforms
+
+
+def _seeded_uniform(seq: Sequence) -> float:
+    """A function of (seed, sample index, output length) only (string seeds hash with SHA-512,
+    the same in every process)."""
+    return random.Random(f"{seq.params.seed}:{seq.index}:{len(seq.output_token_ids)}").random()
+
+
+def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The first token whose cumulative weight exceeds uniform * total (float64 sums). A token
+    of weight 0 is never chosen: if rounding points at one, the row's best token is taken."""
+    cdf = weights.double().cumsum(dim=-1)
+    target = uniforms[:, None] * cdf[:, -1:]
+    chosen = torch.searchsorted(cdf, target, right=True).clamp(max=weights.shape[1] - 1)
+    valid = weights.gather(1, chosen) > 0
+    return torch.where(valid, chosen, weights.argmax(dim=-1, keepdim=True))[:, 0]
+
+
+def _results(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+    token_ids = tokens.tolist()
+    rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+    if not rows:
+        return [SampleResult(token) for token in token_ids]
+    index = torch.tensor(rows, device=raw.device)
+    logprobs = raw[index].log_softmax(dim=-1)
+    most = max(seqs[i].params.logprobs or 0 for i in rows)
+    top_values, top_ids = logprobs.topk(most, dim=-1)
+    chosen = logprobs.gather(1, tokens[index][:, None])
+    values = torch.cat([chosen, top_values], dim=1).clamp(min=LOGPROB_FLOOR).tolist()
+    ids = top_ids.tolist()
+    results = [SampleResult(token) for token in token_ids]
+    for row, i in enumerate(rows):
+        k = seqs[i].params.logprobs or 0
+        results[i] = SampleResult(token_ids[i], values[row][0], list(zip(ids[row][:k], values[row][1 : k + 1])))
+    return results
+
+
+def _token_counts(id_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(id_lists), vocab] float: how often each token occurs in each list (one scatter)."""
+    lengths = torch.tensor([len(ids) for ids in id_lists], device=device)
+    rows = torch.repeat_interleave(torch.arange(len(id_lists), device=device), lengths)
+    tokens = torch.tensor(list(itertools.chain.from_iterable(id_lists)), dtype=torch.long, device=device)
+    counts = torch.zeros(len(id_lists), vocab, device=device)
+    return counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=counts.dtype), accumulate=True)
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
