@@ -80,8 +80,8 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         seen = _token_counts([seqs[i].token_ids() for i in rows], vocab, device) > 0
         penalty = _column([seqs[i].params.repetition_penalty for i in rows], device).clamp(min=FLOAT_TINY)
         picked = out[index]
-        penalized = torch.where(picked > 0, picked / penalty, picked * penalty).clamp(max=FLOAT_MAX)
-        out[index] = torch.where(seen, penalized, picked)
+        penalized = torch.where(picked > 0, picked / penalty, picked * penalty).clamp(-FLOAT_MAX, FLOAT_MAX)
+        out[index] = torch.where(seen & picked.isfinite(), penalized, picked)  # finite stays finite
     rows = [i for i, seq in enumerate(seqs) if _has_count_penalty(seq.params) and seq.output_token_ids]
     if rows:
         index = torch.tensor(rows, device=device)
