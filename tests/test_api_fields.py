@@ -104,3 +104,63 @@ def test_continuous_usage_stats(client, srv) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == prompt_tokens + 5
     plain = list(chat(client, max_tokens=5, stream=True, stream_options={"include_usage": True}))
     assert all(c.usage is None for c in plain[:-1]) and plain[-1].usage.completion_tokens == 5
+
+
+def special_ids(srv) -> tuple[int, int]:
+    return tuple(srv.core.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]))
+
+
+def test_logit_bias(client, srv) -> None:
+    x = srv.core.tokenizer.convert_tokens_to_ids("x")
+    r = chat(client, max_tokens=5, logit_bias={str(x): 100})
+    assert r.choices[0].message.content == "xxxxx"
+    _, im_end = special_ids(srv)
+    ended = chat(client, logit_bias={str(im_end): 100}, extra_body={"ignore_eos": False})
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens == 1
+    assert ended.choices[0].message.content == ""
+
+
+def test_min_tokens_holds_off_eos(client, srv) -> None:
+    _, im_end = special_ids(srv)
+    body = {"ignore_eos": False, "min_tokens": 3}
+    r = chat(client, logit_bias={str(im_end): 100}, extra_body=body)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        ({}, ""),
+        ({"skip_special_tokens": False}, "<|im_start|> <|im_start|> <|im_start|>"),
+        ({"skip_special_tokens": False, "spaces_between_special_tokens": False}, "<|im_start|>" * 3),
+    ],
+)
+def test_special_tokens_in_output(client, srv, extra: dict, expected: str) -> None:
+    im_start, _ = special_ids(srv)
+    r = chat(client, max_tokens=3, logit_bias={str(im_start): 100}, extra_body=extra)
+    assert r.choices[0].message.content == expected
+
+
+def test_eos_text_with_include_stop_str_in_output(client, srv) -> None:
+    _, im_end = special_ids(srv)
+    extra = {"ignore_eos": False, "skip_special_tokens": False}
+    dropped = chat(client, logit_bias={str(im_end): 100}, extra_body=extra)
+    kept = chat(client, logit_bias={str(im_end): 100}, extra_body={**extra, "include_stop_str_in_output": True})
+    assert dropped.choices[0].message.content == "" and kept.choices[0].message.content == "<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"logit_bias": {"259": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias.5"),
+        ({"logit_bias": {"x": 1}}, "logit_bias.x.[key]"),
+        ({"logit_bias": {"5": "1"}}, "logit_bias.5"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 9, "max_tokens": 8}, "min_tokens"),
+    ],
+)
+def test_bad_bias_and_min_tokens_400(srv, body: dict, param: str) -> None:
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, **body})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == param

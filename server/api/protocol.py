@@ -1,4 +1,5 @@
-"""OpenAI protocol models (the fields we support; anything else is rejected with a 400)."""
+"""OpenAI protocol models (the fields we support; anything else is rejected with a 400), with
+vLLM's extras (`structured_outputs`, `guided_*`, sampling and detokenization fields)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 from pydantic import Strict as StrictType
 
 MAX_INT = 2**31 - 1
@@ -22,19 +31,122 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+Name = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+JsonSchema = dict[str, Any] | bool
+
+
+class FunctionCall(Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(Strict):
+    """A call in an assistant message of the history."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(Strict):
+    name: Name
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: no arguments
+    strict: Bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(Strict):
+    name: Name
+    description: str | None = None
+    schema_: JsonSchema | None = Field(None, alias="schema")
+    strict: Bool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(Strict):
+    """vLLM's `structured_outputs`: exactly one of these."""
+
+    json_: JsonSchema | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = None
+    json_object: Bool | None = None
+
+
+class StructuredFields(Strict):
+    """Structured-output fields of both endpoints."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: JsonSchema | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
+
+
 class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages only
+    tool_call_id: str | None = Field(None, validate_default=True)  # tool messages only (required there)
+    content: str | list[TextPart] | None = Field(None, validate_default=True)  # none: an assistant's calls
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_from_assistant(cls, value: list[ToolCall] | None, info: ValidationInfo) -> list[ToolCall] | None:
+        if value is not None and info.data.get("role", "assistant") != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        return value
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _id_on_tool_results(cls, value: str | None, info: ValidationInfo) -> str | None:
+        role = info.data.get("role")
+        if role == "tool" and value is None:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if role not in ("tool", None) and value is not None:
+            raise ValueError("only tool messages have a tool_call_id")
+        return value
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _check_content(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        if value is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("content must be a string or a list of text parts") from None
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
         return "".join(part.text for part in self.content)
 
 
@@ -43,7 +155,7 @@ class StreamOptions(Strict):
     continuous_usage_stats: Bool = False  # usage on every chunk (needs include_usage)
 
 
-class SamplingFields(Strict):
+class SamplingFields(StructuredFields):
     """Fields shared by chat and completions (OpenAI names plus vLLM's extras)."""
 
     model: str
@@ -66,6 +178,8 @@ class SamplingFields(Strict):
     include_stop_str_in_output: Bool = False
     skip_special_tokens: Bool = True
     spaces_between_special_tokens: Bool = True
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")], Annotated[Float, Field(ge=-100, le=100)]] | None = None
+    min_tokens: Annotated[Int, Field(ge=0, le=MAX_INT)] = 0
 
     @field_validator("stop", mode="wrap")
     @classmethod
@@ -86,6 +200,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[Int, Field(ge=1, le=MAX_INT)] | None = None
     logprobs: Bool = False
     top_logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools, else "none"
+    parallel_tool_calls: Bool | None = None
 
 
 class CompletionRequest(SamplingFields):

@@ -9,7 +9,7 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from server.api.detokenize import OutputOptions
 from server.api.errors import APIError
-from server.api.protocol import SamplingFields
+from server.api.protocol import SamplingFields, StructuredFields
 from server.api.serving import ServingContext
 from server.engine.request import SamplingParams, SamplingParamsError
 
@@ -63,7 +63,10 @@ def output_options(req: SamplingFields) -> OutputOptions:
 def sampling_params(ctx: ServingContext, req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
     """`max_tokens`: what the request asked for, or else the room left in the context (then
     capped by the generation config's max_new_tokens)."""
+    _reject_pending(req)
     check_token_ids(ctx, req.stop_token_ids or [], "stop_token_ids")
+    logit_bias = {int(token): bias for token, bias in (req.logit_bias or {}).items()}
+    check_token_ids(ctx, list(logit_bias), "logit_bias")
     defaults = {**NEUTRAL, **ctx.sampling_defaults}
     if _requested_max_tokens(req) is None and "max_tokens" in defaults:
         max_tokens = min(max_tokens, int(defaults["max_tokens"]))
@@ -86,6 +89,8 @@ def sampling_params(ctx: ServingContext, req: SamplingFields, max_tokens: int, l
         logprobs=logprobs,
         stop_token_ids=list(req.stop_token_ids or []),
         ignore_eos=req.ignore_eos,
+        logit_bias=logit_bias,
+        min_tokens=req.min_tokens,
     )
     try:
         params.validate()
@@ -96,3 +101,14 @@ def sampling_params(ctx: ServingContext, req: SamplingFields, max_tokens: int, l
 
 def _requested_max_tokens(req: SamplingFields) -> int | None:
     return getattr(req, "max_completion_tokens", None) or req.max_tokens
+
+
+def _reject_pending(req: SamplingFields) -> None:
+    """Tools and structured outputs are parsed but not wired to the engine yet: a clear 400."""
+    names = ["tools", "tool_choice", "parallel_tool_calls", *StructuredFields.model_fields]
+    given = [name for name in names if getattr(req, name, None) is not None]
+    if given:
+        raise APIError(400, f"{given[0]} is not supported yet", param=given[0])
+    for i, message in enumerate(getattr(req, "messages", [])):
+        if message.tool_calls is not None:
+            raise APIError(400, "tool_calls in messages are not supported yet", param=f"messages.{i}.tool_calls")
