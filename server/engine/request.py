@@ -49,13 +49,14 @@ class StructuredSpec:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | bool | str) -> StructuredSpec:
-        """The schema as a dict/bool or JSON text; stored canonically so equal schemas share a cache entry."""
+        """The schema as a dict/bool or JSON text, stored compactly (whitespace does not split cache
+        entries). Key order is kept: properties are generated in the schema's order."""
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
             except json.JSONDecodeError as exc:
                 raise SamplingParamsError(f"the JSON schema is not valid JSON: {exc}", "json_schema") from exc
-        return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+        return cls("json_schema", json.dumps(schema, separators=(",", ":")))
 
     @classmethod
     def regex(cls, pattern: str) -> StructuredSpec:
