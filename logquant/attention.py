@@ -45,8 +45,7 @@ def causal_tail_mask(q_len: int, num_keys: int, device: torch.device) -> torch.T
 
 def bucket_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim], the step's flat batch
-    key_pool: torch.Tensor,  # [pool_rows, kv_heads, head_dim]
-    value_pool: torch.Tensor,  # [pool_rows, kv_heads, head_dim]
+    pool: torch.Tensor,  # [pool_rows, 2, kv_heads, head_dim] keys and values of the step
     buckets: list,  # list[logquant.step.AttentionBucket]
     scaling: float,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
@@ -54,17 +53,18 @@ def bucket_attention(
     query rows (each KV head's group of query heads is a block of rows), so K/V are never
     repeated."""
     num_tokens, num_heads, head_dim = query.shape
-    kv_heads = key_pool.shape[1]
+    kv_heads = pool.shape[2]
     group = num_heads // kv_heads
     out = torch.empty_like(query)
+    flat_pool = pool.view(pool.shape[0], -1)
     for bucket in buckets:
         s, q_len = bucket.query_rows.shape
         q = query[bucket.query_rows].view(s, q_len, kv_heads, group, head_dim)
         q = q.permute(0, 2, 1, 3, 4).reshape(s, kv_heads, q_len * group, head_dim)  # rows: (token, head)
-        k = key_pool[bucket.key_rows].transpose(1, 2)  # [s, kv_heads, L, d]
-        v = value_pool[bucket.key_rows].transpose(1, 2)
-        mask = bucket.mask if group == 1 else bucket.mask.repeat_interleave(group, dim=1)  # [s, q_len * group, L]
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=scaling)
+        kv = flat_pool.index_select(0, bucket.key_rows.flatten()).view(s, -1, 2, kv_heads, head_dim)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [s, kv_heads, L, d]
+        mask = bucket.mask if group == 1 or q_len == 1 else bucket.mask.repeat_interleave(group, dim=1)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.unsqueeze(1), scale=scaling)
         o = o.view(s, kv_heads, q_len, group, head_dim).permute(0, 2, 1, 3, 4).reshape(s * q_len, num_heads, head_dim)
         out[bucket.out_rows] = o[bucket.out_sources]
     return out

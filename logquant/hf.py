@@ -53,10 +53,10 @@ class SharedKV:
         self.updated_layers.add(layer)
         flat_keys = key_states.transpose(1, 2).reshape(batch * num_new, heads, dim)  # [rows, kv_heads, dim]
         flat_values = value_states.transpose(1, 2).reshape(batch * num_new, heads, dim)
-        key_pool, value_pool = self.store.pool(layer, self.step, flat_keys, flat_values)
-        keys = key_pool[self.order].view(batch, -1, heads, dim).transpose(1, 2)  # [batch, kv_heads, tokens, dim]
-        values = value_pool[self.order].view(batch, -1, heads, dim).transpose(1, 2)
-        self.store.write(layer, self.step, key_pool[self.step.num_q_rows :], value_pool[self.step.num_q_rows :])
+        pool = self.store.pool(layer, self.step, flat_keys, flat_values)  # [rows, 2, kv_heads, dim]
+        ordered = pool[self.order].view(batch, -1, 2, heads, dim)
+        keys, values = ordered[:, :, 0].transpose(1, 2), ordered[:, :, 1].transpose(1, 2)  # [batch, kv_heads, tokens, dim]
+        self.store.write(layer, self.step, pool[self.step.num_q_rows :])
         return keys.to(key_states.dtype), values.to(value_states.dtype)
 
     def _begin_step(self, batch: int, num_new: int) -> None:

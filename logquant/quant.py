@@ -82,16 +82,17 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
 
 
-_LUTS: dict[tuple[int, torch.device], torch.Tensor] = {}
+_LUTS: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def unpack_lut(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """`unpack` as float32 through a 256-entry byte -> codes table: one gather instead of a
-    shift, a mask and a conversion. packed uint8 `[..., m]` -> float32 `[..., m * 8 // bits]`."""
-    key = (bits, packed.device)
+def unpack_lut(packed: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`unpack` as `dtype` through a 256-entry byte -> codes table: one row gather instead of
+    a shift, a mask and a conversion. packed uint8 `[..., m]` -> `[..., m * 8 // bits]`."""
+    key = (bits, packed.device, dtype)
     if key not in _LUTS:
-        _LUTS[key] = unpack(torch.arange(256, dtype=torch.uint8, device=packed.device).unsqueeze(1), bits).float()
-    codes = _LUTS[key][packed.int()]  # [..., m, 8 // bits]
+        table = unpack(torch.arange(256, dtype=torch.uint8, device=packed.device).unsqueeze(1), bits)
+        _LUTS[key] = table.to(dtype)  # [256, 8 // bits]; codes < 256 are exact in every float dtype
+    codes = torch.nn.functional.embedding(packed.int(), _LUTS[key])  # [..., m, 8 // bits]
     return codes.view(*packed.shape[:-1], -1)
 
 

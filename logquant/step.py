@@ -38,8 +38,7 @@ class StepTensors:
     num_q_rows: int  # 2-bit rows at the start of the pool
     num_fp_cached: int
     q_pages: torch.Tensor  # [num_q_pages]
-    fp_pages: torch.Tensor  # [num_fp_cached] page of each cached fp token
-    fp_offsets: torch.Tensor  # [num_fp_cached] its offset in the page
+    fp_rows: torch.Tensor  # [num_fp_cached] row of each cached fp token in the store's fp row view
     buckets: list[AttentionBucket]
     block_pages: torch.Tensor  # [num_blocks]
     block_sources: torch.Tensor  # [num_blocks, block_tokens] rows of the fp part of the pool
@@ -48,10 +47,14 @@ class StepTensors:
     write_sources: torch.Tensor  # [num_written] rows of the fp part of the pool
 
 
-def build_step_tensors(plan: StepPlan, block_tokens: int, fp_page_tokens: int, device: torch.device) -> StepTensors:
-    """Index tensors of a step (made on the CPU, moved once; pinned and async on CUDA)."""
+def build_step_tensors(
+    plan: StepPlan, block_tokens: int, fp_page_tokens: int, fp_row_of: tuple[int, int], device: torch.device
+) -> StepTensors:
+    """Index tensors of a step (made on the CPU, moved once; pinned and async on CUDA).
+    `fp_row_of`: (rows per page, rows per token) of the store's fp row view."""
     to_device = _mover(device)
     fp_slots = torch.tensor(plan.fp_slots, dtype=torch.long)
+    rows_per_page, rows_per_token = fp_row_of
     write_slots = torch.tensor(plan.write_slots, dtype=torch.long)
     num_q_rows = len(plan.q_pages) * block_tokens
     return StepTensors(
@@ -59,8 +62,7 @@ def build_step_tensors(plan: StepPlan, block_tokens: int, fp_page_tokens: int, d
         num_q_rows=num_q_rows,
         num_fp_cached=len(plan.fp_slots),
         q_pages=to_device(torch.tensor(plan.q_pages, dtype=torch.long)),
-        fp_pages=to_device(fp_slots // fp_page_tokens),
-        fp_offsets=to_device(fp_slots % fp_page_tokens),
+        fp_rows=to_device(fp_slots // fp_page_tokens * rows_per_page + fp_slots % fp_page_tokens * rows_per_token),
         buckets=[to_bucket(b, to_device) for b in _buckets(plan, block_tokens, num_q_rows)],
         block_pages=to_device(torch.tensor(plan.block_pages, dtype=torch.long)),
         block_sources=to_device(torch.tensor(plan.block_sources, dtype=torch.long).view(-1, max(block_tokens, 1))),

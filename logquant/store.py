@@ -14,6 +14,8 @@ give the full-precision tier and the sections of 2-bit pages (see `layout.py`). 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from logquant.attention import bucket_attention
@@ -36,6 +38,7 @@ class PagedKVStore:
         layout, h, d = self.layout, self.layout.num_kv_heads, self.layout.head_dim
         fpt = layout.fp_page_tokens
         self.fp = self._view(0, fpt * layout.fp_token_bytes, self.dtype, (fpt, 2, h, d))  # [L, P, fpt, 2, h, d]
+        self.fp_rows = self._fp_row_views()
         if layout.block_tokens == 0:
             return
         bt, packed, groups = layout.block_tokens, d * layout.bits // 8, d // layout.group_size
@@ -46,6 +49,25 @@ class PagedKVStore:
         self.key_zero = self._view(*sec["key_zero"], SCALE_DTYPE, (h, d))
         self.value_scale = self._view(*sec["value_scale"], SCALE_DTYPE, (bt, h, groups))
         self.value_zero = self._view(*sec["value_zero"], SCALE_DTYPE, (bt, h, groups))
+
+    @property
+    def fp_row_of(self) -> tuple[int, int]:
+        """(rows per page, rows per token) of `fp_rows`: a slot's row is
+        page * rows_per_page + offset * rows_per_token."""
+        step = math.gcd(self.layout.page_bytes, self.layout.fp_token_bytes)
+        return self.layout.page_bytes // step, self.layout.fp_token_bytes // step
+
+    def _fp_row_views(self) -> list[torch.Tensor]:
+        """Per layer, the fp tier as overlapping rows `[virtual_rows, 2 * h * d]` whose start
+        steps by gcd(page_bytes, token bytes): every fp token is one row, so a step gathers
+        them with one `index_select` (a row copy) instead of a two-index gather."""
+        elem = self.layout.dtype_bytes
+        step_elems = self.layout.page_bytes // self.fp_row_of[0] // elem
+        row_elems = self.layout.fp_token_bytes // elem
+        layer_elems = self.num_pages * self.layout.page_bytes // elem
+        num_rows = (layer_elems - row_elems) // step_elems + 1
+        flat = [self.buffer[i].view(-1).view(self.dtype) for i in range(self.layout.num_layers)]
+        return [f.as_strided((num_rows, row_elems), (step_elems, 1)) for f in flat]
 
     def _view(self, offset: int, length: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         raw = self.buffer[:, :, offset : offset + length]
@@ -61,7 +83,7 @@ class PagedKVStore:
         self._make_views()
 
     def prepare(self, plan: StepPlan) -> StepTensors:
-        return build_step_tensors(plan, self.layout.block_tokens, self.layout.fp_page_tokens, self.device)
+        return build_step_tensors(plan, self.layout.block_tokens, self.layout.fp_page_tokens, self.fp_row_of, self.device)
 
     # ---- one layer of one step -----------------------------------------------------------
     def forward(
@@ -75,32 +97,33 @@ class PagedKVStore:
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Attend every sequence of the step over its cached tokens plus its new ones, then
         store the new tokens in `layer`."""
-        key_pool, value_pool = self.pool(layer, step, key, value)
-        out = bucket_attention(query, key_pool, value_pool, step.buckets, scaling)
-        self.write(layer, step, key_pool[step.num_q_rows :], value_pool[step.num_q_rows :])
+        pool = self.pool(layer, step, key, value)
+        out = bucket_attention(query, pool, step.buckets, scaling)
+        self.write(layer, step, pool[step.num_q_rows :])
         return out
 
-    def pool(
-        self, layer: int, step: StepTensors, key: torch.Tensor, value: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # [pool_rows, kv_heads, head_dim] each
-        """2-bit tokens, cached fp tokens and new tokens of the step, in the plan's row order."""
-        cached = self.fp[layer, step.fp_pages, step.fp_offsets]  # [num_fp_cached, 2, h, d]
-        q_keys, q_values = self.dequantize_pages(layer, step.q_pages)  # [num_q_rows, h, d]
-        key_pool = torch.cat([q_keys, cached[:, 0], key.to(self.dtype)])
-        value_pool = torch.cat([q_values, cached[:, 1], value.to(self.dtype)])
-        return key_pool, value_pool
+    def pool(self, layer: int, step: StepTensors, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """2-bit tokens, cached fp tokens and new tokens of the step, in the plan's row order:
+        `[pool_rows, 2, kv_heads, head_dim]` (K and V interleaved, as in the fp tier)."""
+        h, d, nq, nfp = self.layout.num_kv_heads, self.layout.head_dim, step.num_q_rows, step.num_fp_cached
+        pool = torch.empty(nq + nfp + key.shape[0], 2, h, d, dtype=self.dtype, device=self.device)
+        if nq:
+            self.dequantize_pages(layer, step.q_pages, out=pool[:nq])
+        torch.index_select(self.fp_rows[layer], 0, step.fp_rows, out=pool[nq : nq + nfp].view(nfp, 2 * h * d))
+        pool[nq + nfp :, 0] = key
+        pool[nq + nfp :, 1] = value
+        return pool
 
-    def write(self, layer: int, step: StepTensors, fp_keys: torch.Tensor, fp_values: torch.Tensor) -> None:
-        """Quantize the step's demoted blocks and store the new fp tokens. `fp_keys`/`fp_values`:
-        the fp part of the pool `[num_fp_cached + num_tokens, h, d]`."""
+    def write(self, layer: int, step: StepTensors, fp_pool: torch.Tensor) -> None:
+        """Quantize the step's demoted blocks and store the new fp tokens. `fp_pool`: the fp
+        part of the pool `[num_fp_cached + num_tokens, 2, h, d]`."""
         if step.block_pages.numel():
-            self._write_blocks(layer, step, fp_keys, fp_values)
-        rows = step.write_sources
-        self.fp[layer, step.write_pages, step.write_offsets] = torch.stack([fp_keys[rows], fp_values[rows]], dim=1)
+            self._write_blocks(layer, step, fp_pool)
+        self.fp[layer, step.write_pages, step.write_offsets] = fp_pool[step.write_sources]
 
-    def _write_blocks(self, layer: int, step: StepTensors, keys: torch.Tensor, values: torch.Tensor) -> None:
-        block_keys = keys[step.block_sources]  # [num_blocks, block_tokens, h, d]
-        block_values = values[step.block_sources]
+    def _write_blocks(self, layer: int, step: StepTensors, fp_pool: torch.Tensor) -> None:
+        blocks = fp_pool[step.block_sources]  # [num_blocks, block_tokens, 2, h, d]
+        block_keys, block_values = blocks[:, :, 0], blocks[:, :, 1]
         qk = quantize(block_keys, self.layout.bits, self.layout.block_tokens, axis=1, scale_dtype=SCALE_DTYPE)
         qv = quantize(block_values, self.layout.bits, self.layout.group_size, axis=3, scale_dtype=SCALE_DTYPE)
         pages = step.block_pages
@@ -111,21 +134,15 @@ class PagedKVStore:
         self.value_scale[layer, pages] = qv.scale
         self.value_zero[layer, pages] = qv.zero
 
-    def dequantize_pages(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the given 2-bit pages of one layer: `[len(pages) * bt, h, d]` each."""
-        h, d = self.layout.num_kv_heads, self.layout.head_dim
-        if pages.numel() == 0:
-            empty = torch.empty(0, h, d, dtype=self.dtype, device=self.device)
-            return empty, empty
-        bt, n, bits, groups = self.layout.block_tokens, pages.numel(), self.layout.bits, d // self.layout.group_size
-        key_codes = unpack_lut(self.key_codes[layer, pages], bits).view(n, bt, h, d)  # float32
-        keys = torch.addcmul(
-            self.key_zero[layer, pages].unsqueeze(1).float(), key_codes, self.key_scale[layer, pages].unsqueeze(1).float()
-        )  # [n, bt, h, d], one scale and zero per channel over the block
-        value_codes = unpack_lut(self.value_codes[layer, pages], bits).view(n, bt, h, groups, -1)
-        values = torch.addcmul(
-            self.value_zero[layer, pages].unsqueeze(-1).float(),
-            value_codes,
-            self.value_scale[layer, pages].unsqueeze(-1).float(),
-        )  # [n, bt, h, groups, group_size], one scale and zero per group of channels
-        return keys.view(n * bt, h, d).to(self.dtype), values.view(n * bt, h, d).to(self.dtype)
+    def dequantize_pages(self, layer: int, pages: torch.Tensor, out: torch.Tensor) -> None:
+        """Write K and V of the given 2-bit pages of one layer into `out` `[len(pages) * bt, 2, h, d]`."""
+        h, d, bt, n = self.layout.num_kv_heads, self.layout.head_dim, self.layout.block_tokens, pages.numel()
+        bits, groups = self.layout.bits, d // self.layout.group_size
+        keys_out = out[:, 0].view(n, bt, h, d)
+        values_out = out[:, 1].view(n, bt, h, groups, d // groups)
+        key_codes = unpack_lut(self.key_codes[layer, pages], bits, self.dtype).view(n, bt, h, d)
+        key_zero, key_scale = (t[layer, pages].unsqueeze(1).to(self.dtype) for t in (self.key_zero, self.key_scale))
+        torch.addcmul(key_zero, key_codes, key_scale, out=keys_out)  # one scale and zero per channel over the block
+        value_codes = unpack_lut(self.value_codes[layer, pages], bits, self.dtype).view(n, bt, h, groups, -1)
+        value_zero, value_scale = (t[layer, pages].unsqueeze(-1).to(self.dtype) for t in (self.value_zero, self.value_scale))
+        torch.addcmul(value_zero, value_codes, value_scale, out=values_out)  # per token, per group of channels
