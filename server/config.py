@@ -1,7 +1,11 @@
-"""Server settings: one pydantic-settings object, from CLI flags and `LOGQUANT_*` env vars."""
+"""Server settings: one pydantic-settings object, from CLI flags and `LOGQUANT_*` env vars.
+
+Checks that need no model run here, so a bad flag stops the process before anything loads.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -11,30 +15,48 @@ from server.engine.config import EngineConfig, parse_bytes
 
 
 class ServerSettings(BaseSettings):
+    """
+    OpenAI-compatible LLM server with a 2-bit LogQuant KV cache. Every flag can also be set by
+    the environment variable shown with it (LOGQUANT_ and the flag's name); flags win.
+    "null" means unset.
+    """
+
     model_config = SettingsConfigDict(
-        env_prefix="LOGQUANT_", cli_kebab_case=True, cli_prog_name="logquant-serve", cli_implicit_flags=True
+        env_prefix="LOGQUANT_",
+        cli_kebab_case=True,
+        cli_prog_name="logquant-serve",
+        cli_implicit_flags=True,
+        cli_show_env_vars=True,
+        cli_hide_none_type=True,
     )
 
     model: str = Field("SmolLM2-135M-Instruct", description="default model name, local HF directory, .gguf file")
-    served_model_name: str | None = Field(None, description="model id in the API (default: --model)")
+    served_model_name: str | None = Field(None, description="model id in the API; null: the --model value")
     policy: Literal["fp16", "kivi", "logquant"] = Field("logquant", description="KV cache token policy")
     fp_budget: int = Field(192, ge=1, description="full-precision tokens per sequence (LogQuant W = B // 3)")
-    group_size: int = Field(32, ge=1, description="value quantization group (channels)")
-    kv_cache_memory: str | None = Field(None, description="KV budget, e.g. 2GiB (default: 1GiB CPU)")
+    group_size: int = Field(32, ge=2, description="value quantization group (channels), a power of two")
+    kv_cache_memory: str | None = Field(
+        None, description="KV budget, e.g. 2GiB; null: 1GiB on CPU, a GPU memory fraction on CUDA"
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU memory fraction when no budget")
-    device: Literal["cpu", "cuda"] | None = Field(None, description="default: cuda if available")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="default: bf16 cuda, fp32 cpu")
+    device: Literal["cpu", "cuda"] | None = Field(None, description="null: cuda if available, else cpu")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="null: bfloat16 on cuda, float32 on cpu")
     max_num_seqs: int = Field(64, ge=1, description="most sequences in one batch")
     max_num_batched_tokens: int = Field(512, ge=1, description="token budget of one step")
-    max_model_len: int | None = Field(None, ge=2, description="default: the model's context length")
+    max_model_len: int | None = Field(None, ge=2, description="null: the model's context length")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1")
-    max_waiting_requests: int = Field(256, ge=1, description="429 beyond this many queued sequences")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every route but /health, /ready, /metrics, /version")
+    max_waiting_requests: int = Field(256, ge=1, description="429 beyond this many waiting sequences, counted from acceptance")
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="413 beyond this request size")
-    shutdown_grace_seconds: float = Field(30.0, ge=0, description="drain time on SIGTERM")
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="on SIGTERM, requests still running after this long end with a 503"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = Field(False, description="include prompt text in request logs")
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="CORS: origins browsers may call from, e.g. https://app.example; [] is off"
+    )
     generation_config: str = Field(
         "auto", description="sampling defaults: 'auto' (the model's generation_config), 'vllm' (none), or a folder"
     )
@@ -42,8 +64,24 @@ class ServerSettings(BaseSettings):
     @field_validator("kv_cache_memory")
     @classmethod
     def _check_bytes(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_bytes(value)
+        if value is not None and parse_bytes(value) <= 0:
+            raise ValueError("must be a positive size, e.g. 2GiB (leave it unset for the default)")
+        return value
+
+    @field_validator("group_size")
+    @classmethod
+    def _check_group_size(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"must be a power of two that divides the model's head dim (e.g. 32), not {value}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _check_model_path(cls, value: str) -> str:
+        """A path (not a hub id like org/name) must exist."""
+        looks_like_path = value.startswith(("/", ".", "~")) or value.endswith(".gguf") or value.count("/") > 1
+        if looks_like_path and not Path(value).expanduser().exists():
+            raise ValueError(f"the path {value} does not exist")
         return value
 
     @property

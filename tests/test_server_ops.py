@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -182,6 +183,8 @@ def test_engine_step_failure_fails_requests_without_hanging(srv) -> None:
 
     runner.execute = broken
     r = httpx.post(f"{srv.url}/v1/chat/completions", json=BODY, timeout=60)
-    assert r.status_code == 500 and "simulated device error" in r.json()["error"]["message"]
+    error = r.json()["error"]
+    assert r.status_code == 500 and error["type"] == "server_error" and error["code"] == "internal_error"
+    assert "simulated" not in error["message"] and re.search(r"request id chatcmpl-[0-9a-f]{32}", error["message"])
     assert httpx.post(f"{srv.url}/v1/chat/completions", json=BODY, timeout=60).status_code == 200
     wait_for(lambda: scrape(srv.url)["logquant:kv_cache_usage_perc{}"] == 0, "pages freed")

@@ -1,23 +1,28 @@
-"""The FastAPI app: routes, auth, body limit, readiness, metrics, graceful shutdown."""
+"""The FastAPI app: routes, admission, readiness, metrics, the OpenAPI schema and graceful
+shutdown. The API key check and the body limit run first, as ASGI middleware."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import importlib.metadata
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api.chat import create_chat_completion
 from server.api.completions import create_completion
-from server.api.errors import APIError, error_body, install_error_handlers
+from server.api.errors import APIError, error_responses, install_error_handlers
 from server.api.info import info_routes
-from server.api.protocol import ChatCompletionRequest, CompletionRequest
+from server.api.limits import admit, check_prompt_chars, check_unicode
+from server.api.middleware import AuthMiddleware, BodyLimitMiddleware
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.api.sampling import generation_defaults
 from server.api.serving import ServingContext
 from server.config import ServerSettings
@@ -27,6 +32,11 @@ from server.engine.request import SamplingParams
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+COMPLETION_RESPONSES = {
+    200: {"description": "A completion; with `stream: true`, server-sent events ending in `data: [DONE]`",
+          "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}},
+    **error_responses(400, 401, 404, 413, 429, 500, 503),
+}  # fmt: skip
 
 
 @dataclass
@@ -34,122 +44,169 @@ class AppState:
     settings: ServerSettings
     ctx: ServingContext | None = None
     metrics: Metrics | None = None
-    load_error: str | None = None
+    load_failed: bool = False
+    fatal_error: str | None = None  # one line: why the server cannot start
+    on_fatal: Callable[[str], None] | None = None  # told `fatal_error` (the CLI stops the server)
+    draining: bool = False
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def start_draining(self) -> None:
+        """On SIGTERM (from any thread): refuse new requests (503) and, after the grace period,
+        end those still running with a 503 `server_shutting_down`."""
+        self.draining = True
+        if self.loop is not None:
+            grace = self.settings.shutdown_grace_seconds
+            self.loop.call_soon_threadsafe(self.loop.call_later, grace, self._end_running)
+
+    def _end_running(self) -> None:
+        if self.ctx is not None:
+            logger.warning("shutdown grace period over: ending the requests still running")
+            self.ctx.engine.end_all_requests()
 
 
-def create_app(settings: ServerSettings, core_factory: Callable[[], EngineCore] | None = None) -> FastAPI:
+def create_app(
+    settings: ServerSettings,
+    core_factory: Callable[[], EngineCore] | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+) -> FastAPI:
     """`core_factory` builds the engine core (default: load `settings.model`); it runs in a
-    thread after start-up, so /health answers while the model loads and /ready says 503."""
-    state = AppState(settings)
+    thread after start-up, so /health answers while the model loads and /ready says 503.
+    If it fails, `on_fatal` gets one line saying why (the CLI then exits non-zero)."""
+    state = AppState(settings, on_fatal=on_fatal)
     factory = core_factory or (lambda: EngineCore.from_config(settings.engine_config()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.loop = asyncio.get_running_loop()
         loader = asyncio.create_task(_load(state, factory))
         yield
         loader.cancel()
         if state.ctx is not None:
             await asyncio.to_thread(state.ctx.engine.shutdown)
+            state.ctx.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="logquant-serve", lifespan=lifespan)
+    app = FastAPI(title="logquant-serve", version=importlib.metadata.version("logquant-serve"), lifespan=lifespan)
     app.state.logquant = state
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(AuthMiddleware, api_key=settings.api_key)
+    if settings.allowed_origins:  # outermost: preflight requests are answered without a key
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
     _add_routes(app, state)
     return app
 
 
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema without its 422 responses: validation errors are 400s here."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 async def _load(state: AppState, factory: Callable[[], EngineCore]) -> None:
     try:
-        core = await asyncio.to_thread(factory)
-        sampling_defaults = generation_defaults(core.model, state.settings.generation_config)
+        state.ctx, state.metrics = await _start_engine(state.settings, factory)
+    except (ValueError, MemoryError, OSError) as exc:  # the settings do not fit the model or the machine
+        _fail(state, str(exc))
     except Exception as exc:
         logger.exception("model failed to load")
-        state.load_error = str(exc)
-        return
-    s = state.settings
+        _fail(state, f"the model failed to load: {type(exc).__name__}: {exc}")
+
+
+async def _start_engine(s: ServerSettings, factory: Callable[[], EngineCore]) -> tuple[ServingContext, Metrics]:
+    """Build the core, start the engine loop and run one warm-up request through it."""
+    core = await asyncio.to_thread(factory)
+    sampling_defaults = generation_defaults(core.model, s.generation_config)
     cache_info = {"policy": s.policy, "fp_budget": str(s.fp_budget), "group_size": str(s.group_size),
                   "dtype": str(core.dtype).removeprefix("torch."), "device": str(core.device)}  # fmt: skip
     metrics = Metrics(s.model_name, core.max_model_len, cache_info)
     engine = AsyncEngine(core, on_step=metrics.on_step)
     engine.start()
-    async for _ in engine.generate("warmup", [0, 1, 2], SamplingParams(max_tokens=2, temperature=0)):
-        pass
+    try:
+        async for _ in engine.generate("warmup", [0, 1, 2], SamplingParams(max_tokens=2, temperature=0)):
+            pass
+    except Exception:
+        await asyncio.to_thread(engine.shutdown)
+        raise
     fingerprint = f"{s.policy}-fp{s.fp_budget}-g{s.group_size}"
-    state.metrics = metrics
-    state.ctx = ServingContext(engine, core.tokenizer, s.model_name, core.max_model_len, s.max_waiting_requests,
-                               fingerprint, s.log_prompts,
-                               sampling_defaults=sampling_defaults)  # fmt: skip
+    ctx = ServingContext(engine, core.tokenizer, s.model_name, core.max_model_len, s.max_waiting_requests,
+                         fingerprint, s.log_prompts, sampling_defaults=sampling_defaults)  # fmt: skip
     logger.info("ready: %s (%s, KV %.1f MiB, %d pages)", s.model_name, fingerprint,
                 core.kv_manager.capacity_bytes / 2**20, core.kv_manager.num_pages)  # fmt: skip
+    return ctx, metrics
+
+
+def _fail(state: AppState, reason: str) -> None:
+    state.load_failed = True
+    state.fatal_error = " ".join(reason.split())  # one line
+    logger.error("cannot start: %s", state.fatal_error)
+    if state.on_fatal is not None:
+        state.on_fatal(state.fatal_error)
+
+
+async def _accept(
+    ctx: ServingContext, req: SamplingFields, prompt_field: str, num_sequences: int, handle: Callable[[], Awaitable]
+):
+    """Checks that need no tokenizer, then room in the waiting queue from this moment until
+    the engine has the request (or it fails), then `handle()`."""
+    body = req.model_dump()
+    check_unicode(body)
+    check_prompt_chars(body, prompt_field, ctx.max_prompt_chars, ctx.max_model_len)
+    admission = admit(ctx.engine, num_sequences, ctx.max_waiting_requests)
+    try:
+        return await handle()
+    finally:
+        admission.release()
+
+
+def _num_prompts(prompt: object) -> int:
+    """A completions prompt: one text or token-id list, or a list of them."""
+    return len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else 1
 
 
 def _add_routes(app: FastAPI, state: AppState) -> None:
     def serving() -> ServingContext:
+        if state.draining:
+            raise APIError(503, "The server is shutting down.", code="server_shutting_down")
         if state.ctx is None:
-            raise APIError(503, state.load_error or "the model is still loading")
+            loading = "The model failed to load; see the server log." if state.load_failed else "The model is loading."
+            raise APIError(503, loading, code="model_not_ready")
         return state.ctx
 
-    def authorized(request: Request) -> None:
-        key = state.settings.api_key
-        if key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise APIError(401, "Invalid or missing API key.", code="invalid_api_key")
-
-    guarded = [Depends(authorized)]
-
-    @app.post("/v1/chat/completions", dependencies=guarded)
+    @app.post("/v1/chat/completions", responses=COMPLETION_RESPONSES)
     async def chat(req: ChatCompletionRequest, raw: Request):
-        return await create_chat_completion(serving(), req, raw)
+        ctx = serving()
+        return await _accept(ctx, req, "messages", req.n, lambda: create_chat_completion(ctx, req, raw))
 
-    @app.post("/v1/completions", dependencies=guarded)
+    @app.post("/v1/completions", responses=COMPLETION_RESPONSES)
     async def completions(req: CompletionRequest, raw: Request):
-        return await create_completion(serving(), req, raw)
+        ctx = serving()
+        num = req.n * _num_prompts(req.prompt)
+        return await _accept(ctx, req, "prompt", num, lambda: create_completion(ctx, req, raw))
 
-    app.include_router(info_routes(serving, guarded, state.settings.model))  # models, tokenize, version
+    # models, tokenize, detokenize, version (the API key is checked by AuthMiddleware)
+    info = info_routes(serving, [], state.settings.model)
+    app.include_router(info, responses=error_responses(400, 401, 404, 413, 500, 503))
 
     @app.get("/health")
-    async def health():
+    async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready")
-    async def ready():
+    @app.get("/ready", responses=error_responses(503))
+    async def ready() -> dict:
         serving()
         return {"status": "ready"}
 
-    @app.get("/metrics")
-    async def metrics():
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> Response:
         body = generate_latest(state.metrics.registry) if state.metrics else b""
         return Response(body, media_type=CONTENT_TYPE_LATEST)
-
-
-class BodyLimitMiddleware:
-    """413 for bodies over `max_bytes`, by Content-Length or by counting a chunked body."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await _too_large(scope, receive, send, self.max_bytes)
-        received = 0
-
-        async def counting_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:  # FastAPI re-raises HTTPExceptions from body reading
-                raise HTTPException(413, f"Request body is larger than {self.max_bytes} bytes.")
-            return message
-
-        await self.app(scope, counting_receive, send)
-
-
-async def _too_large(scope, receive, send, max_bytes: int) -> None:
-    response = JSONResponse(error_body(413, f"Request body is larger than {max_bytes} bytes."), 413)
-    await response(scope, receive, send)

@@ -3,16 +3,41 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}  # fmt: skip
+
+
+_DESCRIPTIONS = {400: "Invalid request", 401: "Missing or invalid API key", 404: "Unknown model",
+                 413: "Request body too large", 429: "Too many requests waiting", 500: "Internal error",
+                 503: "Model loading or server shutting down"}  # fmt: skip
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error response, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` for these error statuses."""
+    return {status: {"model": ErrorResponse, "description": _DESCRIPTIONS[status]} for status in statuses}
 
 
 class APIError(Exception):
@@ -64,5 +89,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body(500, "internal server error"), 500)
+        request_id = f"req-{uuid.uuid4().hex}"
+        logger.error("request %s on %s failed", request_id, request.url.path, exc_info=exc)
+        message = f"The server had an error while processing your request (request id {request_id})."
+        return JSONResponse(error_body(500, message, code="internal_error"), 500)

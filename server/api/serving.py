@@ -1,15 +1,18 @@
-"""What chat and completions share: request checks, sampling params, one merged stream of
-choice events over one or more engine requests, and disconnect handling."""
+"""What chat and completions share: request checks, admission, tokenization off the event
+loop, one merged stream of choice events over one or more engine requests, disconnect
+handling and SSE framing."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from transformers import PreTrainedTokenizerBase
@@ -17,7 +20,8 @@ from transformers import PreTrainedTokenizerBase
 from server.api.detokenize import OutputOptions, TextTracker
 from server.api.errors import APIError, error_body
 from server.api.protocol import SamplingFields, StreamOptions, now
-from server.engine.async_engine import AsyncEngine, EngineDeadError, SequenceDelta
+from server.api.limits import current_admission, prompt_char_limit
+from server.engine.async_engine import AsyncEngine, EngineDeadError, EngineShuttingDownError, SequenceDelta
 from server.engine.request import SamplingParams
 
 logger = logging.getLogger("logquant.requests")
@@ -35,6 +39,16 @@ class ServingContext:
     log_prompts: bool = False
     created: int = field(default_factory=now)  # the model card's `created`: when the model loaded
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)  # from the generation config
+    # one thread: tokenization and chat templates run off the event loop, one at a time
+    tokenizer_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tokenizer"))
+    max_prompt_chars: int = field(init=False)  # longer text cannot fit in max_model_len tokens
+
+    def __post_init__(self) -> None:
+        self.max_prompt_chars = prompt_char_limit(self.tokenizer, self.max_model_len)
+
+    async def run_tokenizer(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run tokenization or chat templating in the tokenizer thread, not on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, functools.partial(fn, *args))
 
 
 @dataclass
@@ -70,7 +84,7 @@ class Choice:
 
 
 def check_request(ctx: ServingContext, req: SamplingFields, prompts: list[list[int]]) -> list[int]:
-    """Model, context length and queue checks; returns max_tokens per prompt."""
+    """Model and context length checks; returns max_tokens per prompt."""
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     if req.model != ctx.model_name:
@@ -91,8 +105,6 @@ def check_request(ctx: ServingContext, req: SamplingFields, prompts: list[list[i
                 code="context_length_exceeded",
             )
         limits.append(max_tokens)
-    if ctx.engine.num_waiting + len(prompts) * req.n > ctx.max_waiting_requests:
-        raise APIError(429, "Too many requests are waiting; retry later.", headers={"Retry-After": "1"})
     return limits
 
 
@@ -104,10 +116,11 @@ async def choice_events(
     n = params[0].n
     choices = [Choice(i, TextTracker(ctx.tokenizer, output)) for i in range(len(prompts) * n)]
     queue: asyncio.Queue = asyncio.Queue()
+    admission = current_admission.get()
 
     async def pump(i: int) -> None:
         try:
-            async for delta in ctx.engine.generate(f"{request_id}-p{i}", prompts[i], params[i]):
+            async for delta in ctx.engine.generate(f"{request_id}-p{i}", prompts[i], params[i], admission):
                 await queue.put((i, delta))
         except Exception as exc:  # forwarded to the consumer, which raises it
             await queue.put((i, exc))
@@ -121,7 +134,7 @@ async def choice_events(
             if item is None:
                 done += 1
             elif isinstance(item, Exception):
-                raise _as_api_error(item)
+                raise _as_api_error(item, request_id)
             else:
                 choice = choices[i * n + item.index]
                 event = choice.on_delta(item)
@@ -146,14 +159,21 @@ async def collect_choices(events: AsyncIterator[ChoiceEvent], num: int) -> tuple
     return texts, entries, finish, generated
 
 
-def _as_api_error(exc: Exception) -> APIError:
+def _as_api_error(exc: Exception, request_id: str) -> APIError:
+    """The client's view of an engine error: our own messages for its request's faults and
+    for shutdown; for anything internal a generic message with the request id, whose
+    traceback is in the log."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, EngineShuttingDownError):
+        return APIError(503, "The server is shutting down; retry on another instance.", code="server_shutting_down")
     if isinstance(exc, EngineDeadError):
-        return APIError(503, str(exc))
-    if isinstance(exc, ValueError):
+        return APIError(503, "The engine is not running.", code="engine_dead")
+    if isinstance(exc, ValueError):  # raised by the engine on admission for this request
         return APIError(400, str(exc))
-    return APIError(500, f"generation failed: {exc}")
+    logger.error("request %s failed", request_id, exc_info=exc)
+    return APIError(500, f"The server had an error while processing your request (request id {request_id}).",
+                    code="internal_error")  # fmt: skip
 
 
 async def until_disconnect(raw: Request, work: Awaitable[T]) -> T:

@@ -3,6 +3,10 @@
 `generate()` submits a request and yields `SequenceDelta`s as tokens arrive; closing the
 iterator early (client gone) aborts the request and frees its pages at once. Commands
 (add, abort) go to the engine thread through a queue, so only that thread touches the core.
+
+Admission: `admit()` reserves room in the waiting queue from the moment the server accepts a
+request (while it is still being tokenized); `generate()` turns the reservation into a queued
+request. `num_waiting` counts both, so `--max-waiting-requests` holds under a burst.
 """
 
 from __future__ import annotations
@@ -33,6 +37,32 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class EngineShuttingDownError(EngineDeadError):
+    """The server is shutting down: the request was not (or no longer) served."""
+
+
+class EngineStepError(RuntimeError):
+    """A step failed for a reason internal to the server; the cause is chained and logged."""
+
+
+class QueueFullError(RuntimeError):
+    pass
+
+
+class Admission:
+    """Room reserved in the waiting queue for `held` sequences of one request. `generate`
+    releases a request's share once it is queued; `release()` frees whatever is left (the
+    request failed before reaching the engine). Used from the event loop only."""
+
+    def __init__(self, engine: AsyncEngine, held: int) -> None:
+        self.engine, self.held = engine, held
+
+    def release(self, count: int | None = None) -> None:
+        count = self.held if count is None else min(count, self.held)
+        self.held -= count
+        self.engine._admitted -= count
+
+
 @dataclass
 class _Pending:
     request_id: str
@@ -50,11 +80,30 @@ class AsyncEngine:
         self._streams: dict[str, _Pending] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.error: BaseException | None = None
+        self._admitted = 0  # sequences admitted but not yet queued (event loop side)
+        self._active: dict[str, _Pending] = {}  # running generate() calls (event loop side)
+        self._refusing = False  # set by end_all_requests
 
     @property
     def num_waiting(self) -> int:
-        return self.core.stats.num_waiting + self._commands.qsize()
+        """Sequences admitted, queued as commands, or waiting in the scheduler."""
+        return len(self.core.scheduler.waiting) + self._commands.qsize() + self._admitted
+
+    def admit(self, num_sequences: int, limit: int) -> Admission:
+        """Reserve room for a request's sequences, or raise QueueFullError if more than
+        `limit` sequences would be waiting."""
+        if self.num_waiting + num_sequences > limit:
+            raise QueueFullError(f"more than {limit} sequences would be waiting")
+        self._admitted += num_sequences
+        return Admission(self, num_sequences)
+
+    def end_all_requests(self) -> None:
+        """From the event loop, past the shutdown grace period: end every running `generate()`
+        now with EngineShuttingDownError (its request is then aborted), even while the engine
+        thread is busy with a long step, and refuse new ones."""
+        self._refusing = True
+        for pending in list(self._active.values()):
+            pending.out.put_nowait(EngineShuttingDownError("the server is shutting down"))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
@@ -72,12 +121,17 @@ class AsyncEngine:
 
     # ---- asyncio side --------------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, admission: Admission | None = None
     ) -> AsyncIterator[SequenceDelta]:
-        if self.error is not None or self._stopping.is_set():
+        if self._refusing:
+            raise EngineShuttingDownError("the server is shutting down")
+        if self._stopping.is_set():
             raise EngineDeadError("the engine is not running")
         pending = _Pending(request_id, prompt_token_ids, params, asyncio.get_running_loop(), asyncio.Queue())
         self._commands.put(("add", pending))
+        if admission is not None:
+            admission.release(params.n)  # now counted by the command queue
+        self._active[request_id] = pending
         remaining = params.n
         try:
             while remaining:
@@ -87,6 +141,7 @@ class AsyncEngine:
                 remaining -= item.finish_reason is not None
                 yield item
         finally:
+            self._active.pop(request_id, None)
             if remaining:
                 self._commands.put(("abort", request_id))
 
@@ -99,13 +154,15 @@ class AsyncEngine:
             try:
                 updated = self.core.step()
             except Exception as exc:  # a failed step must not hang clients: fail their requests
-                logger.exception("engine step failed; aborting all running requests")
-                self._fail_all(exc)
+                logger.exception("engine step failed; aborting requests %s", sorted(self._streams))
+                failure = EngineStepError("engine step failed")
+                failure.__cause__ = exc
+                self._fail_all(failure)
                 continue
             self._deliver(updated)
             if self.on_step is not None:
                 self.on_step(self.core.stats, [s for s in updated if s.is_finished], self.core.last_step_itl)
-        self._fail_all(EngineDeadError("the server is shutting down"))
+        self._fail_all(EngineShuttingDownError("the server is shutting down"))
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -121,13 +178,7 @@ class AsyncEngine:
 
     def _apply(self, command: str, arg: object) -> None:
         if command == "add":
-            pending: _Pending = arg  # type: ignore[assignment]
-            try:
-                self.core.add_request(pending.request_id, pending.prompt_token_ids, pending.params)
-            except Exception as exc:  # reported to that request (ValueError: a 400), never kills the loop
-                self._send(pending, exc)
-                return
-            self._streams[pending.request_id] = pending
+            self._add(arg)  # type: ignore[arg-type]
         elif command == "abort_sample":
             request_id, index = arg  # type: ignore[misc]
             pending = self._streams.get(request_id)
@@ -144,6 +195,22 @@ class AsyncEngine:
                 aborted = self.core.abort_request(request_id, pending.params.n)
                 if self.on_step is not None:
                     self.on_step(self.core.stats, aborted, [])
+
+    def _add(self, pending: _Pending) -> None:
+        """Errors go to that request only and never kill the loop: a ValueError is the
+        request's fault (a 400 with its message), anything else is internal (a 500)."""
+        try:
+            self.core.add_request(pending.request_id, pending.prompt_token_ids, pending.params)
+        except ValueError as exc:
+            self._send(pending, exc)
+            return
+        except Exception as exc:
+            logger.exception("adding request %s failed", pending.request_id)
+            failure = EngineStepError("adding the request failed")
+            failure.__cause__ = exc
+            self._send(pending, failure)
+            return
+        self._streams[pending.request_id] = pending
 
     def _deliver(self, updated: list[Sequence]) -> None:
         finished: dict[str, _Pending] = {}

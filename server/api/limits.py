@@ -1,0 +1,77 @@
+"""Limits applied when a request is accepted, before any tokenization: room in the waiting
+queue (`--max-waiting-requests`), valid Unicode, and a prompt length bound by characters."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+
+from transformers import PreTrainedTokenizerBase
+
+from server.api.errors import APIError
+from server.engine.async_engine import Admission, AsyncEngine, QueueFullError
+
+# The current HTTP request's room in the waiting queue, set by the route before tokenization.
+# `choice_events` hands it to the engine; the tasks it runs in inherit this context.
+current_admission: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("admission", default=None)
+CHARS_PER_TOKEN_SLACK = 2  # normalizers may merge characters (e.g. NFC): allow twice the longest token
+
+
+def admit(engine: AsyncEngine, num_sequences: int, max_waiting: int) -> Admission:
+    """Reserve room for a request's sequences in the waiting queue (a 429 if full) and make it
+    the current request's admission. The caller releases what is left when the request ends."""
+    try:
+        admission = engine.admit(num_sequences, max_waiting)
+    except QueueFullError:
+        raise APIError(429, "Too many requests are waiting; retry later.", headers={"Retry-After": "1"}) from None
+    current_admission.set(admission)
+    return admission
+
+
+def prompt_char_limit(tokenizer: PreTrainedTokenizerBase, max_model_len: int) -> int:
+    """Characters that cannot fit in `max_model_len` tokens: no token stands for more
+    characters than its vocabulary entry has (bytes for byte-level BPE), times a slack."""
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    return max_model_len * longest * CHARS_PER_TOKEN_SLACK
+
+
+def text_fields(value: object, path: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted path, text) for every string in a JSON-like value."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from text_fields(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from text_fields(item, f"{path}.{i}" if path else str(i))
+
+
+def check_unicode(body: dict) -> None:
+    """A lone surrogate (JSON allows "\\ud800") is not text any tokenizer can take: a 400."""
+    for path, text in text_fields(body):
+        if text.isascii():
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            code_point = f"U+{ord(text[exc.start]):04X}"
+            raise APIError(400, f"{path} is not valid Unicode: it contains the lone surrogate {code_point}.",
+                           param=path) from None  # fmt: skip
+
+
+def check_prompt_chars(body: dict, prompt_field: str, max_chars: int, max_model_len: int) -> None:
+    """Reject a prompt whose character count alone proves it is longer than max_model_len
+    tokens. `prompt` may be a list of prompts (each is checked); `messages` is one prompt."""
+    prompt = body.get(prompt_field)
+    prompts = prompt if prompt_field == "prompt" and isinstance(prompt, list) else [prompt]
+    for one in prompts:
+        chars = sum(len(text) for _, text in text_fields(one))
+        if chars > max_chars:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_model_len} tokens, which cannot hold {chars} "
+                f"characters (at most {max_chars}). Please reduce the length of the {prompt_field}.",
+                param=prompt_field,
+                code="context_length_exceeded",
+            )
