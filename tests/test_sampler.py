@@ -98,7 +98,8 @@ def test_top_p_with_a_nucleus_wider_than_the_candidates() -> None:
 def test_penalties_exact() -> None:
     logits = torch.tensor([[1.0, -1.0, 2.0, 0.5, 0.0]] * 2)
     out = apply_penalties(
-        logits, [seq(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)), seq(SamplingParams(repetition_penalty=2.0))]
+        logits,
+        [seq(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)), seq(SamplingParams(repetition_penalty=2.0))],
     )
     # row 0: token 2 seen twice, token 3 once in the output; prompt tokens are not penalized
     assert out[0].tolist() == [1.0, -1.0, 2.0 - 0.5 - 0.5, 0.5 - 0.5 - 0.25, 0.0]
@@ -109,7 +110,9 @@ def test_penalties_exact() -> None:
 
 def test_filters() -> None:
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    draws = lambda p: {sample(logits[None], [seq(SamplingParams(seed=i, **p), output=())])[0].token_id for i in range(200)}  # noqa: E731
+    def draws(fields: dict) -> set[int]:
+        return {sample(logits[None], [seq(SamplingParams(seed=i, **fields), output=())])[0].token_id for i in range(200)}
+
     assert draws({"top_k": 2}) == {0, 1}
     assert draws({"top_p": 0.7}) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
     assert draws({"min_p": 0.5}) == {0, 1}  # keeps p >= 0.25

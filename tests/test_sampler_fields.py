@@ -37,7 +37,8 @@ def test_invalid_fields_name_the_param(fields: dict, param: str) -> None:
 
 
 def test_valid_bounds_pass() -> None:
-    SamplingParams(logit_bias={0: -100.0, 5: 100, 9: 5e-324}, min_tokens=16, max_tokens=16, stop_token_ids=[0]).validate()
+    params = SamplingParams(logit_bias={0: -100.0, 5: 100, 9: 5e-324}, min_tokens=16, max_tokens=16, stop_token_ids=[0])
+    params.validate()
 
 
 def test_logit_bias_moves_the_pick_per_row() -> None:
@@ -77,5 +78,6 @@ def test_engine_min_tokens_and_logit_bias() -> None:
     else:
         assert len(tokens) == 12
     forced = greedy.token_ids[0] + 1
-    (out,) = llm.generate(["hello"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logit_bias={forced: 100.0}))
+    biased = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logit_bias={forced: 100.0})
+    (out,) = llm.generate(["hello"], biased)
     assert out.outputs[0].token_ids == [forced] * 4

@@ -95,7 +95,8 @@ def batches(draw: st.DrawFn) -> tuple[torch.Tensor, list[Sequence]]:
     rows = draw(st.integers(min_value=1, max_value=5))
     extreme = st.sampled_from([0.0, FLOAT32_MAX, -FLOAT32_MAX, 1e38, -1e38, 1e-45, -1e-45])
     element = st.one_of(extreme, st.floats(min_value=-FLOAT32_MAX, max_value=FLOAT32_MAX, width=32))
-    logits = torch.tensor(draw(st.lists(st.lists(element, min_size=vocab, max_size=vocab), min_size=rows, max_size=rows)))
+    row = st.lists(element, min_size=vocab, max_size=vocab)
+    logits = torch.tensor(draw(st.lists(row, min_size=rows, max_size=rows)))
     seqs = []
     for _ in range(rows):
         params = draw(params_strategy(vocab))

@@ -20,7 +20,10 @@ SCHEMAS = {
             "name": {"type": "string", "maxLength": 8},
             "address": {
                 "type": "object",
-                "properties": {"city": {"type": "string", "maxLength": 6}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                "properties": {
+                    "city": {"type": "string", "maxLength": 6},
+                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                },
                 "required": ["city", "zip"],
                 "additionalProperties": False,
             },
@@ -30,7 +33,9 @@ SCHEMAS = {
     },
     "array_of_enums": {
         "type": "object",
-        "properties": {"tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 4}},
+        "properties": {
+            "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 4}
+        },
         "required": ["tags"],
         "additionalProperties": False,
     },
@@ -124,7 +129,10 @@ def test_free_row_is_unaffected_by_constrained_neighbours(tok) -> None:
     [
         (StructuredSpec.regex(r"[a-c]{2,5}-[0-9]{3}"), lambda t: re.fullmatch(r"[a-c]{2,5}-[0-9]{3}", t)),
         (StructuredSpec.choice(["yes", "no", "maybe so"]), lambda t: t in ("yes", "no", "maybe so")),
-        (StructuredSpec.grammar('root ::= "(" [0-9] ("+" [0-9])* ")"'), lambda t: re.fullmatch(r"\([0-9](\+[0-9])*\)", t)),
+        (
+            StructuredSpec.grammar('root ::= "(" [0-9] ("+" [0-9])* ")"'),
+            lambda t: re.fullmatch(r"\([0-9](\+[0-9])*\)", t),
+        ),
         (StructuredSpec.grammar('start: "<" /[xy]+/ ">"'), lambda t: re.fullmatch(r"<[xy]+>", t)),
     ],
 )

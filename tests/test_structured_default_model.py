@@ -61,7 +61,8 @@ def test_model_logits_outputs_validate(model_and_tokenizer) -> None:
         "additionalProperties": False,
     }
     prompt = "Describe a person as JSON with name, age and hobbies."
-    for params in [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=1), SamplingParams(top_p=0.9, seed=2)]:
+    settings = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=1), SamplingParams(top_p=0.9, seed=2)]
+    for params in settings:
         params.structured = StructuredSpec.json_schema(person)
         jsonschema.validate(json.loads(model_generate(model, tok, prompt, params)), person)
     choices = ["Paris", "London", "Rome", "Berlin is the capital"]

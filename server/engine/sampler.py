@@ -32,6 +32,7 @@ LOGPROB_FLOOR = -9999.0
 # top-k/top-p look for the nucleus among this many best tokens first (a sort of the whole
 # vocabulary costs ~5 ms a row on CPU); a row whose nucleus is larger falls back to the next size.
 CANDIDATE_SIZES = (128, 2048)
+CDF_BLOCK = 256
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,10 @@ def sample(
 def process_logits(
     logits: torch.Tensor, seqs: list[Sequence], tokenizer: PreTrainedTokenizerBase | None = None
 ) -> torch.Tensor:
-    """Penalties, logit bias, grammar masks and min_tokens, on a copy of `logits`."""
+    """Penalties, logit bias, grammar masks and min_tokens (on a copy; `logits` itself when
+    no row has any of them)."""
+    if not any(_modifies_logits(seq) for seq in seqs):
+        return logits
     out = apply_penalties(logits, seqs)
     _apply_logit_bias(out, seqs)
     if any(seq.params.structured is not None for seq in seqs):
@@ -69,26 +73,35 @@ def process_logits(
     return out
 
 
+def _modifies_logits(seq: Sequence) -> bool:
+    p = seq.params
+    return bool(
+        p.repetition_penalty != 1.0 or _has_count_penalty(p) or p.logit_bias or p.structured is not None
+        or len(seq.output_token_ids) < p.min_tokens
+    )  # fmt: skip
+
+
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Repetition penalty (HF rule, over prompt and output), then presence and frequency
-    penalties (OpenAI rule, over the output). Returns a new tensor."""
+    penalties (OpenAI rule, over the output). Returns a new tensor. Works on the (row, token)
+    pairs that occur, not on whole rows."""
     out = logits.clone()
     vocab, device = out.shape[1], out.device
     rows = [i for i, seq in enumerate(seqs) if seq.params.repetition_penalty != 1.0]
     if rows:
-        index = torch.tensor(rows, device=device)
-        seen = _token_counts([seqs[i].token_ids() for i in rows], vocab, device) > 0
-        penalty = _column([seqs[i].params.repetition_penalty for i in rows], device).clamp(min=FLOAT_TINY)
-        picked = out[index]
+        row, token, _ = _occurrences(rows, [seqs[i].token_ids() for i in rows], vocab, device)
+        penalty = torch.tensor([seqs[i].params.repetition_penalty for i in rows], device=device)
+        penalty = penalty.clamp(min=FLOAT_TINY)[torch.searchsorted(torch.tensor(rows, device=device), row)]
+        picked = out[row, token]
         penalized = torch.where(picked > 0, picked / penalty, picked * penalty).clamp(-FLOAT_MAX, FLOAT_MAX)
-        out[index] = torch.where(seen & picked.isfinite(), penalized, picked)  # finite stays finite
+        out[row, token] = torch.where(picked.isfinite(), penalized, picked)  # finite stays finite
     rows = [i for i, seq in enumerate(seqs) if _has_count_penalty(seq.params) and seq.output_token_ids]
     if rows:
-        index = torch.tensor(rows, device=device)
-        counts = _token_counts([seqs[i].output_token_ids for i in rows], vocab, device)
-        frequency = _column([seqs[i].params.frequency_penalty for i in rows], device)
-        presence = _column([seqs[i].params.presence_penalty for i in rows], device)
-        out[index] = out[index] - frequency * counts - presence * (counts > 0).float()
+        row, token, count = _occurrences(rows, [seqs[i].output_token_ids for i in rows], vocab, device)
+        local = torch.searchsorted(torch.tensor(rows, device=device), row)
+        frequency = torch.tensor([seqs[i].params.frequency_penalty for i in rows], device=device)[local]
+        presence = torch.tensor([seqs[i].params.presence_penalty for i in rows], device=device)[local]
+        out[row, token] -= frequency * count + presence
     return out
 
 
@@ -140,68 +153,70 @@ def choose_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     params = [seq.params for seq in seqs]
     temperature = _column([p.temperature for p in params], logits.device)
-    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # the best token is at 0
+    scaled = logits.sub(logits.amax(dim=-1, keepdim=True)).div_(temperature)  # the best token is at 0
     weights = scaled.exp()
-    keep = _keep_mask(scaled, params)
-    if keep is not None:
-        weights = weights.masked_fill(~keep, 0.0)
+    threshold = _threshold(scaled, weights, params)
+    if threshold is not None:
+        weights.masked_fill_(scaled < threshold, 0.0)
     return _inverse_cdf(weights, _uniforms(seqs, logits.device))
 
 
-def _keep_mask(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor | None:
-    """Tokens that survive min-p, top-k and top-p (None: all of them)."""
-    keep = None
-    if any(p.min_p > 0.0 for p in params):
-        log_min_p = _column([math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in params], scaled.device)
-        keep = scaled >= log_min_p  # p / p_max >= min_p, and the best token has scaled == 0
+def _threshold(scaled: torch.Tensor, weights: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor | None:
+    """[rows, 1]: the lowest scaled logit that survives min-p, top-k and top-p (each keeps the
+    tokens at or above some value, so together they keep those at or above the highest);
+    None when no row filters. The best token (scaled 0) always survives."""
+    threshold = None
+    if any(p.min_p > 0.0 for p in params):  # p / p_best >= min_p  <=>  scaled >= log(min_p)
+        threshold = _column([math.log(p.min_p) if p.min_p > 0.0 else -math.inf for p in params], scaled.device)
     vocab = scaled.shape[1]
     if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
-        nucleus = _nucleus(scaled, params)
-        keep = nucleus if keep is None else keep & nucleus
-    return keep
+        cutoff = _nucleus_threshold(scaled, weights, params)
+        threshold = cutoff if threshold is None else torch.maximum(threshold, cutoff)
+    return threshold
 
 
-def _nucleus(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """top-k (ties with the k-th kept), then top-p over the renormalized top-k distribution:
-    a token is kept if the tokens strictly before it hold less than top_p of the mass."""
+def _nucleus_threshold(scaled: torch.Tensor, weights: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """top-k (ties with the k-th kept), then top-p over the renormalized top-k distribution (a
+    token is kept if the better ones hold less than top_p of the mass), found among the best
+    CANDIDATE_SIZES tokens first: a row is exact there once its candidates hold top_p."""
     vocab, device = scaled.shape[1], scaled.device
     top_k_values = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     largest_k = max((k for k in top_k_values if k < vocab), default=1)
-    top_k = torch.tensor(top_k_values, device=device)
+    top_k = torch.tensor(top_k_values, device=device)[:, None]
     if all(p.top_p >= 1.0 for p in params):
-        values, _ = scaled.topk(largest_k, dim=-1)
-        return scaled >= _kth_best(values, top_k, vocab)
+        return _kth_best(scaled.topk(largest_k, dim=-1).values, top_k, vocab)
     top_p = _column([p.top_p if p.top_p < 1.0 else math.inf for p in params], device)
+    total = weights.sum(dim=-1, keepdim=True)
     for size in sorted({min(vocab, max(size, largest_k)) for size in CANDIDATE_SIZES} | {vocab}):
-        keep, covered = _nucleus_among_best(scaled, size, top_k, top_p)
+        values = scaled.topk(size, dim=-1).values  # best first
+        cutoff, covered = _cutoff_among_best(values, top_k, top_p, total, vocab)
         if size == vocab or bool(covered.all()):  # one sync per candidate size, not per row
-            return keep
+            return cutoff
     raise AssertionError("the last candidate size is the whole vocabulary")
 
 
 def _kth_best(values: torch.Tensor, top_k: torch.Tensor, vocab: int) -> torch.Tensor:
     """[rows, 1]: the k-th best value (values: each row's best, sorted), -inf where top-k is off."""
-    kth = values.gather(1, (top_k.clamp(max=values.shape[1]) - 1)[:, None])
-    return torch.where(top_k[:, None] >= vocab, float("-inf"), kth)
+    kth = values.gather(1, top_k.clamp(max=values.shape[1]) - 1)
+    return torch.where(top_k >= vocab, float("-inf"), kth)
 
 
-def _nucleus_among_best(
-    scaled: torch.Tensor, size: int, top_k: torch.Tensor, top_p: torch.Tensor
+def _cutoff_among_best(
+    values: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, total: torch.Tensor, vocab: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k/top-p mask found among the `size` best tokens, and the rows it is exact for
-    (those whose candidates hold at least top_p of the mass; size >= every top_k)."""
-    values, ids = scaled.topk(size, dim=-1)  # best first
-    kth = _kth_best(values, top_k, scaled.shape[1])
-    in_top_k = scaled >= kth
-    total = (scaled.exp() * in_top_k).sum(dim=-1, keepdim=True)
-    probs = values.exp() * (values >= kth) / total
+    """The top-k/top-p cutoff found among the best `values` (>= top_k of them), and the rows
+    it is exact for."""
+    kth = _kth_best(values, top_k, vocab)
+    has_top_k = top_k < vocab
+    candidate = values.exp().masked_fill_(values < kth, 0.0)
+    probs = candidate / torch.where(has_top_k, candidate.sum(dim=-1, keepdim=True), total)
     mass = probs.cumsum(dim=-1)
-    kept = (mass - probs) < top_p
+    kept = (mass - probs) < top_p  # a prefix: the mass before a token only grows
     kept[:, 0] = True  # the best token survives any top_p, however small
+    last_kept = values.gather(1, kept.sum(dim=-1, keepdim=True) - 1)
     no_top_p = torch.isinf(top_p)
-    in_nucleus = torch.zeros_like(in_top_k).scatter_(1, ids, kept) | no_top_p
-    covered = (mass[:, -1:] >= top_p) | no_top_p  # then every token past the candidates is dropped
-    return in_top_k & in_nucleus, covered
+    covered = (mass[:, -1:] >= top_p) | no_top_p | has_top_k
+    return torch.where(no_top_p, kth, torch.maximum(last_kept, kth)), covered
 
 
 def _uniforms(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
@@ -221,13 +236,23 @@ def _seeded_uniform(seq: Sequence) -> float:
 
 
 def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """The first token whose cumulative weight exceeds uniform * total (float64 sums). A token
-    of weight 0 is never chosen: if rounding points at one, the row's best token is taken."""
-    cdf = weights.double().cumsum(dim=-1)
-    target = uniforms[:, None] * cdf[:, -1:]
-    chosen = torch.searchsorted(cdf, target, right=True).clamp(max=weights.shape[1] - 1)
-    valid = weights.gather(1, chosen) > 0
-    return torch.where(valid, chosen, weights.argmax(dim=-1, keepdim=True))[:, 0]
+    """The first token whose cumulative weight exceeds uniform * total, in two float64 levels:
+    blocks of up to CDF_BLOCK tokens, then the tokens of the chosen block (a float64 cumsum of
+    the whole row costs ~5x more). If rounding points at a token of weight 0, the best token
+    of the chosen block (which has weight) is taken instead."""
+    rows, vocab = weights.shape
+    width = math.gcd(vocab, CDF_BLOCK)
+    blocks = weights.reshape(rows, vocab // width, width)
+    block_sums = blocks.sum(dim=-1).double()
+    block_cdf = block_sums.cumsum(dim=-1)
+    total = block_cdf[:, -1:]
+    target = torch.minimum(uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    block = torch.searchsorted(block_cdf, target, right=True)  # block_cdf[block] > target: it has weight
+    remaining = target - (block_cdf.gather(1, block) - block_sums.gather(1, block))
+    inner = blocks.gather(1, block[:, :, None].expand(-1, -1, width))[:, 0]
+    offset = torch.searchsorted(inner.double().cumsum(dim=-1), remaining, right=True).clamp(max=width - 1)
+    offset = torch.where(inner.gather(1, offset) > 0, offset, inner.argmax(dim=-1, keepdim=True))
+    return (block * width + offset)[:, 0]
 
 
 def _results(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
@@ -249,13 +274,16 @@ def _results(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> l
     return results
 
 
-def _token_counts(id_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[len(id_lists), vocab] float: how often each token occurs in each list (one scatter)."""
+def _occurrences(
+    rows: list[int], id_lists: list[list[int]], vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct (row, token) pairs of `id_lists` (row: rows[i] for list i, ascending) and
+    how often each occurs, sorted by row."""
     lengths = torch.tensor([len(ids) for ids in id_lists], device=device)
-    rows = torch.repeat_interleave(torch.arange(len(id_lists), device=device), lengths)
-    tokens = torch.tensor(list(itertools.chain.from_iterable(id_lists)), dtype=torch.long, device=device)
-    counts = torch.zeros(len(id_lists), vocab, device=device)
-    return counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=counts.dtype), accumulate=True)
+    row = torch.repeat_interleave(torch.tensor(rows, device=device), lengths)
+    token = torch.tensor(list(itertools.chain.from_iterable(id_lists)), dtype=torch.long, device=device)
+    keys, count = torch.unique(row * vocab + token, return_counts=True)
+    return keys // vocab, keys % vocab, count.float()
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
