@@ -140,7 +140,6 @@ def error_of(response: httpx.Response) -> dict:
     "payload,param",
     [
         ({"tools": [{"type": "function"}]}, "tools.0.function"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"temperature": 3}, "temperature"),
         ({"temperature": "hot"}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),

@@ -25,6 +25,8 @@ from server.api.serving import (
     usage,
 )
 from server.api.stream_start import admitted
+from server.api.structured import Constraint, compile_constraint, request_constraint, tool_constraint
+from server.api.tools import ToolPlan, assistant_message, plan_tools
 
 
 def logprob_entries(ctx: ServingContext, entries: list[dict]) -> list[dict]:
@@ -42,43 +44,54 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     check_stream_options(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-    prompt = render_chat(ctx.tokenizer, req.messages)
+    plan = await ctx.run_tokenizer(plan_tools, req, ctx.tokenizer)  # may render the template once
+    constraint = _constraint(req, plan)
+    spec = await compile_constraint(ctx, constraint) if constraint else None
+    prompt = await ctx.run_tokenizer(render_chat, ctx.tokenizer, req.messages, True, False, plan.tools)
     (max_tokens,) = check_request(ctx, req, [prompt])
-    params = sampling_params(ctx, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    params = sampling_params(ctx, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, spec)
     request_id = new_id("chatcmpl")
     events = choice_events(ctx, request_id, [prompt], [params], output_options(req))
     head = {"id": request_id, "created": now(), "model": ctx.model_name, "system_fingerprint": ctx.fingerprint}
     if req.stream:
-        body = _stream(ctx, req, head, prompt, await admitted(raw, events), started)
+        body = _stream(ctx, req, plan, head, prompt, await admitted(raw, events), started)
         return StreamingResponse(body, media_type="text/event-stream")
     texts, logprobs, finish, generated = await until_disconnect(raw, collect_choices(events, req.n))
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": texts[i]},
-            "logprobs": {"content": logprob_entries(ctx, logprobs[i])} if req.logprobs else None,
-            "finish_reason": finish[i],
-        }
-        for i in range(req.n)
-    ]
+    choices = []
+    for i in range(req.n):
+        message, finish[i] = assistant_message(plan, texts[i], finish[i])
+        entries = {"content": logprob_entries(ctx, logprobs[i])} if req.logprobs else None
+        choices.append({"index": i, "message": message, "logprobs": entries, "finish_reason": finish[i]})
     log_request(ctx, request_id, "chat", started, prompt_tokens=len(prompt), completion_tokens=generated,
                 finish_reasons=finish, user=req.user, prompt=[m.text() for m in req.messages])  # fmt: skip
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage([prompt], generated)})
 
 
-def _stream(ctx, req, head, prompt, events, started: float) -> AsyncIterator[str]:
+def _constraint(req: ChatCompletionRequest, plan: ToolPlan) -> Constraint | None:
+    """The output constraint: a forced tool call's schema, or the request's own; not both."""
+    constraint = request_constraint(req)
+    if constraint is not None and plan.mode != "none":
+        raise APIError(400, f"{constraint[1]} cannot be combined with tool calls", param=constraint[1])
+    return tool_constraint(plan.schema) if plan.schema is not None else constraint
+
+
+def _stream(ctx, req, plan: ToolPlan, head, prompt, events, started: float) -> AsyncIterator[str]:
     head = {**head, "object": "chat.completion.chunk"}
+    parsers = [plan.stream_parser() for _ in range(req.n)]
 
     def choice(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def render(event: ChoiceEvent) -> list[dict]:
-        out = []
+        parser = parsers[event.index]
         logprobs = {"content": logprob_entries(ctx, event.logprobs)} if req.logprobs else None
-        if event.text or logprobs:
-            out.append(choice(event.index, {"content": event.text}, None, logprobs))
+        deltas = parser.feed(event.text) + (parser.finish() if event.finish_reason is not None else [])
+        if not deltas and logprobs:
+            deltas = [{"content": ""}]
+        out = [choice(event.index, delta, None, logprobs if k == 0 else None) for k, delta in enumerate(deltas)]
         if event.finish_reason is not None:
-            out.append(choice(event.index, {}, event.finish_reason))
+            finish = "tool_calls" if parser.calls and event.finish_reason == "stop" else event.finish_reason
+            out.append(choice(event.index, {}, finish))
         return out
 
     opening = [choice(i, {"role": "assistant", "content": ""}) for i in range(req.n)]

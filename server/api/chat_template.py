@@ -1,19 +1,31 @@
-"""Chat messages -> prompt token ids through the model's chat template."""
+"""Chat messages (and tools) -> prompt token ids through the model's chat template."""
 
 from __future__ import annotations
+
+import json
 
 from transformers import PreTrainedTokenizerBase
 
 from server.api.errors import APIError
-from server.api.protocol import ChatMessage
+from server.api.protocol import ChatMessage, ToolCall
+from server.api.tool_calls import CLOSE, OPEN
+from server.api.tools import template_renders_tools
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as the chat template expects them (developer -> system, text parts joined)."""
+def template_messages(messages: list[ChatMessage], renders_tools: bool) -> list[dict]:
+    """Messages as chat templates expect them: developer -> system, text parts joined, tool
+    calls with their arguments as objects. A template that does not render tools sees an
+    assistant's calls as Hermes `<tool_call>` text, so the conversation still reads right."""
     out = []
     for m in messages:
         message = {"role": m.role if m.role != "developer" else "system", "content": m.text()}
-        out.append(message | ({"name": m.name} if m.name else {}))
+        message |= {"name": m.name} if m.name else {}
+        message |= {"tool_call_id": m.tool_call_id} if m.tool_call_id else {}
+        if m.tool_calls and renders_tools:
+            message["tool_calls"] = [_template_call(c) for c in m.tool_calls]
+        elif m.tool_calls:
+            message["content"] += "".join(f"{OPEN}\n{_hermes_json(c)}\n{CLOSE}" for c in m.tool_calls)
+        out.append(message)
     return out
 
 
@@ -22,13 +34,15 @@ def render_chat(
     messages: list[ChatMessage],
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
+    tools: list[dict] | None = None,
 ) -> list[int]:
     if add_generation_prompt and continue_final_message:
         raise APIError(400, "add_generation_prompt and continue_final_message cannot both be true",
                        param="continue_final_message")  # fmt: skip
     try:
         ids = tokenizer.apply_chat_template(
-            template_messages(messages),
+            template_messages(messages, template_renders_tools(tokenizer)),
+            tools=tools,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             tokenize=True,
@@ -37,3 +51,18 @@ def render_chat(
     except Exception as exc:  # template errors come from user content (e.g. role order)
         raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
     return list(ids)
+
+
+def _arguments(call: ToolCall) -> object:
+    try:
+        return json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        return call.function.arguments  # passed on as the client wrote it
+
+
+def _template_call(call: ToolCall) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": _arguments(call)}}
+
+
+def _hermes_json(call: ToolCall) -> str:
+    return json.dumps({"name": call.function.name, "arguments": _arguments(call)})

@@ -24,6 +24,7 @@ from server.api.serving import (
     usage,
 )
 from server.api.stream_start import admitted
+from server.api.structured import compile_constraint, request_constraint
 
 
 def tokenize_prompts(ctx: ServingContext, req: CompletionRequest) -> list[list[int]]:
@@ -58,12 +59,15 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     check_stream_options(req)
     if req.echo and req.logprobs is not None:
         raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
-    prompts = tokenize_prompts(ctx, req)
+    prompts = await ctx.run_tokenizer(tokenize_prompts, ctx, req)
     limits = check_request(ctx, req, prompts)
-    params = [sampling_params(ctx, req, limit, req.logprobs) for limit in limits]
+    constraint = request_constraint(req)
+    spec = await compile_constraint(ctx, constraint) if constraint else None
+    params = [sampling_params(ctx, req, limit, req.logprobs, spec) for limit in limits]
     request_id = new_id("cmpl")
     events = choice_events(ctx, request_id, prompts, params, output_options(req))
-    echo = [ctx.tokenizer.decode(p) if req.echo else "" for p in prompts for _ in range(req.n)]
+    texts = await ctx.run_tokenizer(ctx.tokenizer.batch_decode, prompts) if req.echo else [""] * len(prompts)
+    echo = [text for text in texts for _ in range(req.n)]
     head = {"id": request_id, "object": "text_completion", "created": now(), "model": ctx.model_name,
             "system_fingerprint": ctx.fingerprint}  # fmt: skip
     if req.stream:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib.metadata
 from collections.abc import Callable
 from typing import Annotated
@@ -13,9 +12,10 @@ from pydantic import Field
 
 from server.api.chat_template import render_chat
 from server.api.errors import APIError
-from server.api.protocol import Bool, ChatMessage, Int, Strict
+from server.api.protocol import Bool, ChatMessage, Int, Strict, Tool
 from server.api.sampling import check_token_ids
 from server.api.serving import ServingContext
+from server.api.tools import template_renders_tools
 
 OWNER = "logquant-serve"
 
@@ -30,11 +30,12 @@ class TokenizeRequest(Strict):
     add_generation_prompt: Bool = True
     continue_final_message: Bool = False
     return_token_strs: Bool = False
+    tools: list[Tool] | None = None  # rendered where the chat template renders tools
 
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
-        chat_only = {"add_generation_prompt", "continue_final_message"} & self.model_fields_set
+        chat_only = {"add_generation_prompt", "continue_final_message", "tools"} & self.model_fields_set
         if self.prompt is not None and chat_only:
             name = sorted(chat_only)[0]
             raise APIError(400, f"{name} applies to messages only", param=name)
@@ -57,7 +58,9 @@ def check_model(ctx: ServingContext, model: str | None) -> None:
 
 def _tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:
     if req.messages is not None:
-        ids = render_chat(ctx.tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message)
+        tools = [tool.model_dump(exclude_none=True) for tool in req.tools or []]
+        shown = tools if tools and template_renders_tools(ctx.tokenizer) else None
+        ids = render_chat(ctx.tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message, shown)
         if req.add_special_tokens:
             ids = ctx.tokenizer.build_inputs_with_special_tokens(ids)
     else:
@@ -88,13 +91,13 @@ def info_routes(serving: Callable[[], ServingContext], guarded: list, model_root
     async def tokenize(req: TokenizeRequest, ctx=Depends(serving)) -> dict:
         check_model(ctx, req.model)
         req.check()
-        return await asyncio.to_thread(_tokenize, ctx, req)
+        return await ctx.run_tokenizer(_tokenize, ctx, req)
 
     @router.post("/detokenize", dependencies=guarded)
     async def detokenize(req: DetokenizeRequest, ctx=Depends(serving)) -> dict:
         check_model(ctx, req.model)
         check_token_ids(ctx, req.tokens, "tokens")
-        return {"prompt": await asyncio.to_thread(ctx.tokenizer.decode, req.tokens)}
+        return {"prompt": await ctx.run_tokenizer(ctx.tokenizer.decode, req.tokens)}
 
     @router.get("/version")
     async def version() -> dict:

@@ -33,6 +33,7 @@ class Strict(BaseModel):
 
 Name = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 JsonSchema = dict[str, Any] | bool
+TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]  # logit_bias keys: token ids as JSON strings
 
 
 class FunctionCall(Strict):
@@ -178,7 +179,7 @@ class SamplingFields(StructuredFields):
     include_stop_str_in_output: Bool = False
     skip_special_tokens: Bool = True
     spaces_between_special_tokens: Bool = True
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")], Annotated[Float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[TokenIdKey, Annotated[Float, Field(ge=-100, le=100)]] | None = None
     min_tokens: Annotated[Int, Field(ge=0, le=MAX_INT)] = 0
 
     @field_validator("stop", mode="wrap")

@@ -9,9 +9,9 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from server.api.detokenize import OutputOptions
 from server.api.errors import APIError
-from server.api.protocol import SamplingFields, StructuredFields
+from server.api.protocol import SamplingFields
 from server.api.serving import ServingContext
-from server.engine.request import SamplingParams, SamplingParamsError
+from server.engine.request import SamplingParams, SamplingParamsError, StructuredSpec
 
 logger = logging.getLogger(__name__)
 # generation_config keys that set a default (vLLM's list); max_new_tokens is our max_tokens
@@ -60,10 +60,11 @@ def output_options(req: SamplingFields) -> OutputOptions:
     )
 
 
-def sampling_params(ctx: ServingContext, req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(
+    ctx: ServingContext, req: SamplingFields, max_tokens: int, logprobs: int | None, structured: StructuredSpec | None
+) -> SamplingParams:
     """`max_tokens`: what the request asked for, or else the room left in the context (then
-    capped by the generation config's max_new_tokens)."""
-    _reject_pending(req)
+    capped by the generation config's max_new_tokens). `structured`: a compiled constraint."""
     check_token_ids(ctx, req.stop_token_ids or [], "stop_token_ids")
     logit_bias = {int(token): bias for token, bias in (req.logit_bias or {}).items()}
     check_token_ids(ctx, list(logit_bias), "logit_bias")
@@ -91,12 +92,17 @@ def sampling_params(ctx: ServingContext, req: SamplingFields, max_tokens: int, l
         ignore_eos=req.ignore_eos,
         logit_bias=logit_bias,
         min_tokens=req.min_tokens,
+        structured=structured,
     )
     try:
         params.validate()
     except SamplingParamsError as exc:
         raise APIError(400, str(exc), param=exc.param) from exc
     return params
+
+
+def _requested_max_tokens(req: SamplingFields) -> int | None:
+    return getattr(req, "max_completion_tokens", None) or req.max_tokens
 
 
 def _requested_max_tokens(req: SamplingFields) -> int | None:
