@@ -1,6 +1,7 @@
 """Sampling defaults from the model's generation_config (--generation-config), and errors of a
 stream sent before its HTTP 200."""
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -9,8 +10,10 @@ import pytest
 from transformers import GenerationConfig
 
 from server.api.sampling import generation_defaults
+from server.engine.config import EngineConfig
+from server.engine.core import EngineCore
 from server_util import MODEL, RunningServer, tiny_core_factory
-from tiny import tiny_model
+from tiny import byte_tokenizer, tiny_model
 
 MESSAGES = [{"role": "user", "content": "Tell me a story about a fox."}]
 
@@ -81,3 +84,27 @@ def test_stream_errors_come_before_the_200() -> None:
         completion = {"model": MODEL, "prompt": "hi", "max_tokens": 4, "stream": True}
         assert httpx.post(f"{srv.url}/v1/completions", json=completion).status_code == 503
     assert b"not running" in error
+
+
+def test_default_max_tokens_is_admitted_on_a_small_kv_budget() -> None:
+    """fp16 on a KV budget that holds one ~300-token sequence: max_model_len is capped to it,
+    and requests without max_tokens run to the end of the context (two at once: preemption)."""
+
+    def factory() -> EngineCore:
+        config = EngineConfig(policy="fp16", fp_budget=24, group_size=8, kv_cache_memory=300 << 10, device="cpu",
+                              max_num_batched_tokens=64)  # fmt: skip
+        return EngineCore(config, tiny_model(), byte_tokenizer())
+
+    with RunningServer(factory, policy="fp16") as srv:
+        client = openai.AsyncOpenAI(base_url=f"{srv.wait_ready().url}/v1", api_key="x", max_retries=0, timeout=120)
+        max_model_len = srv.core.max_model_len
+
+        async def both():
+            return await asyncio.gather(*[client.chat.completions.create(
+                model=MODEL, messages=MESSAGES, temperature=0, extra_body={"ignore_eos": True}) for _ in range(2)])
+
+        responses = asyncio.run(both())
+    assert 64 < max_model_len < 2048  # capped by the budget
+    for r in responses:
+        assert r.choices[0].finish_reason == "length"
+        assert r.usage.prompt_tokens + r.usage.completion_tokens == max_model_len
