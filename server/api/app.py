@@ -32,9 +32,15 @@ from server.engine.request import SamplingParams
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+SSE_EVENT = {  # one server-sent event (OpenAPI's generic text/event-stream item)
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON chunk or error object; last, [DONE]"},
+                   "event": {"type": "string", "enum": ["message"]}, "id": {"type": "string"},
+                   "retry": {"type": "integer"}},
+}  # fmt: skip
 COMPLETION_RESPONSES = {
     200: {"description": "A completion; with `stream: true`, server-sent events ending in `data: [DONE]`",
-          "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}},
+          "content": {"application/json": {}, "text/event-stream": {"schema": SSE_EVENT}}},
     **error_responses(400, 401, 404, 413, 429, 500, 503),
 }  # fmt: skip
 
