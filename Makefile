@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU wheel of torch (on disk on our machines); the Docker image installs a CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-dev serve test bench-smoke
+.PHONY: install install-dev serve test soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,5 +21,10 @@ install-dev: install
 serve: install
 	$(BIN)/logquant-serve $(ARGS)
 
+# The venv's bin on PATH: tests that run tools from the dev extras (hadolint, schemathesis) find them.
 test: install-dev
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# 30 minutes of mixed load on the default model: results/soak.json and results/soak.png.
+soak: install-dev
+	$(BIN)/python bench/soak.py $(ARGS)

@@ -121,3 +121,12 @@ def test_past_the_grace_period_requests_end_with_503_in_openai_shape() -> None:
     assert rest[-1] == "data: [DONE]" and error["code"] == "server_shutting_down" and error["type"] == "service_unavailable"
     response = result["r"]
     assert response.status_code == 503 and response.json()["error"]["code"] == "server_shutting_down"
+
+
+def test_make_test_puts_the_venv_tools_on_path() -> None:
+    """hadolint and schemathesis come with the dev extras into .venv/bin: `make test` must find them."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = subprocess.run(["make", "-n", "test"], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert f'PATH="{root}/.venv/bin:$PATH"' in recipe.splitlines()[-1]
