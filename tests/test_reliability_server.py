@@ -70,7 +70,6 @@ def test_waiting_limit_holds_under_a_burst(srv) -> None:
     assert srv.app.state.logquant.ctx.engine.num_waiting == 0  # nothing admitted is left behind
 
 
-@pytest.mark.xfail(strict=True, reason="needs chat.py to call `await ctx.run_tokenizer(render_chat, ...)` (helper C)")
 def test_tokenization_runs_off_the_event_loop(srv) -> None:
     """While a prompt is being tokenized, /health still answers: the chat template is held
     until /health has answered, which would deadlock if it ran on the event loop."""
