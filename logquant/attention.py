@@ -45,26 +45,48 @@ def causal_tail_mask(q_len: int, num_keys: int, device: torch.device) -> torch.T
 
 def bucket_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim], the step's flat batch
-    pool: torch.Tensor,  # [pool_rows, 2, kv_heads, head_dim] keys and values of the step
-    buckets: list,  # list[logquant.step.AttentionBucket]
+    kv_fp: torch.Tensor,  # [S, L_fp, 2, kv_heads, head_dim] cached fp tokens, then new tokens
+    kv_q: torch.Tensor | None,  # [S, L_q, 2, kv_heads, head_dim] dequantized 2-bit tokens
+    bucket,  # logquant.step.Bucket
     scaling: float,
-) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Batched attention of a whole step: one SDPA call per bucket. GQA is folded into the
-    query rows (each KV head's group of query heads is a block of rows), so K/V are never
-    repeated."""
-    num_tokens, num_heads, head_dim = query.shape
-    kv_heads = pool.shape[2]
+) -> torch.Tensor:  # [len(bucket.out_rows), num_heads, head_dim]
+    """Attention of one bucket of sequences: one call over the fp part and one over the 2-bit
+    part, merged by their log-sum-exp. GQA is folded into the query rows (a KV head's group of
+    query heads is a block of rows), so K/V are never repeated."""
+    s, q_len = bucket.query_rows.shape
+    num_heads, head_dim = query.shape[1:]
+    kv_heads = kv_fp.shape[3]
     group = num_heads // kv_heads
-    out = torch.empty_like(query)
-    flat_pool = pool.view(pool.shape[0], -1)
-    for bucket in buckets:
-        s, q_len = bucket.query_rows.shape
-        q = query[bucket.query_rows].view(s, q_len, kv_heads, group, head_dim)
-        q = q.permute(0, 2, 1, 3, 4).reshape(s, kv_heads, q_len * group, head_dim)  # rows: (token, head)
-        kv = flat_pool.index_select(0, bucket.key_rows.flatten()).view(s, -1, 2, kv_heads, head_dim)
-        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [s, kv_heads, L, d]
-        mask = bucket.mask if group == 1 or q_len == 1 else bucket.mask.repeat_interleave(group, dim=1)
-        o = torch.nn.functional.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.unsqueeze(1), scale=scaling)
-        o = o.view(s, kv_heads, q_len, group, head_dim).permute(0, 2, 1, 3, 4).reshape(s * q_len, num_heads, head_dim)
-        out[bucket.out_rows] = o[bucket.out_sources]
-    return out
+    q = query[bucket.query_rows].view(s, q_len, kv_heads, group, head_dim)
+    q = q.permute(0, 2, 1, 3, 4).reshape(s, kv_heads, q_len * group, head_dim)  # rows: (token, head)
+    fp_mask = bucket.fp_mask if group == 1 or q_len == 1 else bucket.fp_mask.repeat_interleave(group, dim=1)
+    out, lse = _attention_lse(q, kv_fp, fp_mask.unsqueeze(1), scaling)  # [s, kvh, rows, d], [s, kvh, rows]
+    if kv_q is not None:
+        out_q, lse_q = _attention_lse(q, kv_q, bucket.q_mask.unsqueeze(1), scaling)
+        lse_q = lse_q.masked_fill(~bucket.has_q.view(s, 1, 1), float("-inf"))  # no 2-bit tokens: weight 0
+        top = torch.maximum(lse, lse_q)
+        w_fp, w_q = torch.exp(lse - top).unsqueeze(-1), torch.exp(lse_q - top).unsqueeze(-1)
+        out = (out * w_fp + out_q * w_q) / (w_fp + w_q)
+    out = out.view(s, kv_heads, q_len, group, head_dim).permute(0, 2, 1, 3, 4).reshape(s * q_len, num_heads, head_dim)
+    return out[bucket.out_sources].to(query.dtype)
+
+
+def _attention_lse(
+    q: torch.Tensor,  # [S, kv_heads, rows, d]
+    kv: torch.Tensor,  # [S, L, 2, kv_heads, d]
+    mask: torch.Tensor,  # [S, 1, rows or 1, L] additive
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # [S, kv_heads, rows, d] float32, [S, kv_heads, rows] float32
+    """Softmax attention and its log-sum-exp (fully masked rows give 0 and any lse: the caller
+    weighs them out). On the CPU, PyTorch's flash kernel returns both in one pass."""
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [S, kv_heads, L, d]
+    mask = mask.expand(-1, -1, q.shape[2], -1)
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k.to(q.dtype), v.to(q.dtype), 0.0, False, attn_mask=mask.to(q.dtype), scale=scaling
+        )
+        return out.float(), lse.float()
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling + mask.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num_(0.0)
+    return torch.matmul(probs, v.float()), lse

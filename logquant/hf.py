@@ -20,10 +20,10 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
-from logquant.kv_manager import KVManager
+from logquant.kv_manager import KVManager, StepPlan
 from logquant.layout import KVLayout, head_dim_of
 from logquant.policy import TokenPolicy, make_policy
-from logquant.step import StepTensors
+from logquant.step import Bucket, StepTensors
 from logquant.store import PagedKVStore
 
 INITIAL_PAGES = 64
@@ -53,10 +53,12 @@ class SharedKV:
         self.updated_layers.add(layer)
         flat_keys = key_states.transpose(1, 2).reshape(batch * num_new, heads, dim)  # [rows, kv_heads, dim]
         flat_values = value_states.transpose(1, 2).reshape(batch * num_new, heads, dim)
-        pool = self.store.pool(layer, self.step, flat_keys, flat_values)  # [rows, 2, kv_heads, dim]
-        ordered = pool[self.order].view(batch, -1, 2, heads, dim)
+        (bucket,) = self.step.buckets  # every row appends the same number of tokens
+        kv_fp, kv_q = self.store.gather(layer, bucket, flat_keys, flat_values)
+        rows = kv_fp.view(-1, 2, heads, dim) if kv_q is None else torch.cat([kv_q.view(-1, 2, heads, dim), kv_fp.view(-1, 2, heads, dim)])
+        ordered = rows[self.order].view(batch, -1, 2, heads, dim)
         keys, values = ordered[:, :, 0].transpose(1, 2), ordered[:, :, 1].transpose(1, 2)  # [batch, kv_heads, tokens, dim]
-        self.store.write(layer, self.step, pool[self.step.num_q_rows :])
+        self.store.write(layer, bucket, kv_fp)
         return keys.to(key_states.dtype), values.to(value_states.dtype)
 
     def _begin_step(self, batch: int, num_new: int) -> None:
@@ -69,7 +71,7 @@ class SharedKV:
             self.manager.allocate(row, total)
         plan = self.manager.plan_step([(row, num_new) for row in rows])
         self.step = self.store.prepare(plan)
-        self.order = _position_order(plan, self.layout.block_tokens, batch, total).to(self.store.device)
+        self.order = _position_order(plan, self.step.buckets[0], self.layout.block_tokens, total).to(self.store.device)
         self.updated_layers = set()
 
     def _pages_of(self, row: str) -> list[int]:
@@ -87,17 +89,21 @@ class SharedKV:
         return sum(len(s.q_pages) for s in self.manager.sequences.values())
 
 
-def _position_order(plan, block_tokens: int, batch: int, total: int) -> torch.Tensor:
-    """Pool rows sorted by (sequence, position): q rows, cached fp rows, then new rows."""
-    def owner(ptr: list[int], scale: int = 1) -> torch.Tensor:
-        counts = torch.tensor([(ptr[i + 1] - ptr[i]) * scale for i in range(batch)])
-        return torch.repeat_interleave(torch.arange(batch), counts)
-
-    new_positions = [plan.start_positions[i] + t for i in range(batch) for t in range(plan.query_ptr[i + 1] - plan.query_ptr[i])]
-    positions = torch.tensor(plan.q_positions + plan.fp_positions + new_positions, dtype=torch.long)
-    owners = torch.cat([owner(plan.q_ptr, block_tokens), owner(plan.fp_ptr), owner(plan.query_ptr)])
+def _position_order(plan: StepPlan, bucket: Bucket, block_tokens: int, total: int) -> torch.Tensor:
+    """Rows of cat(kv_q flattened, kv_fp flattened) sorted by (sequence, position)."""
+    batch, width_fp = bucket.fp_rows.shape
+    width_q = bucket.q_pages.shape[1] * block_tokens
+    rows, keys = [], []  # key of a row: sequence * total + position
+    for i in range(batch):
+        q_a, q_b = plan.q_ptr[i] * block_tokens, plan.q_ptr[i + 1] * block_tokens
+        fp_a, fp_b = plan.fp_ptr[i], plan.fp_ptr[i + 1]
+        start, num_new = plan.start_positions[i], plan.query_ptr[i + 1] - plan.query_ptr[i]
+        fp_base = batch * width_q + i * width_fp
+        rows += [*range(i * width_q, i * width_q + q_b - q_a), *range(fp_base, fp_base + fp_b - fp_a + num_new)]
+        positions = [*plan.q_positions[q_a:q_b], *plan.fp_positions[fp_a:fp_b], *range(start, start + num_new)]
+        keys += [i * total + p for p in positions]
     order = torch.empty(batch * total, dtype=torch.long)
-    order[owners * total + positions] = torch.arange(positions.numel())
+    order[torch.tensor(keys)] = torch.tensor(rows)
     return order
 
 

@@ -42,8 +42,8 @@ class StepPlan:
     """Where every token of one step is read from and written to; the same for every layer.
 
     Sequences are in step order; `query_ptr`, `fp_ptr` and `q_ptr` are CSR offsets `[S + 1]`.
-    The step's fp pool is `cat(cached fp tokens in fp_slots order, new tokens in flat batch
-    order)`: `block_sources` and `write_sources` index rows of that pool.
+    `block_sources` and `write_sources` are sequence-local rows: row r < (its cached fp count)
+    is its r-th cached fp token (fp_slots order), the rest are its new tokens in order.
     """
 
     query_ptr: list[int]  # new tokens of sequence i are rows query_ptr[i]:query_ptr[i+1] of the batch
@@ -54,10 +54,12 @@ class StepPlan:
     q_pages: list[int]  # cached 2-bit blocks
     q_positions: list[int]  # [len(q_pages) * block_tokens] positions of their tokens
     start_positions: list[int]  # per sequence: position of its first new token
+    block_ptr: list[int]
     block_pages: list[int]  # pages the blocks demoted in this step are written to
-    block_sources: list[int]  # [len(block_pages) * block_tokens] rows of the fp pool
+    block_sources: list[int]  # [len(block_pages) * block_tokens] sequence-local rows
+    write_ptr: list[int]
     write_slots: list[int]  # flat fp slots for the new tokens that stay full precision
-    write_sources: list[int]  # rows of the fp pool (all of them new tokens)
+    write_sources: list[int]  # sequence-local rows (all of them new tokens)
 
     @property
     def num_seqs(self) -> int:
@@ -177,19 +179,17 @@ class KVManager:
     # ---- one step ------------------------------------------------------------------------
     def plan_step(self, appends: list[tuple[str, int]]) -> StepPlan:
         """Advance each (seq_id, num_new) of the step; say where every token is read and written."""
-        builder = _PlanBuilder(self.layout.fp_page_tokens)
-        cached_rows = sum(len(self.sequences[s].slot_of) for s, _ in appends)
+        builder = _PlanBuilder()
         for seq_id, num_new in appends:
-            builder.add(self.sequences[seq_id], num_new, cached_rows)
+            builder.add(self.sequences[seq_id], num_new)
         return builder.build()
 
 
 class _PlanBuilder:
     """Accumulates the flat lists of a StepPlan, one sequence at a time."""
 
-    def __init__(self, fp_page_tokens: int) -> None:
-        self.fp_page_tokens = fp_page_tokens
-        self.query_ptr, self.fp_ptr, self.q_ptr = [0], [0], [0]
+    def __init__(self) -> None:
+        self.query_ptr, self.fp_ptr, self.q_ptr, self.block_ptr, self.write_ptr = [0], [0], [0], [0], [0]
         self.fp_slots: list[int] = []
         self.fp_positions: list[int] = []
         self.q_pages: list[int] = []
@@ -200,10 +200,9 @@ class _PlanBuilder:
         self.write_slots: list[int] = []
         self.write_sources: list[int] = []
 
-    def add(self, seq: SequenceKV, num_new: int, num_cached_rows: int) -> None:
-        """`num_cached_rows`: cached fp tokens of the whole step (where new-token rows start)."""
-        num_old, fp_base, new_base = seq.num_tokens, len(self.fp_slots), num_cached_rows + self.query_ptr[-1]
-        row_of = {pos: fp_base + i for i, pos in enumerate(seq.slot_of)}
+    def add(self, seq: SequenceKV, num_new: int) -> None:
+        num_old, new_base = seq.num_tokens, len(seq.slot_of)
+        row_of = {pos: i for i, pos in enumerate(seq.slot_of)}
         self.fp_positions += seq.slot_of.keys()
         self.fp_slots += seq.slot_of.values()
         self.q_pages += seq.q_pages
@@ -232,11 +231,14 @@ class _PlanBuilder:
         self.query_ptr.append(self.query_ptr[-1] + num_new)
         self.fp_ptr.append(len(self.fp_slots))
         self.q_ptr.append(len(self.q_pages))
+        self.block_ptr.append(len(self.block_pages))
+        self.write_ptr.append(len(self.write_slots))
 
     def build(self) -> StepPlan:
         return StepPlan(
             query_ptr=self.query_ptr, fp_ptr=self.fp_ptr, fp_slots=self.fp_slots, fp_positions=self.fp_positions,
             q_ptr=self.q_ptr, q_pages=self.q_pages, q_positions=self.q_positions,
-            start_positions=self.start_positions, block_pages=self.block_pages,
-            block_sources=self.block_sources, write_slots=self.write_slots, write_sources=self.write_sources,
+            start_positions=self.start_positions, block_ptr=self.block_ptr, block_pages=self.block_pages,
+            block_sources=self.block_sources, write_ptr=self.write_ptr, write_slots=self.write_slots,
+            write_sources=self.write_sources,
         )  # fmt: skip

@@ -1,126 +1,150 @@
 """StepTensors: a `StepPlan` turned into index tensors once per step, shared by every layer.
 
-Each layer builds a pool of key/value rows for the whole step,
+Sequences are attended in buckets (decodes in one, prefill chunks in another). For a bucket
+of S sequences, each layer builds two padded key/value tensors straight from the store:
 
-    pool = cat(2-bit tokens of the cached pages (q_pages order, block_tokens rows each),
-               cached fp tokens (fp_slots order),
-               new tokens (flat batch order))                      # [pool_rows, kv_heads, dim]
+    kv_fp [S, L_fp, 2, kv_heads, dim]  row s: its cached fp tokens, then its new tokens
+    kv_q  [S, L_q,  2, kv_heads, dim]  row s: its 2-bit pages, dequantized (L_q = pages * bt)
 
-and attention reads it through `AttentionBucket`s: sequences with one new token (decodes) in
-one bucket, sequences with a prefill chunk in another, each padded to `[S, L]` key rows with a
-mask. The CSR tensors (`query_ptr`, `fp_ptr`, `fp_slots`, `q_ptr`, `q_pages`) are what a fused
-kernel reads instead of the pool.
+and attends both parts with one call each, merged by log-sum-exp. Block sources and new-token
+writes are rows of `kv_fp` flattened to `[S * L_fp]`, so a new token is read from the step's
+own tensors and every write happens after attention. The CSR lists of the plan (`query_ptr`,
+`fp_ptr`, `fp_slots`, `q_ptr`, `q_pages`) are what a fused kernel reads instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from logquant.kv_manager import StepPlan
 
+Mover = Callable[[torch.Tensor], torch.Tensor]
+
 
 @dataclass(frozen=True)
-class AttentionBucket:
-    """Sequences attended together: query rows `[S, Q]`, key rows `[S, L]`, mask `[S, Q, L]`."""
-
+class Bucket:
     query_rows: torch.Tensor  # [S, Q] rows of the flat batch (padding repeats the last row)
-    key_rows: torch.Tensor  # [S, L] rows of the pool (padding points at row 0 and is masked)
-    mask: torch.Tensor  # [S, Q, L] bool, True where the query sees the key
-    out_rows: torch.Tensor  # [num_valid] rows of the flat batch that this bucket computes
+    out_rows: torch.Tensor  # [num_valid] rows of the flat batch this bucket computes
     out_sources: torch.Tensor  # [num_valid] matching rows of the flattened [S * Q] output
+    fp_rows: torch.Tensor  # [S, L_fp] rows of the store's fp row view (padding: the zero page)
+    new_dest: torch.Tensor  # [num_new] rows of kv_fp [S * L_fp] that take the new tokens
+    new_src: torch.Tensor  # [num_new] their rows of the flat batch
+    fp_mask: torch.Tensor  # [S, Q, L_fp] additive: 0 where the query sees the key, -inf elsewhere
+    q_pages: torch.Tensor  # [S, P] 2-bit pages (padding: the zero page); P == 0 when none
+    q_mask: torch.Tensor  # [S, 1, P * bt] additive
+    has_q: torch.Tensor  # [S] bool: the sequence has 2-bit tokens
+    block_pages: torch.Tensor  # [num_blocks] pages the step's demoted blocks go to
+    block_sources: torch.Tensor  # [num_blocks, bt] rows of kv_fp [S * L_fp]
+    write_pages: torch.Tensor  # [num_written] fp pages of the new tokens that stay fp
+    write_offsets: torch.Tensor  # [num_written]
+    write_sources: torch.Tensor  # [num_written] rows of kv_fp [S * L_fp]
 
 
 @dataclass(frozen=True)
 class StepTensors:
     plan: StepPlan
-    num_q_rows: int  # 2-bit rows at the start of the pool
-    num_fp_cached: int
-    q_pages: torch.Tensor  # [num_q_pages]
-    fp_rows: torch.Tensor  # [num_fp_cached] row of each cached fp token in the store's fp row view
-    buckets: list[AttentionBucket]
-    block_pages: torch.Tensor  # [num_blocks]
-    block_sources: torch.Tensor  # [num_blocks, block_tokens] rows of the fp part of the pool
-    write_pages: torch.Tensor  # [num_written]
-    write_offsets: torch.Tensor  # [num_written]
-    write_sources: torch.Tensor  # [num_written] rows of the fp part of the pool
+    buckets: list[Bucket]
+    bucket_of_seq: list[tuple[int, int]]  # per sequence of the plan: (bucket, row in bucket)
 
 
 def build_step_tensors(
-    plan: StepPlan, block_tokens: int, fp_page_tokens: int, fp_row_of: tuple[int, int], device: torch.device
-) -> StepTensors:
-    """Index tensors of a step (made on the CPU, moved once; pinned and async on CUDA).
-    `fp_row_of`: (rows per page, rows per token) of the store's fp row view."""
-    to_device = _mover(device)
-    fp_slots = torch.tensor(plan.fp_slots, dtype=torch.long)
-    rows_per_page, rows_per_token = fp_row_of
-    write_slots = torch.tensor(plan.write_slots, dtype=torch.long)
-    num_q_rows = len(plan.q_pages) * block_tokens
-    return StepTensors(
-        plan=plan,
-        num_q_rows=num_q_rows,
-        num_fp_cached=len(plan.fp_slots),
-        q_pages=to_device(torch.tensor(plan.q_pages, dtype=torch.long)),
-        fp_rows=to_device(fp_slots // fp_page_tokens * rows_per_page + fp_slots % fp_page_tokens * rows_per_token),
-        buckets=[to_bucket(b, to_device) for b in _buckets(plan, block_tokens, num_q_rows)],
-        block_pages=to_device(torch.tensor(plan.block_pages, dtype=torch.long)),
-        block_sources=to_device(torch.tensor(plan.block_sources, dtype=torch.long).view(-1, max(block_tokens, 1))),
-        write_pages=to_device(write_slots // fp_page_tokens),
-        write_offsets=to_device(write_slots % fp_page_tokens),
-        write_sources=to_device(torch.tensor(plan.write_sources, dtype=torch.long)),
-    )
+    plan: StepPlan, block_tokens: int, fp_page_tokens: int, fp_row_of: tuple[int, int], zero_page: int,
+    dtype: torch.dtype, device: torch.device,
+) -> StepTensors:  # fmt: skip
+    """Index tensors of a step, made on the CPU and moved once (pinned and async on CUDA).
+    `fp_row_of`: (rows per page, rows per token) of the store's fp row view; padding reads
+    `zero_page`, which is never written, so masked keys and values are zeros, never NaN."""
+    q_lens = [plan.query_ptr[i + 1] - plan.query_ptr[i] for i in range(plan.num_seqs)]
+    groups = [[i for i, n in enumerate(q_lens) if n == 1], [i for i, n in enumerate(q_lens) if n > 1]]
+    groups = [g for g in groups if g]
+    layout = _Layout(block_tokens, fp_page_tokens, fp_row_of, zero_page, dtype, _mover(device))
+    bucket_of_seq = [(0, 0)] * plan.num_seqs
+    for b, seqs in enumerate(groups):
+        for row, i in enumerate(seqs):
+            bucket_of_seq[i] = (b, row)
+    return StepTensors(plan, [_bucket(plan, seqs, layout) for seqs in groups], bucket_of_seq)
 
 
-def _mover(device: torch.device):
+@dataclass(frozen=True)
+class _Layout:
+    block_tokens: int
+    fp_page_tokens: int
+    fp_row_of: tuple[int, int]
+    zero_page: int
+    dtype: torch.dtype
+    to_device: Mover
+
+    def fp_row(self, slots: torch.Tensor) -> torch.Tensor:
+        per_page, per_token = self.fp_row_of
+        return slots // self.fp_page_tokens * per_page + slots % self.fp_page_tokens * per_token
+
+
+def _mover(device: torch.device) -> Mover:
     if device.type != "cuda":
         return lambda t: t.to(device)
     return lambda t: t.pin_memory().to(device, non_blocking=True)
 
 
-def to_bucket(bucket: AttentionBucket, to_device) -> AttentionBucket:
-    return AttentionBucket(*(to_device(t) for t in vars(bucket).values()))
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
 
 
-def _buckets(plan: StepPlan, block_tokens: int, num_q_rows: int) -> list[AttentionBucket]:
-    q_lens = [plan.query_ptr[i + 1] - plan.query_ptr[i] for i in range(plan.num_seqs)]
-    decodes = [i for i, n in enumerate(q_lens) if n == 1]
-    prefills = [i for i, n in enumerate(q_lens) if n > 1]
-    return [_bucket(plan, seqs, block_tokens, num_q_rows) for seqs in (decodes, prefills) if seqs]
-
-
-def _bucket(plan: StepPlan, seqs: list[int], block_tokens: int, num_q_rows: int) -> AttentionBucket:
-    """Padded key and query indices for `seqs`; keys per sequence: 2-bit, cached fp, new."""
-    idx = torch.tensor(seqs, dtype=torch.long)
-
-    def ptr(values: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.tensor(values, dtype=torch.long)
-        return t[idx], t[idx + 1] - t[idx]  # start, length
-
-    q_start, q_len = ptr(plan.q_ptr)
-    fp_start, fp_len = ptr(plan.fp_ptr)
-    new_start, new_len = ptr(plan.query_ptr)
-    q_start, q_len = q_start * block_tokens, q_len * block_tokens
-    fp_start = fp_start + num_q_rows
-    new_rows = new_start + num_q_rows + len(plan.fp_slots)
-    cached = (q_len + fp_len).unsqueeze(1)  # [S, 1]
-    total = cached + new_len.unsqueeze(1)
-    j = torch.arange(int(total.max())).unsqueeze(0)  # [1, L]
-    key_rows = torch.where(
-        j < q_len.unsqueeze(1),
-        q_start.unsqueeze(1) + j,
-        torch.where(j < cached, fp_start.unsqueeze(1) + j - q_len.unsqueeze(1), new_rows.unsqueeze(1) + j - cached),
-    )
-    key_rows = torch.where(j < total, key_rows, 0)
+def _bucket(plan: StepPlan, seqs: list[int], layout: _Layout) -> Bucket:
+    ptr = {name: [getattr(plan, name)[i : i + 2] for i in seqs] for name in ("query_ptr", "fp_ptr", "q_ptr", "block_ptr", "write_ptr")}
+    new_len = torch.tensor([b - a for a, b in ptr["query_ptr"]])
+    fp_len = torch.tensor([b - a for a, b in ptr["fp_ptr"]])
+    width = int((fp_len + new_len).max())  # L_fp
+    fp_slots = _padded(plan.fp_slots, ptr["fp_ptr"], width, pad=layout.zero_page * layout.fp_page_tokens)
+    fp_rows = layout.fp_row(fp_slots)
+    row_base = [s * width for s in range(len(seqs))]  # first kv_fp row of each sequence
     t = torch.arange(int(new_len.max())).unsqueeze(0)  # [1, Q]
     t_clamped = torch.minimum(t, new_len.unsqueeze(1) - 1)  # [S, Q]
-    mask = j.unsqueeze(0) <= (cached + t_clamped).unsqueeze(2)  # [S, Q, L]: causal over the new tokens
-    valid = (t < new_len.unsqueeze(1)).flatten()
-    query_rows = new_start.unsqueeze(1) + t_clamped
-    return AttentionBucket(
-        query_rows=query_rows,
-        key_rows=key_rows,
-        mask=mask,
-        out_rows=query_rows.flatten()[valid],
-        out_sources=torch.nonzero(valid).flatten(),
-    )
+    is_new = t < new_len.unsqueeze(1)
+    j = torch.arange(width).view(1, 1, -1)
+    visible = j <= (fp_len.unsqueeze(1) + t_clamped).unsqueeze(2)  # [S, Q, L_fp]: causal over new tokens
+    query_rows = torch.tensor([a for a, _ in ptr["query_ptr"]]).unsqueeze(1) + t_clamped
+    valid = is_new.flatten()
+    q_pages, q_mask, has_q = _q_part(plan, ptr["q_ptr"], layout)
+    blocks = _rows(ptr["block_ptr"], plan.block_sources, layout.block_tokens, row_base)
+    writes = _rows(ptr["write_ptr"], plan.write_sources, 1, row_base)
+    write_slots = torch.tensor([s for a, b in ptr["write_ptr"] for s in plan.write_slots[a:b]], dtype=torch.long)
+    block_pages = [p for a, b in ptr["block_ptr"] for p in plan.block_pages[a:b]]
+    move = layout.to_device
+    return Bucket(
+        query_rows=move(query_rows), out_rows=move(query_rows.flatten()[valid]),
+        out_sources=move(torch.nonzero(valid).flatten()), fp_rows=move(fp_rows),
+        new_dest=move((torch.tensor(row_base).unsqueeze(1) + fp_len.unsqueeze(1) + t).flatten()[valid]),
+        new_src=move(query_rows.flatten()[valid]), fp_mask=move(_additive(visible, layout.dtype)),
+        q_pages=move(q_pages), q_mask=move(q_mask), has_q=move(has_q),
+        block_pages=move(torch.tensor(block_pages, dtype=torch.long)),
+        block_sources=move(blocks.view(-1, max(layout.block_tokens, 1))),
+        write_pages=move(write_slots // layout.fp_page_tokens), write_offsets=move(write_slots % layout.fp_page_tokens),
+        write_sources=move(writes),
+    )  # fmt: skip
+
+
+def _q_part(plan: StepPlan, q_ptr: list[list[int]], layout: _Layout) -> tuple[torch.Tensor, ...]:
+    """Padded 2-bit pages of a bucket: (pages [S, P], additive mask [S, 1, P * bt], has_q [S])."""
+    counts = torch.tensor([b - a for a, b in q_ptr])
+    width = int(counts.max())
+    pages = _padded(plan.q_pages, q_ptr, width, pad=layout.zero_page)
+    valid = torch.arange(width).unsqueeze(0) < counts.unsqueeze(1)  # [S, P]
+    visible = valid.repeat_interleave(layout.block_tokens, dim=1)  # [S, P * bt]
+    return pages, _additive(visible.unsqueeze(1), layout.dtype), counts > 0
+
+
+def _padded(values: list[int], ptr: list[list[int]], width: int, pad: int) -> torch.Tensor:
+    """values[a:b] of each (a, b) in `ptr` as the rows of a `[len(ptr), width]` tensor."""
+    out = [pad] * (len(ptr) * width)
+    for s, (a, b) in enumerate(ptr):
+        out[s * width : s * width + b - a] = values[a:b]
+    return torch.tensor(out, dtype=torch.long).view(len(ptr), width)
+
+
+def _rows(ptr: list[list[int]], local_rows: list[int], per_item: int, row_base: list[int]) -> torch.Tensor:
+    """Sequence-local rows (cached fp, then new) of each sequence's items -> rows of kv_fp."""
+    out = [row_base[s] + r for s, (a, b) in enumerate(ptr) for r in local_rows[a * per_item : b * per_item]]
+    return torch.tensor(out, dtype=torch.long)

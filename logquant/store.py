@@ -4,9 +4,9 @@ One uint8 buffer `[num_layers, num_pages, page_bytes]` is allocated once; typed 
 give the full-precision tier and the sections of 2-bit pages (see `layout.py`). Per layer,
 `forward` executes a step's `StepTensors` for every sequence of the step in one call:
 
-1. gather the cached fp tokens (one index), dequantize every named 2-bit page (one pass),
-   and lay them next to the step's new tokens in one pool;
-2. attend: one batched call per bucket (decodes, prefill chunks), GQA folded into query rows;
+1. per bucket (decodes, prefill chunks): gather the cached fp tokens into a padded tensor
+   with one row copy, put the new tokens after them, dequantize the 2-bit pages (one pass);
+2. attend both parts, GQA folded into query rows, merged by log-sum-exp (`attention.py`);
 3. then write: quantize every block demoted in the step (one batched pass) and scatter the
    new tokens that stay full precision. Writes come last because a new token may reuse a
    slot freed by a demotion of the same step.
@@ -22,7 +22,7 @@ from logquant.attention import bucket_attention
 from logquant.kv_manager import StepPlan
 from logquant.layout import KVLayout
 from logquant.quant import quantize, unpack_lut
-from logquant.step import StepTensors, build_step_tensors
+from logquant.step import Bucket, StepTensors, build_step_tensors
 
 SCALE_DTYPE = torch.float16
 
@@ -31,7 +31,8 @@ class PagedKVStore:
     def __init__(self, layout: KVLayout, num_pages: int, dtype: torch.dtype, device: torch.device | str) -> None:
         assert torch.empty((), dtype=dtype).element_size() == layout.dtype_bytes, "layout dtype mismatch"
         self.layout, self.num_pages, self.dtype, self.device = layout, num_pages, dtype, torch.device(device)
-        self.buffer = torch.zeros(layout.num_layers, num_pages, layout.page_bytes, dtype=torch.uint8, device=self.device)
+        # one more page than the KV manager hands out: the zero page, which padding reads
+        self.buffer = torch.zeros(layout.num_layers, num_pages + 1, layout.page_bytes, dtype=torch.uint8, device=self.device)
         self._make_views()
 
     def _make_views(self) -> None:
@@ -64,7 +65,7 @@ class PagedKVStore:
         elem = self.layout.dtype_bytes
         step_elems = self.layout.page_bytes // self.fp_row_of[0] // elem
         row_elems = self.layout.fp_token_bytes // elem
-        layer_elems = self.num_pages * self.layout.page_bytes // elem
+        layer_elems = (self.num_pages + 1) * self.layout.page_bytes // elem
         num_rows = (layer_elems - row_elems) // step_elems + 1
         flat = [self.buffer[i].view(-1).view(self.dtype) for i in range(self.layout.num_layers)]
         return [f.as_strided((num_rows, row_elems), (step_elems, 1)) for f in flat]
@@ -77,13 +78,16 @@ class PagedKVStore:
         """Reallocate for `num_pages` pages, keeping the contents of the existing ones."""
         assert num_pages >= self.num_pages, "the store never shrinks"
         old = self.buffer
-        self.buffer = torch.zeros(old.shape[0], num_pages, old.shape[2], dtype=torch.uint8, device=self.device)
-        self.buffer[:, : self.num_pages] = old
+        self.buffer = torch.zeros(old.shape[0], num_pages + 1, old.shape[2], dtype=torch.uint8, device=self.device)
+        self.buffer[:, : self.num_pages] = old[:, : self.num_pages]
         self.num_pages = num_pages
         self._make_views()
 
     def prepare(self, plan: StepPlan) -> StepTensors:
-        return build_step_tensors(plan, self.layout.block_tokens, self.layout.fp_page_tokens, self.fp_row_of, self.device)
+        layout = self.layout
+        return build_step_tensors(
+            plan, layout.block_tokens, layout.fp_page_tokens, self.fp_row_of, self.num_pages, self.dtype, self.device
+        )
 
     # ---- one layer of one step -----------------------------------------------------------
     def forward(
@@ -97,36 +101,42 @@ class PagedKVStore:
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Attend every sequence of the step over its cached tokens plus its new ones, then
         store the new tokens in `layer`."""
-        pool = self.pool(layer, step, key, value)
-        out = bucket_attention(query, pool, step.buckets, scaling)
-        self.write(layer, step, pool[step.num_q_rows :])
+        out = torch.empty_like(query)
+        for bucket in step.buckets:
+            kv_fp, kv_q = self.gather(layer, bucket, key, value)
+            out[bucket.out_rows] = bucket_attention(query, kv_fp, kv_q, bucket, scaling)
+            self.write(layer, bucket, kv_fp)
         return out
 
-    def pool(self, layer: int, step: StepTensors, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """2-bit tokens, cached fp tokens and new tokens of the step, in the plan's row order:
-        `[pool_rows, 2, kv_heads, head_dim]` (K and V interleaved, as in the fp tier)."""
-        h, d, nq, nfp = self.layout.num_kv_heads, self.layout.head_dim, step.num_q_rows, step.num_fp_cached
-        pool = torch.empty(nq + nfp + key.shape[0], 2, h, d, dtype=self.dtype, device=self.device)
-        if nq:
-            self.dequantize_pages(layer, step.q_pages, out=pool[:nq])
-        torch.index_select(self.fp_rows[layer], 0, step.fp_rows, out=pool[nq : nq + nfp].view(nfp, 2 * h * d))
-        pool[nq + nfp :, 0] = key
-        pool[nq + nfp :, 1] = value
-        return pool
+    def gather(
+        self, layer: int, bucket: Bucket, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The bucket's keys and values: `kv_fp [S, L_fp, 2, h, d]` (cached fp tokens gathered
+        from the store with one row copy, then the new tokens) and `kv_q [S, L_q, 2, h, d]`
+        (its 2-bit pages dequantized), or None when no sequence has 2-bit tokens."""
+        h, d = self.layout.num_kv_heads, self.layout.head_dim
+        s, width = bucket.fp_rows.shape
+        kv_fp = self.fp_rows[layer].index_select(0, bucket.fp_rows.flatten()).view(s * width, 2, h, d)
+        kv_fp[bucket.new_dest] = torch.stack([key[bucket.new_src], value[bucket.new_src]], dim=1).to(self.dtype)
+        kv_q = None
+        if bucket.q_pages.shape[1]:
+            kv_q = torch.empty(s, bucket.q_pages.shape[1] * self.layout.block_tokens, 2, h, d, dtype=self.dtype, device=self.device)
+            self.dequantize_pages(layer, bucket.q_pages.flatten(), kv_q.view(-1, 2, h, d))
+        return kv_fp.view(s, width, 2, h, d), kv_q
 
-    def write(self, layer: int, step: StepTensors, fp_pool: torch.Tensor) -> None:
-        """Quantize the step's demoted blocks and store the new fp tokens. `fp_pool`: the fp
-        part of the pool `[num_fp_cached + num_tokens, 2, h, d]`."""
-        if step.block_pages.numel():
-            self._write_blocks(layer, step, fp_pool)
-        self.fp[layer, step.write_pages, step.write_offsets] = fp_pool[step.write_sources]
+    def write(self, layer: int, bucket: Bucket, kv_fp: torch.Tensor) -> None:
+        """Quantize the bucket's demoted blocks and store its new fp tokens (rows of `kv_fp`)."""
+        rows = kv_fp.view(-1, *kv_fp.shape[2:])  # [S * L_fp, 2, h, d]
+        if bucket.block_pages.numel():
+            self._write_blocks(layer, bucket, rows)
+        self.fp[layer, bucket.write_pages, bucket.write_offsets] = rows[bucket.write_sources]
 
-    def _write_blocks(self, layer: int, step: StepTensors, fp_pool: torch.Tensor) -> None:
-        blocks = fp_pool[step.block_sources]  # [num_blocks, block_tokens, 2, h, d]
+    def _write_blocks(self, layer: int, bucket: Bucket, rows: torch.Tensor) -> None:
+        blocks = rows[bucket.block_sources]  # [num_blocks, block_tokens, 2, h, d]
         block_keys, block_values = blocks[:, :, 0], blocks[:, :, 1]
         qk = quantize(block_keys, self.layout.bits, self.layout.block_tokens, axis=1, scale_dtype=SCALE_DTYPE)
         qv = quantize(block_values, self.layout.bits, self.layout.group_size, axis=3, scale_dtype=SCALE_DTYPE)
-        pages = step.block_pages
+        pages = bucket.block_pages
         self.key_codes[layer, pages] = qk.codes
         self.key_scale[layer, pages] = qk.scale.squeeze(1)
         self.key_zero[layer, pages] = qk.zero.squeeze(1)
@@ -146,3 +156,4 @@ class PagedKVStore:
         value_codes = unpack_lut(self.value_codes[layer, pages], bits, self.dtype).view(n, bt, h, groups, -1)
         value_zero, value_scale = (t[layer, pages].unsqueeze(-1).to(self.dtype) for t in (self.value_zero, self.value_scale))
         torch.addcmul(value_zero, value_codes, value_scale, out=values_out)  # per token, per group of channels
+

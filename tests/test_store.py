@@ -41,6 +41,7 @@ def run_steps(policy_name: str, budget: int, kv_heads: int, steps: list[dict[str
     gen = torch.Generator().manual_seed(seed)
     heads = kv_heads * 3 if kv_heads == 1 else 4 * kv_heads if kv_heads == 2 else 4
     store, manager = make_store(policy_name, budget, kv_heads=kv_heads)
+    store.buffer[:, : store.num_pages] = 255  # unwritten bytes read as NaN: padding must never touch them
     history: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for chunks in steps:
         for seq, n in chunks.items():
