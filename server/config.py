@@ -40,14 +40,20 @@ class ServerSettings(BaseSettings):
     )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU memory fraction when no budget")
     device: Literal["cpu", "cuda"] | None = Field(None, description="null: cuda if available, else cpu")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="null: bfloat16 on cuda, float32 on cpu")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="null: bfloat16 on cuda, float32 on cpu"
+    )
     max_num_seqs: int = Field(64, ge=1, description="most sequences in one batch")
     max_num_batched_tokens: int = Field(512, ge=1, description="token budget of one step")
     max_model_len: int | None = Field(None, ge=2, description="null: the model's context length")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every route but /health, /ready, /metrics, /version")
-    max_waiting_requests: int = Field(256, ge=1, description="429 beyond this many waiting sequences, counted from acceptance")
+    api_key: str | None = Field(
+        None, description="require 'Authorization: Bearer KEY' on every route but /health, /ready, /metrics, /version"
+    )
+    max_waiting_requests: int = Field(
+        256, ge=1, description="429 beyond this many waiting sequences, counted from acceptance"
+    )
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="413 beyond this request size")
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, requests still running after this long end with a 503"

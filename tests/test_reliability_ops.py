@@ -118,7 +118,8 @@ def test_past_the_grace_period_requests_end_with_503_in_openai_shape() -> None:
         gate.set()
     assert all(json.loads(line.removeprefix("data: "))["choices"] for line in first)
     error = json.loads(rest[-2].removeprefix("data: "))["error"]
-    assert rest[-1] == "data: [DONE]" and error["code"] == "server_shutting_down" and error["type"] == "service_unavailable"
+    assert rest[-1] == "data: [DONE]"
+    assert error["code"] == "server_shutting_down" and error["type"] == "service_unavailable"
     response = result["r"]
     assert response.status_code == 503 and response.json()["error"]["code"] == "server_shutting_down"
 

@@ -147,7 +147,9 @@ async def choice_events(
             task.cancel()
 
 
-async def collect_choices(events: AsyncIterator[ChoiceEvent], num: int) -> tuple[list[str], list[list[dict]], list, int]:
+async def collect_choices(
+    events: AsyncIterator[ChoiceEvent], num: int
+) -> tuple[list[str], list[list[dict]], list, int]:
     """Non-streaming: run `events` to the end; per choice text, logprob entries and finish
     reason, plus the number of generated tokens."""
     texts, entries, finish, generated = [""] * num, [[] for _ in range(num)], [None] * num, 0

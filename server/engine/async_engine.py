@@ -73,7 +73,9 @@ class _Pending:
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore, on_step: Callable[[EngineStats, list[Sequence], list[float]], None] | None = None) -> None:
+    def __init__(
+        self, core: EngineCore, on_step: Callable[[EngineStats, list[Sequence], list[float]], None] | None = None
+    ) -> None:
         self.core = core
         self.on_step = on_step
         self._commands: queue.Queue = queue.Queue()
