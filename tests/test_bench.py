@@ -48,8 +48,11 @@ def test_compare_with_transformers_serve(tmp_path) -> None:
     if shutil.which("transformers") is None and not (Path(sys.executable).parent / "transformers").exists():
         pytest.skip("the transformers CLI is not installed")
     out = tmp_path / "cmp.json"
-    run("bench/compare.py", "--policies", "logquant", "--num-requests", "2", "--concurrency", "2", "--max-tokens",
-        "4", "--json", str(out))  # fmt: skip
-    runs = json.loads(out.read_text())["runs"]
-    assert set(runs) == {"transformers", "logquant-serve logquant"}
+    run("bench/compare.py", "--scenario", "sharegpt", "--peers", "transformers-cb", "--policies", "logquant",
+        "--num-requests", "2", "--concurrency", "2", "--max-tokens", "4", "--kv-cache-memory", "64MiB",
+        "--json", str(out))  # fmt: skip
+    record = json.loads(out.read_text())
+    runs = record["runs"]
+    assert set(runs) == {"transformers-cb", "logquant-serve logquant"}
+    assert record["provenance"]["command"].startswith("python bench/compare.py")
     assert all(r["errors"] == 0 for r in runs.values())
