@@ -161,3 +161,35 @@ def test_other_architectures_match_generate(arch: str) -> None:
     while logquant.has_work():
         logquant.step()
     assert len(seq.output_token_ids) == 8
+
+
+def test_a_failing_row_fails_only_its_request(monkeypatch) -> None:
+    """Sampling that raises for one request: its row is retried alone and fails; the other
+    requests of the same steps finish with the same tokens as without it."""
+    import server.engine.runner as runner_module
+
+    real_sample = runner_module.sample
+
+    def sample_failing_on_seed_13(logits, seqs, tokenizer=None):
+        if any(s.params.seed == 13 for s in seqs):
+            raise FloatingPointError("poisoned row")
+        return real_sample(logits, seqs, tokenizer=tokenizer)
+
+    def run(poison: bool) -> dict[str, object]:
+        engine = make_engine(budget=64)
+        tok = engine.tokenizer
+        seqs = {}
+        for i, prompt in enumerate(PROMPTS):
+            seed = 13 if poison and i == 1 else None
+            params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, seed=seed)
+            (seqs[prompt],) = engine.add_request(f"r{i}", tok.encode(prompt), params)
+        while engine.has_work():
+            engine.step()
+        assert engine.kv_manager.num_free_pages == engine.kv_manager.num_pages
+        return {p: (s.finish_reason, s.output_token_ids, s.error) for p, s in seqs.items()}
+
+    monkeypatch.setattr(runner_module, "sample", sample_failing_on_seed_13)
+    clean, poisoned = run(poison=False), run(poison=True)
+    reason, tokens, error = poisoned.pop(PROMPTS[1])
+    assert reason == "error" and tokens == [] and "poisoned row" in error
+    assert poisoned == {p: v for p, v in clean.items() if p != PROMPTS[1]}

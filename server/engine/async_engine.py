@@ -220,6 +220,9 @@ class AsyncEngine:
             pending = self._streams.get(seq.request_id)
             if pending is None:
                 continue
+            if seq.finish_reason == "error":  # only this request fails; the step's others go on
+                self._fail_request(seq.request_id, pending, seq.error)
+                continue
             logprob = seq.output_logprobs[-1] if seq.params.logprobs is not None else None
             self._send(pending, SequenceDelta(seq.index, seq.output_token_ids[-1], logprob, seq.finish_reason, seq))
             if seq.is_finished:
@@ -231,6 +234,12 @@ class AsyncEngine:
         running = self.core.scheduler.sequences
         if all(f"{pending.request_id}-{i}" not in running for i in range(pending.params.n)):
             self._streams.pop(pending.request_id, None)
+
+    def _fail_request(self, request_id: str, pending: _Pending, error: str | None) -> None:
+        logger.error("request %s failed in the engine: %s", request_id, error)
+        self._streams.pop(request_id, None)
+        self.core.abort_request(request_id, pending.params.n)
+        self._send(pending, EngineStepError("engine step failed"))
 
     def _fail_all(self, exc: BaseException) -> None:
         for request_id, pending in list(self._streams.items()):

@@ -50,7 +50,7 @@ class EngineCore:
             config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, exact_recompute=policy.block_tokens > 0
         )
         self.scheduler = Scheduler(scheduler_config, self.kv_manager)
-        self.runner = ModelRunner(model, self.store)
+        self.runner = ModelRunner(model, self.store, tokenizer)
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.stats = EngineStats(kv_capacity_bytes=self.kv_manager.capacity_bytes)
         self.last_step_itl: list[float] = []  # inter-token latencies observed by the last step
@@ -123,10 +123,11 @@ class EngineCore:
     def step(self) -> list[Sequence]:
         """Run one step; return the sequences that got a new token (finished ones included)."""
         output = self.scheduler.schedule()
-        sampled = {}
+        sampled, failed = {}, []
         if output.chunks:
             plan = self.kv_manager.plan_step([(c.seq_id, len(c.token_ids)) for c in output.chunks])
-            sampled = self.runner.execute(output, plan, self.scheduler.sequences)
+            result = self.runner.execute(output, plan, self.scheduler.sequences)
+            sampled, failed = result.sampled, self._fail(result.failed)
         if self.config.debug_integrity:
             self.kv_manager.check_integrity()
         now = time.monotonic()
@@ -142,7 +143,17 @@ class EngineCore:
             seq.timings.last_token = now
         self.stats.generation_tokens += len(updated)
         self._update_stats()
-        return updated
+        return updated + failed
+
+    def _fail(self, failures: dict[str, Exception]) -> list[Sequence]:
+        """Finish the sequences whose rows failed, with finish_reason "error" and `seq.error`
+        set; their pages are freed at once and the rest of the step goes on."""
+        failed = []
+        for seq_id, exc in failures.items():
+            seq = self.scheduler.fail(seq_id, f"{type(exc).__name__}: {exc}")
+            if seq is not None:
+                failed.append(seq)
+        return failed
 
     def _update_stats(self) -> None:
         s = self.stats

@@ -163,7 +163,8 @@ class Sequence:
     output_logprobs: list[dict] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: str | None = None  # "stop", "length", "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
+    error: str | None = None  # why a sequence ended with "error" (logged, never shown to clients)
     num_preemptions: int = 0
     timings: SequenceTimings = field(default_factory=SequenceTimings)
     # The grammar matcher of a structured request, created by the sampler at its first token.

@@ -9,10 +9,11 @@ Then it samples the rows that end a sequence's known tokens.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.masking_utils import AttentionMaskInterface
 
 from logquant.kv_manager import StepPlan
@@ -24,6 +25,13 @@ from server.engine.sampler import SampleResult, sample
 from server.engine.scheduler import SchedulerOutput
 
 ATTENTION_NAME = "logquant_paged"
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    sampled: dict[str, SampleResult]  # seq_id -> the token sampled for it
+    failed: dict[str, Exception]  # seq_id -> why its row could not be sampled
 
 
 @dataclass(frozen=True)
@@ -72,14 +80,15 @@ def layout_for(model: PreTrainedModel, policy, dtype: torch.dtype, group_size: i
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, store: PagedKVStore) -> None:
+    def __init__(self, model: PreTrainedModel, store: PagedKVStore, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         self.model = model
         self.store = store
+        self.tokenizer = tokenizer  # for structured-output masks
         self.device = store.device
         model.set_attn_implementation(ATTENTION_NAME)
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput, plan: StepPlan, sequences: dict[str, Sequence]) -> dict[str, SampleResult]:
+    def execute(self, output: SchedulerOutput, plan: StepPlan, sequences: dict[str, Sequence]) -> StepResult:
         """Run the step's chunks (`plan` is their KV plan, in the same order); sample."""
         token_ids, positions, sample_rows, sample_ids = [], [], [], []
         for chunk in output.chunks:
@@ -91,9 +100,24 @@ class ModelRunner:
         step = self.store.prepare(plan)
         logits = self._forward(token_ids, positions, step, sample_rows or [len(token_ids) - 1])
         if not sample_rows:
-            return {}
-        results = sample(logits, [sequences[s] for s in sample_ids])  # logits: [num_sample, vocab]
-        return dict(zip(sample_ids, results))
+            return StepResult({}, {})
+        return self._sample(logits, [sequences[s] for s in sample_ids])  # logits: [num_sample, vocab]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> StepResult:
+        """Sample every row at once; if that fails, row by row, so that only the rows that
+        fail (e.g. a request whose parameters break the numerics) lose their sequence."""
+        try:
+            return StepResult({s.seq_id: r for s, r in zip(seqs, sample(logits, seqs, tokenizer=self.tokenizer))}, {})
+        except Exception:
+            logger.exception("batched sampling failed; retrying the %d rows one by one", len(seqs))
+        result = StepResult({}, {})
+        for row, seq in enumerate(seqs):
+            try:
+                (result.sampled[seq.seq_id],) = sample(logits[row : row + 1], [seq], tokenizer=self.tokenizer)
+            except Exception as exc:
+                logger.exception("sampling failed for %s", seq.seq_id)
+                result.failed[seq.seq_id] = exc
+        return result
 
     def _forward(self, token_ids: list[int], positions: list[int], step: StepTensors, logits_rows: list[int]) -> torch.Tensor:
         out = self.model(

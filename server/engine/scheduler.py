@@ -74,6 +74,16 @@ class Scheduler:
         self.waiting.append(seq)
 
     def abort(self, seq_id: str) -> Sequence | None:
+        return self._end(seq_id, "abort")
+
+    def fail(self, seq_id: str, error: str) -> Sequence | None:
+        """End a sequence whose step failed (finish_reason "error"; `seq.error` says why)."""
+        seq = self._end(seq_id, "error")
+        if seq is not None:
+            seq.error = error
+        return seq
+
+    def _end(self, seq_id: str, reason: str) -> Sequence | None:
         seq = self.sequences.get(seq_id)
         if seq is None or seq.is_finished:
             return None
@@ -81,7 +91,7 @@ class Scheduler:
             self.waiting.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
-        self._finish(seq, "abort")
+        self._finish(seq, reason)
         return seq
 
     def has_work(self) -> bool:
