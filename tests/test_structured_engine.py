@@ -1,24 +1,13 @@
 """Structured outputs through the engine: preemption and recompute keep every matcher in step."""
 
-import functools
 import json
 
 import jsonschema
 import pytest
 
-import server.engine.runner as runner_module
 from server.engine.request import SamplingParams, StructuredSpec
-from server.engine.sampler import sample
 from test_engine import PROMPTS, make_engine
 from test_structured import SCHEMAS
-
-
-@pytest.fixture(autouse=True)
-def runner_passes_the_tokenizer(monkeypatch):
-    """The runner gives the sampler no tokenizer yet; bind the tiny one (all engines here use it)."""
-    from tiny import byte_tokenizer
-
-    monkeypatch.setattr(runner_module, "sample", functools.partial(sample, tokenizer=byte_tokenizer()))
 
 
 def run(engine, schemas: list[dict]) -> list[list[int]]:
