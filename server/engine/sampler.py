@@ -2,7 +2,8 @@
 top-k, top-p, min-p, seeds, logprobs.
 
 Every step of the pipeline runs once over all rows (per-row settings are tensors), and the
-chosen tokens reach Python with one `.tolist()`; nothing syncs per row.
+chosen tokens reach Python with one `.tolist()` (logprobs with two more, for the rows that ask);
+nothing syncs per row (top-p checks once per candidate size whether every row's nucleus fit).
 
 - Numerics: temperatures below `GREEDY_TEMPERATURE` are greedy; logits are shifted by their row
   maximum before dividing by the temperature (no overflow); penalties are clamped to finite
