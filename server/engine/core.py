@@ -17,6 +17,7 @@ from server.engine.config import EngineConfig
 from server.engine.request import SamplingParams, Sequence
 from server.engine.runner import ModelRunner, layout_for
 from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.structured import compile_structured
 
 logger = logging.getLogger(__name__)
 CPU_DEFAULT_KV_BYTES = 2**30
@@ -102,6 +103,8 @@ class EngineCore:
         params.validate()
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
+        if params.structured is not None:  # an invalid spec fails here, never inside a step
+            compile_structured(params.structured, self.tokenizer)
         seqs = [
             Sequence(f"{request_id}-{i}", request_id, i, list(prompt_token_ids), params, self.eos_token_ids)
             for i in range(params.n)
