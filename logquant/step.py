@@ -9,12 +9,14 @@ of S sequences, each layer builds two padded key/value tensors straight from the
 and attends both parts with one call each, merged by log-sum-exp. Block sources and new-token
 writes are rows of `kv_fp` flattened to `[S * L_fp]`, so a new token is read from the step's
 own tensors and every write happens after attention. The CSR lists of the plan (`query_ptr`,
-`fp_ptr`, `fp_slots`, `q_ptr`, `q_pages`) are what a fused kernel reads instead.
+`fp_ptr`, `fp_slots`, `q_ptr`, `q_pages`) are what a fused kernel reads instead: with
+`decode_index=True`, the decode bucket also gets a `DecodeIndex` (those lists as tensors, and
+write sources that do not need `kv_fp`), which `logquant/kernels/` uses on CUDA.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -22,6 +24,24 @@ import torch
 from logquant.kv_manager import StepPlan
 
 Mover = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DecodeIndex:
+    """A decode bucket (one new token per sequence) as the fused kernel reads it: CSR over
+    token-level fp slots and 2-bit pages. Its writes read a compact tensor instead of `kv_fp`:
+    rows `[0, n_src)` are the cached fp tokens demoted in this step (`src_fp_rows`), then the
+    bucket's new tokens in `Bucket.new_src` order."""
+
+    query_rows: torch.Tensor  # [S] row of each sequence's new token in the flat batch
+    fp_ptr: torch.Tensor  # [S + 1] int32 CSR offsets into fp_slots
+    fp_slots: torch.Tensor  # [n_fp] int32 flat fp slots (page * fp_page_tokens + offset)
+    q_ptr: torch.Tensor  # [S + 1] int32 CSR offsets into q_pages
+    q_pages: torch.Tensor  # [n_q] int32 2-bit pages
+    max_keys: int  # most keys one sequence attends to (cached fp + 2-bit + new): sizes the splits
+    src_fp_rows: torch.Tensor  # [n_src] rows of the store's fp row view
+    block_sources: torch.Tensor  # [num_blocks, bt] rows of the compact tensor
+    write_sources: torch.Tensor  # [num_written] rows of the compact tensor
 
 
 @dataclass(frozen=True)
@@ -41,6 +61,7 @@ class Bucket:
     write_pages: torch.Tensor  # [num_written] fp pages of the new tokens that stay fp
     write_offsets: torch.Tensor  # [num_written]
     write_sources: torch.Tensor  # [num_written] rows of kv_fp [S * L_fp]
+    decode: DecodeIndex | None = None  # decode buckets, when asked for (see build_step_tensors)
 
 
 @dataclass(frozen=True)
@@ -52,11 +73,12 @@ class StepTensors:
 
 def build_step_tensors(
     plan: StepPlan, block_tokens: int, fp_page_tokens: int, fp_row_of: tuple[int, int], zero_page: int,
-    dtype: torch.dtype, device: torch.device,
+    dtype: torch.dtype, device: torch.device, decode_index: bool = False,
 ) -> StepTensors:  # fmt: skip
     """Index tensors of a step, made on the CPU and moved once (pinned and async on CUDA).
     `fp_row_of`: (rows per page, rows per token) of the store's fp row view; padding reads
-    `zero_page`, which is never written, so masked keys and values are zeros, never NaN."""
+    `zero_page`, which is never written, so masked keys and values are zeros, never NaN.
+    `decode_index`: also give the decode bucket its `DecodeIndex` (for the fused kernel)."""
     q_lens = [plan.query_ptr[i + 1] - plan.query_ptr[i] for i in range(plan.num_seqs)]
     groups = [[i for i, n in enumerate(q_lens) if n == 1], [i for i, n in enumerate(q_lens) if n > 1]]
     groups = [g for g in groups if g]
@@ -65,7 +87,10 @@ def build_step_tensors(
     for b, seqs in enumerate(groups):
         for row, i in enumerate(seqs):
             bucket_of_seq[i] = (b, row)
-    return StepTensors(plan, [_bucket(plan, seqs, layout) for seqs in groups], bucket_of_seq)
+    buckets = [_bucket(plan, seqs, layout) for seqs in groups]
+    if decode_index and groups and q_lens[groups[0][0]] == 1:
+        buckets[0] = replace(buckets[0], decode=_decode_index(plan, groups[0], layout))
+    return StepTensors(plan, buckets, bucket_of_seq)
 
 
 @dataclass(frozen=True)
@@ -148,3 +173,35 @@ def _rows(ptr: list[list[int]], local_rows: list[int], per_item: int, row_base: 
     """Sequence-local rows (cached fp, then new) of each sequence's items -> rows of kv_fp."""
     out = [row_base[s] + r for s, (a, b) in enumerate(ptr) for r in local_rows[a * per_item : b * per_item]]
     return torch.tensor(out, dtype=torch.long)
+
+
+def _decode_index(plan: StepPlan, seqs: list[int], layout: _Layout) -> DecodeIndex:
+    """CSR tensors of a decode bucket and its write sources as rows of the compact tensor."""
+    fp_ptr, q_ptr, fp_slots, q_pages, src_slots = [0], [0], [], [], []
+    block_rows, write_rows = [], []  # >= 0: a cached token's compact row; < 0: ~(its new token's index)
+    bt = layout.block_tokens
+    for b, i in enumerate(seqs):  # sequence b's new token is the bucket's b-th (one per sequence)
+        slots = plan.fp_slots[plan.fp_ptr[i] : plan.fp_ptr[i + 1]]
+        fp_slots += slots
+        q_pages += plan.q_pages[plan.q_ptr[i] : plan.q_ptr[i + 1]]
+        fp_ptr.append(len(fp_slots))
+        q_ptr.append(len(q_pages))
+        for r in plan.block_sources[plan.block_ptr[i] * bt : plan.block_ptr[i + 1] * bt]:
+            block_rows.append(len(src_slots) if r < len(slots) else ~b)
+            src_slots += slots[r : r + 1] if r < len(slots) else []
+        write_rows += [~b for _ in plan.write_sources[plan.write_ptr[i] : plan.write_ptr[i + 1]]]
+    max_keys = max(fp_ptr[b + 1] - fp_ptr[b] + (q_ptr[b + 1] - q_ptr[b]) * bt + 1 for b in range(len(seqs)))
+    move = layout.to_device
+    return DecodeIndex(
+        query_rows=move(torch.tensor([plan.query_ptr[i] for i in seqs], dtype=torch.int32)),
+        fp_ptr=move(torch.tensor(fp_ptr, dtype=torch.int32)), fp_slots=move(torch.tensor(fp_slots, dtype=torch.int32)),
+        q_ptr=move(torch.tensor(q_ptr, dtype=torch.int32)), q_pages=move(torch.tensor(q_pages, dtype=torch.int32)),
+        max_keys=max_keys, src_fp_rows=move(layout.fp_row(torch.tensor(src_slots, dtype=torch.long))),
+        block_sources=move(_compact(block_rows, len(src_slots)).view(-1, max(bt, 1))),
+        write_sources=move(_compact(write_rows, len(src_slots))),
+    )  # fmt: skip
+
+
+def _compact(rows: list[int], num_cached: int) -> torch.Tensor:
+    """Rows of the compact tensor: cached rows as they are, ~k (new token k) -> num_cached + k."""
+    return torch.tensor([r if r >= 0 else num_cached + ~r for r in rows], dtype=torch.long)

@@ -10,6 +10,10 @@ give the full-precision tier and the sections of 2-bit pages (see `layout.py`). 
 3. then write: quantize every block demoted in the step (one batched pass) and scatter the
    new tokens that stay full precision. Writes come last because a new token may reuse a
    slot freed by a demotion of the same step.
+
+On CUDA (`decode_backend="triton"`, chosen automatically) the decode bucket skips 1-2: one
+fused kernel reads the fp slots and 2-bit pages in place (`logquant/kernels/`), and its
+writes read only the demoted cached tokens and the new tokens (no padded `kv_fp`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 import torch
 
 from logquant.attention import bucket_attention
+from logquant.kernels import select_decode_backend
 from logquant.kv_manager import StepPlan
 from logquant.layout import KVLayout
 from logquant.quant import quantize, unpack_lut
@@ -28,9 +33,14 @@ SCALE_DTYPE = torch.float16
 
 
 class PagedKVStore:
-    def __init__(self, layout: KVLayout, num_pages: int, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self, layout: KVLayout, num_pages: int, dtype: torch.dtype, device: torch.device | str,
+        decode_backend: str | None = None,
+    ) -> None:  # fmt: skip
+        """`decode_backend`: `torch` or `triton` (the fused kernel); None picks `triton` on CUDA."""
         assert torch.empty((), dtype=dtype).element_size() == layout.dtype_bytes, "layout dtype mismatch"
         self.layout, self.num_pages, self.dtype, self.device = layout, num_pages, dtype, torch.device(device)
+        self.decode_backend = select_decode_backend(self.device, layout, dtype, decode_backend)
         # one more page than the KV manager hands out: the zero page, which padding reads
         self.buffer = torch.zeros(layout.num_layers, num_pages + 1, layout.page_bytes, dtype=torch.uint8, device=self.device)
         self._make_views()
@@ -86,7 +96,8 @@ class PagedKVStore:
     def prepare(self, plan: StepPlan) -> StepTensors:
         layout = self.layout
         return build_step_tensors(
-            plan, layout.block_tokens, layout.fp_page_tokens, self.fp_row_of, self.num_pages, self.dtype, self.device
+            plan, layout.block_tokens, layout.fp_page_tokens, self.fp_row_of, self.num_pages, self.dtype, self.device,
+            decode_index=self.decode_backend == "triton",
         )
 
     # ---- one layer of one step -----------------------------------------------------------
@@ -103,6 +114,9 @@ class PagedKVStore:
         store the new tokens in `layer`."""
         out = torch.empty_like(query)
         for bucket in step.buckets:
+            if bucket.decode is not None:
+                self._fused_decode(layer, bucket, query, key, value, scaling, out)
+                continue
             kv_fp, kv_q = self.gather(layer, bucket, key, value)
             out[bucket.out_rows] = bucket_attention(query, kv_fp, kv_q, bucket, scaling)
             self.write(layer, bucket, kv_fp)
@@ -128,15 +142,33 @@ class PagedKVStore:
         """Quantize the bucket's demoted blocks and store its new fp tokens (rows of `kv_fp`)."""
         rows = kv_fp.view(-1, *kv_fp.shape[2:])  # [S * L_fp, 2, h, d]
         if bucket.block_pages.numel():
-            self._write_blocks(layer, bucket, rows)
+            self._write_blocks(layer, bucket.block_pages, bucket.block_sources, rows)
         self.fp[layer, bucket.write_pages, bucket.write_offsets] = rows[bucket.write_sources]
 
-    def _write_blocks(self, layer: int, bucket: Bucket, rows: torch.Tensor) -> None:
-        blocks = rows[bucket.block_sources]  # [num_blocks, block_tokens, 2, h, d]
+    def _fused_decode(
+        self, layer: int, bucket: Bucket, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        scaling: float, out: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """The decode bucket on the fused kernel, then its writes from a compact tensor: the
+        cached fp tokens demoted in this step, then the new tokens (see `DecodeIndex`)."""
+        from logquant.kernels.decode import StoreLayer, decode_attention  # imports Triton
+
+        index, (h, d) = bucket.decode, (self.layout.num_kv_heads, self.layout.head_dim)
+        assert index is not None
+        decode_attention(StoreLayer.of(self.buffer, layer, self.dtype, self.layout), index, query, key, value, scaling, out)
+        cached = self.fp_rows[layer].index_select(0, index.src_fp_rows).view(-1, 2, h, d)
+        new = torch.stack([key[bucket.new_src], value[bucket.new_src]], dim=1).to(self.dtype)
+        rows = torch.cat([cached, new])
+        if bucket.block_pages.numel():
+            self._write_blocks(layer, bucket.block_pages, index.block_sources, rows)
+        self.fp[layer, bucket.write_pages, bucket.write_offsets] = rows[index.write_sources]
+
+    def _write_blocks(self, layer: int, pages: torch.Tensor, sources: torch.Tensor, rows: torch.Tensor) -> None:
+        """Quantize the blocks `rows[sources]` ([num_blocks, block_tokens] rows) into `pages`."""
+        blocks = rows[sources]  # [num_blocks, block_tokens, 2, h, d]
         block_keys, block_values = blocks[:, :, 0], blocks[:, :, 1]
         qk = quantize(block_keys, self.layout.bits, self.layout.block_tokens, axis=1, scale_dtype=SCALE_DTYPE)
         qv = quantize(block_values, self.layout.bits, self.layout.group_size, axis=3, scale_dtype=SCALE_DTYPE)
-        pages = bucket.block_pages
         self.key_codes[layer, pages] = qk.codes
         self.key_scale[layer, pages] = qk.scale.squeeze(1)
         self.key_zero[layer, pages] = qk.zero.squeeze(1)

@@ -1,0 +1,276 @@
+"""The fused decode kernel (logquant/kernels/) against the per-sequence reference.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here before
+they are defined), on shapes small enough that every grid has at most ~100 programs; with
+CUDA the same tests run compiled, and the `gpu` tests add realistic shapes.
+"""
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before logquant.kernels.decode defines the kernels
+
+from logquant.attention import attend  # noqa: E402
+from logquant.kernels import select_decode_backend  # noqa: E402
+from logquant.kv_manager import KVManager  # noqa: E402
+from logquant.layout import KVLayout  # noqa: E402
+from logquant.policy import make_policy  # noqa: E402
+from logquant.quant import dequantize, quantize  # noqa: E402
+from logquant.store import PagedKVStore  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install -e '.[gpu]')")
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+D, LAYERS, GROUP_SIZE = 32, 2, 8
+
+
+@dataclass(frozen=True)
+class Case:
+    policy: str
+    budget: int
+    heads: int
+    kv_heads: int
+    dtype: torch.dtype = torch.float32
+    head_dim: int = D
+    group_size: int = GROUP_SIZE
+
+    def layout(self) -> KVLayout:
+        policy = make_policy(self.policy, self.budget, group_size=self.group_size)
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return KVLayout(LAYERS, self.kv_heads, self.head_dim, policy, dtype_bytes=size, group_size=self.group_size)
+
+
+def make_store(case: Case, backend: str | None, seed: int = 0, num_pages: int = 300) -> tuple[PagedKVStore, KVManager]:
+    layout = case.layout()
+    manager = KVManager(layout, num_pages)
+    random.Random(seed).shuffle(manager.pool._free)  # shuffled page ids
+    store = PagedKVStore(layout, num_pages, case.dtype, DEVICE, decode_backend=backend)
+    store.buffer[:, :num_pages] = 255  # never-written bytes read as NaN
+    return store, manager
+
+
+def stored_reference(case: Case, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence's keys/values as the policy stores them: fp tokens exact (in the store
+    dtype), each demoted block quantized once (keys per channel, values per token)."""
+    state = case.layout().policy.new_state()
+    blocks = state.append(keys.shape[0])
+    keys, values = keys.to(case.dtype).float(), values.to(case.dtype).float()
+    fp = state.full_precision_positions()
+    ks, vs = [keys[fp]], [values[fp]]
+    for block in blocks:
+        ks.append(dequantize(quantize(keys[block], 2, len(block), axis=0, scale_dtype=torch.float16), torch.float32))
+        vs.append(dequantize(quantize(values[block], 2, case.group_size, axis=-1, scale_dtype=torch.float16), torch.float32))
+    return torch.cat(ks), torch.cat(vs)
+
+
+def run_steps(
+    case: Case, steps: list[dict[str, int]], seed: int, backend: str | None = "triton", num_pages: int = 300
+) -> int:
+    """Run the steps through the manager and store; check every layer's output for every
+    sequence against `attend` on the stored reference. Returns the blocks demoted by
+    decode buckets that ran on the kernel."""
+    gen = torch.Generator().manual_seed(seed)
+    store, manager = make_store(case, backend, seed, num_pages)
+    history: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    kernel_demotions, tol = 0, 2e-5 if case.dtype == torch.float32 else 4e-3
+    for chunks in steps:
+        for seq, n in chunks.items():
+            manager.allocate(seq, (manager.num_tokens(seq) if seq in manager.sequences else 0) + n)
+        step = store.prepare(manager.plan_step(list(chunks.items())))
+        kernel_demotions += sum(b.block_pages.numel() for b in step.buckets if b.decode is not None)
+        total = sum(chunks.values())
+        for layer in range(LAYERS):
+            q, k, v = (torch.randn(total, h, case.head_dim, generator=gen) for h in (case.heads, case.kv_heads, case.kv_heads))
+            out = store.forward(layer, step, *(t.to(case.dtype).to(DEVICE) for t in (q, k, v)), scaling=case.head_dim**-0.5)
+            assert out.dtype == case.dtype and out.isfinite().all()
+            row = 0
+            for seq, n in chunks.items():
+                empty = torch.empty(0, case.kv_heads, case.head_dim)
+                old_k, old_v = history.get((seq, layer), (empty, empty))
+                ref_k, ref_v = stored_reference(case, old_k, old_v)
+                new = slice(row, row + n)
+                new_k, new_v = (t[new].to(case.dtype).float() for t in (k, v))
+                expected = attend(q[new].to(case.dtype).float(), torch.cat([ref_k, new_k]), torch.cat([ref_v, new_v]), case.head_dim**-0.5)
+                torch.testing.assert_close(out[new].float().cpu(), expected, atol=tol, rtol=tol)
+                history[(seq, layer)] = (torch.cat([old_k, k[new]]), torch.cat([old_v, v[new]]))
+                row += n
+        manager.check_integrity()
+    return kernel_demotions
+
+
+DECODE = {"a": 1, "b": 1, "c": 1}
+# a: no 2-bit block; b: a few; c: many; d joins with a prefill chunk beside the decodes
+STEPS = [{"a": 2, "b": 29, "c": 61}, DECODE, DECODE, {**DECODE, "d": 7}, DECODE, {**DECODE, "d": 1}, DECODE]
+GQA = {1: (2, 2), 4: (8, 2), 8: (8, 1)}  # ratio -> (query heads, kv heads)
+
+
+KERNEL_CASES = [(p, b, r) for p, b in [("kivi", 16), ("logquant", 12)] for r in (1, 4, 8)] + [
+    ("logquant", 30, 4),  # blocks of 10 tokens: not a power of 2
+    ("fp16", 0, 8),  # no 2-bit tier: the kernel is a paged fp16 decode
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("policy,budget,ratio", KERNEL_CASES)
+def test_kernel_steps_match_reference(policy: str, budget: int, ratio: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decodes on the kernel (3 splits, fp tiles of 16 tokens) beside prefill chunks on the
+    torch path; demotions inside decode steps; block sizes 8, 4 and 10 (not a power of 2)."""
+    import logquant.kernels.decode as decode
+
+    monkeypatch.setattr(decode, "choose_splits", lambda *args: 3)
+    monkeypatch.setattr(decode, "BLOCK_N", 16)
+    heads, kv_heads = GQA[ratio]
+    demoted = run_steps(Case(policy, budget, heads, kv_heads), STEPS, seed=ratio)
+    assert demoted > 0 or policy == "fp16"
+
+
+@needs_triton
+def test_kernel_float16_cache() -> None:
+    """A float16 store: fp16 dot operands, fp32 softmax and accumulation."""
+    assert run_steps(Case("logquant", 12, 8, 2, dtype=torch.float16), STEPS, seed=5) > 0
+
+
+def decode_bucket(case: Case, lengths: dict[str, int], seed: int = 0):
+    """A store holding sequences of the given lengths (written with random K/V through the
+    torch path) and the decode step that follows, prepared for the kernel."""
+    store, manager = make_store(case, "triton", seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    for seq, n in lengths.items():
+        manager.allocate(seq, n)
+        step = store.prepare(manager.plan_step([(seq, n)]))
+        for layer in range(LAYERS):
+            q, k, v = (torch.randn(n, h, D, generator=gen).to(DEVICE) for h in (case.heads, case.kv_heads, case.kv_heads))
+            store.forward(layer, step, q, k, v, D**-0.5)
+    for seq, n in lengths.items():
+        manager.allocate(seq, n + 1)
+    step = store.prepare(manager.plan_step([(seq, 1) for seq in lengths]))
+    total = len(lengths)
+    q, k, v = (torch.randn(total, h, D, generator=gen).to(DEVICE) for h in (case.heads, case.kv_heads, case.kv_heads))
+    return store, step.buckets[0], (q, k, v)
+
+
+@needs_triton
+def test_splits_without_work_write_minus_infinity_and_reduce_exactly() -> None:
+    """8 splits over a 2-token sequence and one with 2-bit pages: empty splits give lse -inf and
+    weigh nothing; the result equals the single-split one."""
+    from logquant.kernels.decode import StoreLayer, decode_attention, decode_partials
+
+    case = Case("logquant", 12, 4, 1)
+    store, bucket, (q, k, v) = decode_bucket(case, {"short": 1, "long": 50})
+    view = StoreLayer.of(store.buffer, 0, store.dtype, store.layout)
+    _, lse = decode_partials(view, bucket.decode, q, k, v, D**-0.5, num_splits=8, block_n=16)
+    pages = (bucket.decode.q_ptr[1:] - bucket.decode.q_ptr[:-1]).tolist()
+    fp = (bucket.decode.fp_ptr[1:] - bucket.decode.fp_ptr[:-1]).tolist()
+    assert pages[0] == 0 and fp[0] == 1 and 8 < pages[1] < 16 and 0 < fp[1] <= 16  # fp: all in split 0
+    busy = [[True] + [False] * 7, [k * 2 < pages[1] for k in range(8)]]  # 2 pages per split
+    assert ((lse.cpu() > float("-inf")) == torch.tensor(busy).unsqueeze(1)).all()
+    assert not all(busy[1])
+    one, eight = torch.zeros_like(q), torch.zeros_like(q)
+    decode_attention(view, bucket.decode, q, k, v, D**-0.5, one, num_splits=1)
+    decode_attention(view, bucket.decode, q, k, v, D**-0.5, eight, num_splits=8, block_n=16)
+    torch.testing.assert_close(eight, one, atol=2e-6, rtol=2e-6)
+
+
+@needs_triton
+def test_kernel_reads_strided_query_and_writes_only_its_rows() -> None:
+    """q/k/v as the runner passes them (transposed views); rows outside the bucket untouched."""
+    from logquant.kernels.decode import StoreLayer, decode_attention
+
+    case = Case("kivi", 16, 4, 2)
+    store, bucket, (q, k, v) = decode_bucket(case, {"a": 20, "b": 3}, seed=1)
+    view = StoreLayer.of(store.buffer, 1, store.dtype, store.layout)
+    dense = torch.zeros(2, 3, 4, D, device=DEVICE)
+    decode_attention(view, bucket.decode, q, k, v, D**-0.5, dense[:, 1])
+    strided = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in (q, k, v)]
+    out = torch.full((4, 3, D), 7.0, device=DEVICE).transpose(0, 1)  # [3 tokens, 4 heads, d], strided
+    decode_attention(view, bucket.decode, *strided, D**-0.5, out)
+    torch.testing.assert_close(out[:2], dense[:, 1])
+    assert (out[2] == 7.0).all() and (dense[:, 0] == 0).all() and (dense[:, 2] == 0).all()
+
+
+def test_backend_selection() -> None:
+    layout = Case("logquant", 12, 4, 2).layout()
+    cuda = torch.device("cuda")
+    assert select_decode_backend(torch.device("cpu"), layout, torch.float16) == "torch"
+    assert select_decode_backend(cuda, layout, torch.float16) == ("triton" if HAS_TRITON else "torch")
+    four_bit = KVLayout(2, 2, D, layout.policy, group_size=GROUP_SIZE, bits=4)
+    assert select_decode_backend(cuda, four_bit, torch.float16) == "torch"
+    with pytest.raises(ValueError, match="one of"):
+        select_decode_backend(cuda, layout, torch.float16, "cuda-graphs")
+    with pytest.raises(ValueError, match="2-bit|triton package"):
+        select_decode_backend(cuda, four_bit, torch.float16, "triton")
+
+
+@needs_triton
+def test_store_on_cuda_dispatches_decodes_to_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device is mocked as CUDA: the store picks `triton` by itself, decode buckets run
+    the kernel (once per layer), prefill buckets keep the torch path."""
+    import logquant.kernels.decode as decode
+    import logquant.store
+
+    real_select, calls = logquant.store.select_decode_backend, []
+    monkeypatch.setattr(
+        logquant.store, "select_decode_backend", lambda device, *args: real_select(torch.device("cuda"), *args)
+    )
+    real_kernel = decode.decode_attention
+    monkeypatch.setattr(decode, "decode_attention", lambda *args, **kw: calls.append(1) or real_kernel(*args, **kw))
+    case = Case("logquant", 12, 4, 2)
+    store, _ = make_store(case, backend=None)
+    assert store.decode_backend == "triton"
+    run_steps(case, [{"a": 9, "b": 5}, {"a": 1, "b": 1}, {"a": 1, "c": 3}], seed=3, backend=None)
+    assert len(calls) == 2 * LAYERS
+
+
+def test_cpu_store_keeps_torch_path() -> None:
+    case = Case("logquant", 12, 4, 2)
+    store, manager = make_store(case, backend=None)
+    assert store.decode_backend == ("triton" if CUDA and HAS_TRITON else "torch")
+    manager.allocate("a", 1)
+    step = store.prepare(manager.plan_step([("a", 1)]))
+    assert (step.buckets[0].decode is None) == (store.decode_backend == "torch")
+
+
+@pytest.mark.gpu
+def test_gpu_store_selects_kernel() -> None:
+    store = PagedKVStore(Case("logquant", 192, 32, 8, torch.float16, 128, 32).layout(), 8, torch.float16, "cuda")
+    assert store.decode_backend == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("policy,budget", [("logquant", 192), ("kivi", 128)])
+def test_gpu_kernel_at_model_shape(policy: str, budget: int, dtype: torch.dtype) -> None:
+    """Llama-8B layer shape (32 heads, 8 kv heads, head_dim 128, groups of 32), real splits."""
+    case = Case(policy, budget, 32, 8, dtype, head_dim=128, group_size=32)
+    lengths = {f"s{i}": n for i, n in enumerate([1, 150, 700, 1500, 2900])}
+    decodes = {seq: 1 for seq in lengths}
+    steps = [{seq: n} for seq, n in lengths.items()] + [decodes] * 3
+    run_steps(case, steps, seed=11, num_pages=4000)
+
+
+def test_gpu_smoke_dry_run(tmp_path: Path) -> None:
+    """bench/gpu_smoke.sh --dry-run: the GPU tests (skipped without CUDA), bench/kernel.py in
+    its tiny mode (the kernel in the interpreter), the serve comparison printed, not run."""
+    env = {**os.environ, "RESULTS_DIR": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", "bench/gpu_smoke.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads((tmp_path / "kernel.json").read_text())
+    assert record["provenance"]["command"].startswith("python bench/kernel.py")
+    row = record["rows"][0]
+    assert row["batch"] == 2 and row["context"] == 96
+    assert {"fp16_ms", "torch_2bit_ms", "bytes_fp16", "bytes_2bit"} <= set(row)
+    assert row["bytes_2bit"] < row["bytes_fp16"]
+    assert ("kernel_ms" in row) == HAS_TRITON
+    assert "bench/serve.py" in done.stdout
