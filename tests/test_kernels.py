@@ -27,6 +27,7 @@ from logquant.kv_manager import KVManager  # noqa: E402
 from logquant.layout import KVLayout  # noqa: E402
 from logquant.policy import make_policy  # noqa: E402
 from logquant.quant import dequantize, quantize  # noqa: E402
+from logquant.step import Bucket  # noqa: E402
 from logquant.store import PagedKVStore  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -34,6 +35,7 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 D, LAYERS, GROUP_SIZE = 32, 2, 8
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}  # atol and rtol
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def run_steps(
     gen = torch.Generator().manual_seed(seed)
     store, manager = make_store(case, backend, seed, num_pages)
     history: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    kernel_demotions, tol = 0, 2e-5 if case.dtype == torch.float32 else 4e-3
+    kernel_demotions, tol = 0, TOLERANCE[case.dtype]
     for chunks in steps:
         for seq, n in chunks.items():
             manager.allocate(seq, (manager.num_tokens(seq) if seq in manager.sequences else 0) + n)
@@ -142,7 +144,9 @@ def test_kernel_float16_cache() -> None:
     assert run_steps(Case("logquant", 12, 8, 2, dtype=torch.float16), STEPS, seed=5) > 0
 
 
-def decode_bucket(case: Case, lengths: dict[str, int], seed: int = 0):
+def decode_bucket(
+    case: Case, lengths: dict[str, int], seed: int = 0
+) -> tuple[PagedKVStore, Bucket, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """A store holding sequences of the given lengths (written with random K/V through the
     torch path) and the decode step that follows, prepared for the kernel."""
     store, manager = make_store(case, "triton", seed=seed)
@@ -198,6 +202,20 @@ def test_kernel_reads_strided_query_and_writes_only_its_rows() -> None:
     decode_attention(view, bucket.decode, *strided, D**-0.5, out)
     torch.testing.assert_close(out[:2], dense[:, 1])
     assert (out[2] == 7.0).all() and (dense[:, 0] == 0).all() and (dense[:, 2] == 0).all()
+
+
+@needs_triton
+def test_split_count_fills_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """132 SMs (H100): about 264 programs, at least 256 keys per split, at most 32 splits."""
+    import logquant.kernels.decode as decode
+
+    monkeypatch.setattr(decode, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert decode.choose_splits(1, 8, 32768, cuda) == 32  # 33 by occupancy, capped
+    assert decode.choose_splits(8, 8, 1000, cuda) == 4  # 4 by work (1000 / 256)
+    assert decode.choose_splits(32, 8, 32768, cuda) == 2
+    assert decode.choose_splits(256, 8, 32768, cuda) == 1
+    assert decode.choose_splits(1, 8, 32768, torch.device("cpu")) == 1
 
 
 def test_backend_selection() -> None:
