@@ -67,6 +67,10 @@ class Case:
         return KVLayout(1, kv_heads, head_dim, policy, dtype_bytes=size, group_size=self.group_size)
 
 
+def described(case: Case) -> dict:
+    return asdict(case) | {"dtype": str(case.dtype), "device": str(case.device)}
+
+
 def fill_store(case: Case) -> tuple[PagedKVStore, KVManager]:
     """B sequences of `context` tokens, bookkeeping from the KV manager, contents random."""
     layout = case.layout()
@@ -126,10 +130,11 @@ def run_case(case: Case, reps: int) -> dict:
     step = store.prepare(manager.plan_step([(s, 1) for s in seqs]))
     bucket, scale, dev = step.buckets[0], head_dim**-0.5, case.device
     q, k, v = (torch.randn(case.batch, h, head_dim, device=dev, dtype=case.dtype) for h in (heads, kv_heads, kv_heads))
-    dense_k, dense_v = (torch.randn(case.batch, kv_heads, case.context + 1, head_dim, device=dev, dtype=torch.float16) for _ in "kv")
+    dense_shape = (case.batch, kv_heads, case.context + 1, head_dim)
+    dense_k, dense_v = (torch.randn(dense_shape, device=dev, dtype=torch.float16) for _ in "kv")
     dense_q = q.to(torch.float16).unsqueeze(2)
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    row = asdict(case) | {"dtype": str(case.dtype), "device": str(case.device), "bytes_fp16": dense_bytes, "bytes_2bit": q_bytes}
+    row = described(case) | {"bytes_fp16": dense_bytes, "bytes_2bit": q_bytes}
     row["fp16_ms"] = timed(lambda: sdpa(dense_q, dense_k, dense_v, scale=scale, enable_gqa=True), dev, reps)
     row["torch_2bit_ms"] = timed(lambda: bucket_attention(q, *store.gather(0, bucket, k, v), bucket, scale), dev, reps)
     if bucket.decode is not None:
@@ -156,7 +161,9 @@ def print_row(row: dict) -> None:
     if "skipped" in row:
         print(f"{row['batch']:>5} {row['context']:>7}  skipped: {row['skipped']}")
         return
-    kernel = f"{row['kernel_ms']:9.3f} {row['kernel_gbps']:7.1f} {row['kernel_x_fp16']:5.2f}x" if "kernel_ms" in row else "      n/a"
+    kernel = "      n/a"
+    if "kernel_ms" in row:
+        kernel = f"{row['kernel_ms']:9.3f} {row['kernel_gbps']:7.1f} {row['kernel_x_fp16']:5.2f}x"
     print(
         f"{row['batch']:>5} {row['context']:>7} {row['bytes_fp16'] / 2**20:9.1f} {row['bytes_2bit'] / 2**20:9.1f}"
         f" {row['fp16_ms']:9.3f} {row['fp16_gbps']:7.1f} {row['torch_2bit_ms']:9.3f} {row['torch_2bit_gbps']:7.1f}"
@@ -173,7 +180,7 @@ def sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
             case = Case(args.shape, args.policy, args.fp_budget, args.group_size, batch, context, args.dtype, device)
             dense = batch * (context + 1) * 2 * SHAPES[args.shape][1] * SHAPES[args.shape][2] * 2
             if dense * 3 > args.max_gib * 2**30:  # dense cache + the torch path's dequantized copy
-                rows.append(asdict(case) | {"dtype": str(args.dtype), "device": str(device), "skipped": f"over --max-gib {args.max_gib}"})
+                rows.append(described(case) | {"skipped": f"over --max-gib {args.max_gib}"})
             else:
                 rows.append(derived(run_case(case, args.reps)))
             print_row(rows[-1])
@@ -211,8 +218,9 @@ def main() -> None:
     rows = sweep(args, device)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {"provenance": provenance(), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                  "interpreted": os.environ.get("TRITON_INTERPRET") == "1", "rows": rows}  # fmt: skip
+        name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        record = {"provenance": provenance(), "device": name, "interpreted": interpreted, "rows": rows}
         args.json.write_text(json.dumps(record, indent=2))
 
 

@@ -48,6 +48,11 @@ class Case:
     head_dim: int = D
     group_size: int = GROUP_SIZE
 
+    @property
+    def head_counts(self) -> tuple[int, int, int]:
+        """Heads of q, k and v."""
+        return self.heads, self.kv_heads, self.kv_heads
+
     def layout(self) -> KVLayout:
         policy = make_policy(self.policy, self.budget, group_size=self.group_size)
         size = torch.empty((), dtype=self.dtype).element_size()
@@ -73,7 +78,8 @@ def stored_reference(case: Case, keys: torch.Tensor, values: torch.Tensor) -> tu
     ks, vs = [keys[fp]], [values[fp]]
     for block in blocks:
         ks.append(dequantize(quantize(keys[block], 2, len(block), axis=0, scale_dtype=torch.float16), torch.float32))
-        vs.append(dequantize(quantize(values[block], 2, case.group_size, axis=-1, scale_dtype=torch.float16), torch.float32))
+        qv = quantize(values[block], 2, case.group_size, axis=-1, scale_dtype=torch.float16)
+        vs.append(dequantize(qv, torch.float32))
     return torch.cat(ks), torch.cat(vs)
 
 
@@ -94,8 +100,9 @@ def run_steps(
         kernel_demotions += sum(b.block_pages.numel() for b in step.buckets if b.decode is not None)
         total = sum(chunks.values())
         for layer in range(LAYERS):
-            q, k, v = (torch.randn(total, h, case.head_dim, generator=gen) for h in (case.heads, case.kv_heads, case.kv_heads))
-            out = store.forward(layer, step, *(t.to(case.dtype).to(DEVICE) for t in (q, k, v)), scaling=case.head_dim**-0.5)
+            q, k, v = (torch.randn(total, h, case.head_dim, generator=gen) for h in case.head_counts)
+            on_device = (t.to(case.dtype).to(DEVICE) for t in (q, k, v))
+            out = store.forward(layer, step, *on_device, scaling=case.head_dim**-0.5)
             assert out.dtype == case.dtype and out.isfinite().all()
             row = 0
             for seq, n in chunks.items():
@@ -104,7 +111,8 @@ def run_steps(
                 ref_k, ref_v = stored_reference(case, old_k, old_v)
                 new = slice(row, row + n)
                 new_k, new_v = (t[new].to(case.dtype).float() for t in (k, v))
-                expected = attend(q[new].to(case.dtype).float(), torch.cat([ref_k, new_k]), torch.cat([ref_v, new_v]), case.head_dim**-0.5)
+                keys, values = torch.cat([ref_k, new_k]), torch.cat([ref_v, new_v])
+                expected = attend(q[new].to(case.dtype).float(), keys, values, case.head_dim**-0.5)
                 torch.testing.assert_close(out[new].float().cpu(), expected, atol=tol, rtol=tol)
                 history[(seq, layer)] = (torch.cat([old_k, k[new]]), torch.cat([old_v, v[new]]))
                 row += n
@@ -155,13 +163,13 @@ def decode_bucket(
         manager.allocate(seq, n)
         step = store.prepare(manager.plan_step([(seq, n)]))
         for layer in range(LAYERS):
-            q, k, v = (torch.randn(n, h, D, generator=gen).to(DEVICE) for h in (case.heads, case.kv_heads, case.kv_heads))
+            q, k, v = (torch.randn(n, h, D, generator=gen).to(DEVICE) for h in case.head_counts)
             store.forward(layer, step, q, k, v, D**-0.5)
     for seq, n in lengths.items():
         manager.allocate(seq, n + 1)
     step = store.prepare(manager.plan_step([(seq, 1) for seq in lengths]))
     total = len(lengths)
-    q, k, v = (torch.randn(total, h, D, generator=gen).to(DEVICE) for h in (case.heads, case.kv_heads, case.kv_heads))
+    q, k, v = (torch.randn(total, h, D, generator=gen).to(DEVICE) for h in case.head_counts)
     return store, step.buckets[0], (q, k, v)
 
 
@@ -282,7 +290,8 @@ def test_gpu_smoke_dry_run(tmp_path: Path) -> None:
     """bench/gpu_smoke.sh --dry-run: the GPU tests (skipped without CUDA), bench/kernel.py in
     its tiny mode (the kernel in the interpreter), the serve comparison printed, not run."""
     env = {**os.environ, "RESULTS_DIR": str(tmp_path), "PYTHON": sys.executable}
-    done = subprocess.run(["bash", "bench/gpu_smoke.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    command = ["bash", "bench/gpu_smoke.sh", "--dry-run"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((tmp_path / "kernel.json").read_text())
     assert record["provenance"]["command"].startswith("python bench/kernel.py")

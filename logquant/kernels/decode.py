@@ -81,7 +81,8 @@ def decode_partials(
     part_lse = torch.empty(num_seqs, heads, num_splits, dtype=torch.float32, device=query.device)
     dtype = store.fp_tier.dtype
     decode_partial_kernel[(num_seqs, kv_heads, num_splits)](
-        query, key, value, query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        query, key, value, query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+        value.stride(0), value.stride(1),
         index.query_rows, index.fp_ptr, index.fp_slots, index.q_ptr, index.q_pages,
         store.fp_tier, store.codes, store.scales, part_out, part_lse, num_splits, scaling,
         KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, GROUP_SIZE=layout.group_size,

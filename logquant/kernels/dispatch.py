@@ -27,7 +27,9 @@ def kernel_supports(layout: KVLayout, dtype: torch.dtype) -> str | None:
     return None
 
 
-def select_decode_backend(device: torch.device, layout: KVLayout, dtype: torch.dtype, requested: str | None = None) -> str:
+def select_decode_backend(
+    device: torch.device, layout: KVLayout, dtype: torch.dtype, requested: str | None = None
+) -> str:
     """`requested` if given (checked), else `triton` on CUDA when it can run, else `torch`."""
     if requested is None:
         usable = device.type == "cuda" and triton_available() and kernel_supports(layout, dtype) is None

@@ -92,7 +92,8 @@ def _page_tiles(
         k_scale = tl.load(scales + half0 + KEY_SCALE + d, mask=d_ok, other=0.0).to(tl.float32)
         k_zero = tl.load(scales + half0 + KEY_ZERO + d, mask=d_ok, other=0.0).to(tl.float32)
         k_codes = (tl.load(codes + byte0 + KEY_CODES + code_at, mask=mask, other=0) >> shift) & 3
-        scores = tl.dot((q * k_scale[None, :]).to(DOT_DTYPE), tl.trans(k_codes.to(DOT_DTYPE)), input_precision=PRECISION)
+        q_scaled = (q * k_scale[None, :]).to(DOT_DTYPE)  # the key scale, folded into q once per page
+        scores = tl.dot(q_scaled, tl.trans(k_codes.to(DOT_DTYPE)), input_precision=PRECISION)
         scores = (scores + tl.sum(q * k_zero[None, :], 1)[:, None]) * qk_scale
         scores = tl.where(t_ok[None, :], scores, float("-inf"))
         v_scale = tl.load(scales + page * PAGE_HALVES + VALUE_SCALE + group_at, mask=mask, other=0.0).to(tl.float32)
@@ -104,7 +105,9 @@ def _page_tiles(
 
 
 @triton.jit
-def _new_token(q, m, l, acc, k_ptr, v_ptr, qk_scale, KV_DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _new_token(
+    q, m, l, acc, k_ptr, v_ptr, qk_scale, KV_DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """The sequence's new token (rounded to the store dtype, as the store will hold it)."""
     d = tl.arange(0, BLOCK_D)
     k = tl.load(k_ptr + d, mask=d < HEAD_DIM, other=0.0).to(KV_DTYPE).to(tl.float32)
@@ -133,13 +136,15 @@ def decode_partial_kernel(
     heads = kv_head * GROUP + g
     q_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
     row = tl.load(query_rows + seq).to(tl.int64)
-    q = tl.load(query + row * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    q_at = query + row * stride_qt + heads[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_at, mask=q_mask, other=0.0).to(tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # exp2 instead of exp
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     if split == 0:
-        k_ptr, v_ptr = new_keys + row * stride_kt + kv_head * stride_kh, new_values + row * stride_vt + kv_head * stride_vh
+        k_ptr = new_keys + row * stride_kt + kv_head * stride_kh
+        v_ptr = new_values + row * stride_vt + kv_head * stride_vh
         m, l, acc = _new_token(q, m, l, acc, k_ptr, v_ptr, qk_scale, fp_tier.dtype.element_ty, HEAD_DIM, BLOCK_D)
     lo, hi = _split_range(fp_ptr, seq, split, num_splits, BLOCK_N)
     m, l, acc = _fp_tiles(
