@@ -83,7 +83,8 @@ class KVManager:
         num_pages = layout.num_pages(kv_budget_bytes)
         if num_pages == 0:
             raise ValueError(
-                f"KV budget of {kv_budget_bytes} bytes is smaller than one page ({layout.page_bytes_all_layers} bytes)"
+                f"KV budget of {kv_budget_bytes} bytes is smaller than one page ({layout.page_bytes_all_layers} bytes): "
+                "raise --kv-cache-memory"
             )
         return cls(layout, num_pages)
 

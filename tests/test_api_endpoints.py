@@ -71,6 +71,11 @@ def test_tokenize_messages_matches_the_chat_prompt(srv) -> None:
     cont = post(srv, "/tokenize", {"messages": assistant, "add_generation_prompt": False,
                                    "continue_final_message": True}).json()["tokens"]  # fmt: skip
     assert tokenizer.decode(cont).endswith("<|im_start|>assistant\nHel")
+    # add_special_tokens with messages: the rendered text encoded with the tokenizer's specials
+    special = post(srv, "/tokenize", {"messages": MESSAGES, "add_special_tokens": True})
+    assert special.status_code == 200
+    text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert special.json()["tokens"] == tokenizer.encode(text, add_special_tokens=True)
 
 
 def test_detokenize_round_trip(srv) -> None:

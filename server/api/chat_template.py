@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from server.api.errors import APIError
 from server.api.protocol import ChatMessage, ToolCall
 from server.api.tool_calls import CLOSE, OPEN
 from server.api.tools import template_renders_tools
+
+logger = logging.getLogger(__name__)
 
 
 def template_messages(messages: list[ChatMessage], renders_tools: bool) -> list[dict]:
@@ -35,22 +39,28 @@ def render_chat(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     tools: list[dict] | None = None,
-) -> list[int]:
+    tokenize: bool = True,
+) -> list[int] | str:
+    """The conversation through the model's chat template: token ids, or the text when
+    `tokenize` is False."""
     if add_generation_prompt and continue_final_message:
         raise APIError(400, "add_generation_prompt and continue_final_message cannot both be true",
                        param="continue_final_message")  # fmt: skip
     try:
-        ids = tokenizer.apply_chat_template(
+        rendered = tokenizer.apply_chat_template(
             template_messages(messages, template_renders_tools(tokenizer)),
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
-            tokenize=True,
+            tokenize=tokenize,
             return_dict=False,
         )
-    except Exception as exc:  # template errors come from user content (e.g. role order)
+    except TemplateError as exc:  # the template's own checks on user content (e.g. role order)
         raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from exc
-    return list(ids)
+    except Exception as exc:  # anything else: log it, never show internals to the client
+        logger.exception("chat template failed")
+        raise APIError(400, "cannot apply the chat template to these messages", param="messages") from exc
+    return list(rendered) if tokenize else rendered
 
 
 def _arguments(call: ToolCall) -> object:

@@ -60,9 +60,9 @@ def _tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:
     if req.messages is not None:
         tools = [tool.model_dump(exclude_none=True) for tool in req.tools or []]
         shown = tools if tools and template_renders_tools(ctx.tokenizer) else None
-        ids = render_chat(ctx.tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message, shown)
-        if req.add_special_tokens:
-            ids = ctx.tokenizer.build_inputs_with_special_tokens(ids)
+        text = render_chat(ctx.tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message, shown,
+                           tokenize=False)  # fmt: skip
+        ids = ctx.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
     else:
         assert req.prompt is not None, "checked by TokenizeRequest"
         ids = ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
