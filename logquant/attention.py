@@ -46,7 +46,7 @@ def causal_tail_mask(q_len: int, num_keys: int, device: torch.device) -> torch.T
 def bucket_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim], the step's flat batch
     kv_fp: torch.Tensor,  # [S, L_fp, 2, kv_heads, head_dim] cached fp tokens, then new tokens
-    kv_q: torch.Tensor | None,  # [S, L_q, 2, kv_heads, head_dim] dequantized 2-bit tokens
+    kv_q: tuple[torch.Tensor, torch.Tensor] | None,  # keys, values [S, L_q, kv_heads, head_dim] (2-bit, dequantized)
     bucket,  # logquant.step.Bucket
     scaling: float,
 ) -> torch.Tensor:  # [len(bucket.out_rows), num_heads, head_dim]
@@ -60,9 +60,10 @@ def bucket_attention(
     q = query[bucket.query_rows].view(s, q_len, kv_heads, group, head_dim)
     q = q.permute(0, 2, 1, 3, 4).reshape(s, kv_heads, q_len * group, head_dim)  # rows: (token, head)
     fp_mask = bucket.fp_mask if group == 1 or q_len == 1 else bucket.fp_mask.repeat_interleave(group, dim=1)
-    out, lse = _attention_lse(q, kv_fp, fp_mask.unsqueeze(1), scaling)  # [s, kvh, rows, d], [s, kvh, rows]
+    k_fp, v_fp = kv_fp[:, :, 0], kv_fp[:, :, 1]
+    out, lse = _attention_lse(q, k_fp, v_fp, fp_mask.unsqueeze(1), scaling)  # [s, kvh, rows, d], [s, kvh, rows]
     if kv_q is not None:
-        out_q, lse_q = _attention_lse(q, kv_q, bucket.q_mask.unsqueeze(1), scaling)
+        out_q, lse_q = _attention_lse(q, *kv_q, bucket.q_mask.unsqueeze(1), scaling)
         lse_q = lse_q.masked_fill(~bucket.has_q.view(s, 1, 1), float("-inf"))  # no 2-bit tokens: weight 0
         top = torch.maximum(lse, lse_q)
         w_fp, w_q = torch.exp(lse - top).unsqueeze(-1), torch.exp(lse_q - top).unsqueeze(-1)
@@ -73,13 +74,14 @@ def bucket_attention(
 
 def _attention_lse(
     q: torch.Tensor,  # [S, kv_heads, rows, d]
-    kv: torch.Tensor,  # [S, L, 2, kv_heads, d]
+    keys: torch.Tensor,  # [S, L, kv_heads, d]
+    values: torch.Tensor,  # [S, L, kv_heads, d]
     mask: torch.Tensor,  # [S, 1, rows or 1, L] additive
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [S, kv_heads, rows, d] float32, [S, kv_heads, rows] float32
     """Softmax attention and its log-sum-exp (fully masked rows give 0 and any lse: the caller
     weighs them out). On the CPU, PyTorch's flash kernel returns both in one pass."""
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [S, kv_heads, L, d]
+    k, v = keys.transpose(1, 2), values.transpose(1, 2)  # [S, kv_heads, L, d]
     mask = mask.expand(-1, -1, q.shape[2], -1)
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(

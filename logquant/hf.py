@@ -55,7 +55,10 @@ class SharedKV:
         flat_values = value_states.transpose(1, 2).reshape(batch * num_new, heads, dim)
         (bucket,) = self.step.buckets  # every row appends the same number of tokens
         kv_fp, kv_q = self.store.gather(layer, bucket, flat_keys, flat_values)
-        rows = kv_fp.view(-1, 2, heads, dim) if kv_q is None else torch.cat([kv_q.view(-1, 2, heads, dim), kv_fp.view(-1, 2, heads, dim)])
+        rows = kv_fp.view(-1, 2, heads, dim)
+        if kv_q is not None:
+            q_rows = torch.stack([t.reshape(-1, heads, dim) for t in kv_q], dim=1)  # [S * L_q, 2, heads, dim]
+            rows = torch.cat([q_rows, rows])
         ordered = rows[self.order].view(batch, -1, 2, heads, dim)
         keys, values = ordered[:, :, 0].transpose(1, 2), ordered[:, :, 1].transpose(1, 2)  # [batch, kv_heads, tokens, dim]
         self.store.write(layer, bucket, kv_fp)

@@ -124,18 +124,18 @@ class PagedKVStore:
 
     def gather(
         self, layer: int, bucket: Bucket, key: torch.Tensor, value: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """The bucket's keys and values: `kv_fp [S, L_fp, 2, h, d]` (cached fp tokens gathered
-        from the store with one row copy, then the new tokens) and `kv_q [S, L_q, 2, h, d]`
-        (its 2-bit pages dequantized), or None when no sequence has 2-bit tokens."""
+        from the store with one row copy, then the new tokens) and `kv_q`, the keys and values
+        `[S, L_q, h, d]` of its 2-bit pages dequantized, or None when no sequence has any."""
         h, d = self.layout.num_kv_heads, self.layout.head_dim
         s, width = bucket.fp_rows.shape
         kv_fp = self.fp_rows[layer].index_select(0, bucket.fp_rows.flatten()).view(s * width, 2, h, d)
         kv_fp[bucket.new_dest] = torch.stack([key[bucket.new_src], value[bucket.new_src]], dim=1).to(self.dtype)
         kv_q = None
         if bucket.q_pages.shape[1]:
-            kv_q = torch.empty(s, bucket.q_pages.shape[1] * self.layout.block_tokens, 2, h, d, dtype=self.dtype, device=self.device)
-            self.dequantize_pages(layer, bucket.q_pages.flatten(), kv_q.view(-1, 2, h, d))
+            keys, values = self.dequantize_pages(layer, bucket.q_pages.flatten())  # [S * P, bt, h, d]
+            kv_q = (keys.view(s, -1, h, d), values.view(s, -1, h, d))
         return kv_fp.view(s, width, 2, h, d), kv_q
 
     def write(self, layer: int, bucket: Bucket, kv_fp: torch.Tensor) -> None:
@@ -176,16 +176,24 @@ class PagedKVStore:
         self.value_scale[layer, pages] = qv.scale
         self.value_zero[layer, pages] = qv.zero
 
-    def dequantize_pages(self, layer: int, pages: torch.Tensor, out: torch.Tensor) -> None:
-        """Write K and V of the given 2-bit pages of one layer into `out` `[len(pages) * bt, 2, h, d]`."""
+    def dequantize_pages(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the given 2-bit pages of one layer, `[len(pages), bt, h, d]` each.
+        One row copy gathers the pages' bytes; sections are views of it."""
         h, d, bt, n = self.layout.num_kv_heads, self.layout.head_dim, self.layout.block_tokens, pages.numel()
         bits, groups = self.layout.bits, d // self.layout.group_size
-        keys_out = out[:, 0].view(n, bt, h, d)
-        values_out = out[:, 1].view(n, bt, h, groups, d // groups)
-        key_codes = unpack_lut(self.key_codes[layer, pages], bits, self.dtype).view(n, bt, h, d)
-        key_zero, key_scale = (t[layer, pages].unsqueeze(1).to(self.dtype) for t in (self.key_zero, self.key_scale))
-        torch.addcmul(key_zero, key_codes, key_scale, out=keys_out)  # one scale and zero per channel over the block
-        value_codes = unpack_lut(self.value_codes[layer, pages], bits, self.dtype).view(n, bt, h, groups, -1)
-        value_zero, value_scale = (t[layer, pages].unsqueeze(-1).to(self.dtype) for t in (self.value_zero, self.value_scale))
-        torch.addcmul(value_zero, value_codes, value_scale, out=values_out)  # per token, per group of channels
+        raw = self.buffer[layer].index_select(0, pages)  # [n, page_bytes]
 
+        def section(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+            offset, length = self.layout.q_sections()[name]
+            return raw[:, offset : offset + length].view(dtype).view(n, *shape)
+
+        packed = d * bits // 8
+        key_codes = unpack_lut(section("key_codes", torch.uint8, (bt, h, packed)), bits, self.dtype)  # [n, bt, h, d]
+        key_scale, key_zero = (section(k, SCALE_DTYPE, (1, h, d)).to(self.dtype) for k in ("key_scale", "key_zero"))
+        keys = torch.addcmul(key_zero, key_codes, key_scale)  # one scale and zero per channel over the block
+        value_codes = unpack_lut(section("value_codes", torch.uint8, (bt, h, packed)), bits, self.dtype)
+        value_scale, value_zero = (
+            section(k, SCALE_DTYPE, (bt, h, groups, 1)).to(self.dtype) for k in ("value_scale", "value_zero")
+        )
+        values = torch.addcmul(value_zero, value_codes.view(n, bt, h, groups, -1), value_scale)  # per token and group
+        return keys, values.view(n, bt, h, d)
