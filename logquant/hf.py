@@ -47,7 +47,10 @@ class SharedKV:
         if self.store is None:
             self.layout = replace(self.layout, dtype_bytes=key_states.element_size())
             self.manager = KVManager(self.layout, INITIAL_PAGES)
-            self.store = PagedKVStore(self.layout, self.manager.num_pages, key_states.dtype, key_states.device)
+            # the cache reads keys back through `gather` (position order), never the fused decode kernel
+            self.store = PagedKVStore(
+                self.layout, self.manager.num_pages, key_states.dtype, key_states.device, decode_backend="torch"
+            )
         if self.step is None or layer in self.updated_layers:
             self._begin_step(batch, num_new)
         self.updated_layers.add(layer)
