@@ -75,7 +75,7 @@ class SharedKV:
             self._grow(max(needed - self.manager.num_free_pages, self.manager.num_pages))
         for row in rows:
             self.manager.allocate(row, total)
-        plan = self.manager.plan_step([(row, num_new) for row in rows])
+        plan = self.manager.plan_step([(row, num_new) for row in rows], with_positions=True)
         self.step = self.store.prepare(plan)
         self.order = _position_order(plan, self.step.buckets[0], self.layout.block_tokens, total).to(self.store.device)
         self.updated_layers = set()

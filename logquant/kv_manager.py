@@ -49,10 +49,10 @@ class StepPlan:
     query_ptr: list[int]  # new tokens of sequence i are rows query_ptr[i]:query_ptr[i+1] of the batch
     fp_ptr: list[int]
     fp_slots: list[int]  # cached full-precision tokens
-    fp_positions: list[int]  # their positions (only used to rebuild position order)
+    fp_positions: list[int]  # their positions (only with `with_positions`: to rebuild position order)
     q_ptr: list[int]
     q_pages: list[int]  # cached 2-bit blocks
-    q_positions: list[int]  # [len(q_pages) * block_tokens] positions of their tokens
+    q_positions: list[int]  # [len(q_pages) * block_tokens] positions of their tokens (same)
     start_positions: list[int]  # per sequence: position of its first new token
     block_ptr: list[int]
     block_pages: list[int]  # pages the blocks demoted in this step are written to
@@ -178,9 +178,11 @@ class KVManager:
             assert len(seq.slot_of) + len(seq.free_slots) == len(seq.fp_pages) * layout.fp_page_tokens, seq_id
 
     # ---- one step ------------------------------------------------------------------------
-    def plan_step(self, appends: list[tuple[str, int]]) -> StepPlan:
-        """Advance each (seq_id, num_new) of the step; say where every token is read and written."""
-        builder = _PlanBuilder()
+    def plan_step(self, appends: list[tuple[str, int]], with_positions: bool = False) -> StepPlan:
+        """Advance each (seq_id, num_new) of the step; say where every token is read and written.
+        `with_positions` also lists the position of every cached token (attention does not need
+        them: it is position-agnostic; `LogQuantCache` does, to return keys in position order)."""
+        builder = _PlanBuilder(with_positions)
         for seq_id, num_new in appends:
             builder.add(self.sequences[seq_id], num_new)
         return builder.build()
@@ -189,7 +191,8 @@ class KVManager:
 class _PlanBuilder:
     """Accumulates the flat lists of a StepPlan, one sequence at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, with_positions: bool) -> None:
+        self.with_positions = with_positions
         self.query_ptr, self.fp_ptr, self.q_ptr, self.block_ptr, self.write_ptr = [0], [0], [0], [0], [0]
         self.fp_slots: list[int] = []
         self.fp_positions: list[int] = []
@@ -204,11 +207,12 @@ class _PlanBuilder:
     def add(self, seq: SequenceKV, num_new: int) -> None:
         num_old, new_base = seq.num_tokens, len(seq.slot_of)
         row_of = {pos: i for i, pos in enumerate(seq.slot_of)}
-        self.fp_positions += seq.slot_of.keys()
         self.fp_slots += seq.slot_of.values()
         self.q_pages += seq.q_pages
-        for positions in seq.q_positions:
-            self.q_positions += positions
+        if self.with_positions:
+            self.fp_positions += seq.slot_of.keys()
+            for positions in seq.q_positions:
+                self.q_positions += positions
         self.start_positions.append(num_old)
         demoted_new: set[int] = set()
         for block in seq.policy_state.append(num_new):
