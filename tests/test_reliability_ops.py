@@ -129,5 +129,5 @@ def test_make_test_puts_the_venv_tools_on_path() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    recipe = subprocess.run(["make", "-n", "test"], cwd=root, capture_output=True, text=True, check=True).stdout
+    recipe = subprocess.run(["make", "--no-print-directory", "-n", "test"], cwd=root, capture_output=True, text=True, check=True).stdout
     assert f'PATH="{root}/.venv/bin:$PATH"' in recipe.splitlines()[-1]
