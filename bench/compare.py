@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loadgen import print_runs, random_requests, run_load, sharegpt_requests, summarize  # noqa: E402
-from provenance import provenance  # noqa: E402
+from logquant.provenance import provenance  # noqa: E402
 from serve import free_port, our_server, wait_ready  # noqa: E402
 
 from logquant.models import resolve_model  # noqa: E402

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from provenance import provenance  # noqa: E402
+from logquant.provenance import provenance  # noqa: E402
 
 from logquant.models import load_model  # noqa: E402
 from server.engine import LLM, SamplingParams  # noqa: E402

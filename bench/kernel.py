@@ -29,7 +29,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before logquant.kernels.decode defines the kernels
 
 sys.path.insert(0, str(Path(__file__).parent))
-from provenance import provenance  # noqa: E402
+from logquant.provenance import provenance  # noqa: E402
 
 from logquant.attention import bucket_attention  # noqa: E402
 from logquant.kernels import triton_available  # noqa: E402

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loadgen import WORDS  # noqa: E402
-from provenance import provenance  # noqa: E402
+from logquant.provenance import provenance  # noqa: E402
 from serve import free_port, wait_ready  # noqa: E402
 
 # kind -> weight; "garbage:*" kinds must be refused with a 4xx

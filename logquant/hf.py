@@ -147,7 +147,8 @@ class LogQuantLayer(DynamicLayer):
 class LogQuantCache(Cache):
     """A transformers `Cache` whose layers keep `policy`'s full-precision set and 2-bit
     blocks. `policy`: `fp16`, `kivi` or `logquant`; `fp_budget`: full-precision tokens per
-    sequence (LogQuant W = fp_budget // 3, KIVI residual = fp_budget)."""
+    sequence (LogQuant W = fp_budget // 3, KIVI residual = fp_budget); `bits`: 2, 4 or 8;
+    `key_fp_channels`: key channels of widest range kept at 16 bits in every 2-bit block."""
 
     def __init__(
         self,
@@ -156,6 +157,7 @@ class LogQuantCache(Cache):
         fp_budget: int = 192,
         group_size: int = 32,
         bits: int = 2,
+        key_fp_channels: int = 0,
     ) -> None:
         text_config = config.get_text_config(decoder=True)
         token_policy = make_policy(policy, fp_budget, group_size) if isinstance(policy, str) else policy
@@ -163,6 +165,7 @@ class LogQuantCache(Cache):
         layout = KVLayout(
             num_layers=text_config.num_hidden_layers, num_kv_heads=text_config.num_key_value_heads,
             head_dim=head_dim_of(text_config), policy=token_policy, group_size=group_size, bits=bits,
+            key_fp_channels=key_fp_channels,
         )  # fmt: skip
         self.shared = SharedKV(layout)
         super().__init__(layers=[LogQuantLayer(self.shared, i) for i in range(layout.num_layers)])

@@ -8,6 +8,8 @@ block of `block_tokens` 2-bit tokens:
     value codes [block_tokens, kv_heads, head_dim * bits / 8]  uint8
     key scale, key zero      [kv_heads, head_dim]                per channel over the block
     value scale, value zero  [block_tokens, kv_heads, head_dim / group_size]  per token
+    key outliers (optional)  values [block_tokens, kv_heads, k] float16, channels [kv_heads, k]
+                             uint8: the k key channels of widest range in the block, at 16 bits
 
 For policies that demote, `page_bytes` is the size of one block (sections aligned to 16
 bytes), so a page is never wasted on the 2-bit tier; full-precision pages then hold as many
@@ -50,8 +52,11 @@ class KVLayout:
     group_size: int = 32  # value quantization group (channels of one token)
     bits: int = 2
     scale_bytes: int = 2  # scales and zero points are stored as float16
+    key_fp_channels: int = 0  # per 2-bit block and head, key channels kept at 16 bits (outliers)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.key_fp_channels < min(self.head_dim, 256):
+            raise ValueError(f"key_fp_channels must be in [0, {min(self.head_dim, 256)}), got {self.key_fp_channels}")
         if self.head_dim % self.group_size != 0:
             raise ValueError(f"head_dim {self.head_dim} is not a multiple of group_size {self.group_size}")
         if self.head_dim * self.bits % 8 != 0:
@@ -77,6 +82,9 @@ class KVLayout:
             "value_scale": bt * h * (d // self.group_size) * self.scale_bytes,
             "value_zero": bt * h * (d // self.group_size) * self.scale_bytes,
         }
+        if self.key_fp_channels:
+            lengths["key_outlier_values"] = bt * h * self.key_fp_channels * self.scale_bytes
+            lengths["key_outlier_channels"] = h * self.key_fp_channels  # uint8 channel ids
         sections, offset = {}, 0
         for name, length in lengths.items():
             sections[name] = (offset, length)

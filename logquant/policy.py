@@ -14,6 +14,10 @@ gives exactly the same state as n single appends.
   log-sparse set of W older tokens. When the window passes 2W its oldest W tokens merge with
   the sparse set, which keeps every other token (`(sparse + oldest_W)[0::2]`); the other half
   (W tokens) is the demoted block. The first time, the sparse set is just the oldest W.
+  `window_divisor` sets W = fp_budget / window_divisor (3 by default, the paper's split).
+
+Any policy can keep `sink_tokens` first tokens at full precision for good (attention sinks,
+StreamingLLM): `SinkPolicy` runs the policy on the tokens after them.
 """
 
 from __future__ import annotations
@@ -164,11 +168,12 @@ class _LogQuantState(PolicyState):
 @dataclass(frozen=True)
 class LogQuantPolicy(TokenPolicy):
     fp_budget: int
+    window_divisor: float = 3.0
     name: str = "logquant"
 
     @property
     def window(self) -> int:
-        return self.fp_budget // 3
+        return int(self.fp_budget / self.window_divisor)
 
     @property
     def block_tokens(self) -> int:  # type: ignore[override]
@@ -186,8 +191,67 @@ class LogQuantPolicy(TokenPolicy):
         return max(0, merges - 1)
 
 
-def make_policy(name: str, fp_budget: int = 192, group_size: int = 32) -> TokenPolicy:
-    """Build a policy by name (`fp16`, `kivi`, `logquant`) at a full-precision budget."""
+@dataclass
+class _SinkState(PolicyState):
+    sink_tokens: int
+    inner: PolicyState
+    num_tokens: int = 0
+
+    def append(self, count: int) -> list[list[int]]:
+        to_sinks = max(0, min(count, self.sink_tokens - self.num_tokens))
+        self.num_tokens += count
+        blocks = self.inner.append(count - to_sinks) if count > to_sinks else []
+        return [[p + self.sink_tokens for p in block] for block in blocks]
+
+    def full_precision_positions(self) -> list[int]:
+        sinks = list(range(min(self.num_tokens, self.sink_tokens)))
+        return sinks + [p + self.sink_tokens for p in self.inner.full_precision_positions()]
+
+
+@dataclass(frozen=True)
+class SinkPolicy(TokenPolicy):
+    """`inner` applied to the tokens after the first `sink_tokens`, which stay full precision."""
+
+    inner: TokenPolicy
+    sink_tokens: int
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.inner.name
+
+    @property
+    def fp_budget(self) -> int:  # type: ignore[override]
+        return self.inner.fp_budget
+
+    @property
+    def block_tokens(self) -> int:  # type: ignore[override]
+        return self.inner.block_tokens
+
+    @property
+    def max_fp_tokens(self) -> int | None:  # type: ignore[override]
+        inner = self.inner.max_fp_tokens
+        return None if inner is None else inner + self.sink_tokens
+
+    def new_state(self) -> PolicyState:
+        return _SinkState(self.sink_tokens, self.inner.new_state())
+
+    def num_blocks(self, num_tokens: int) -> int:
+        return self.inner.num_blocks(max(0, num_tokens - self.sink_tokens))
+
+
+def make_policy(
+    name: str, fp_budget: int = 192, group_size: int = 32, sink_tokens: int = 0, window_divisor: float = 3.0
+) -> TokenPolicy:
+    """Build a policy by name (`fp16`, `kivi`, `logquant`) at a full-precision budget; with
+    `sink_tokens`, the first tokens never leave full precision; `window_divisor`: LogQuant's
+    W = fp_budget / window_divisor."""
+    policy = _base_policy(name, fp_budget, group_size, window_divisor)
+    if sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
+    return SinkPolicy(policy, sink_tokens) if sink_tokens and policy.block_tokens else policy
+
+
+def _base_policy(name: str, fp_budget: int, group_size: int, window_divisor: float) -> TokenPolicy:
     if name == "fp16":
         return Fp16Policy(fp_budget=fp_budget)
     if name == "kivi":
@@ -195,7 +259,7 @@ def make_policy(name: str, fp_budget: int = 192, group_size: int = 32) -> TokenP
             raise ValueError(f"kivi needs fp_budget >= group_size ({group_size}), got {fp_budget}")
         return KiviPolicy(fp_budget=fp_budget, group_size=group_size)
     if name == "logquant":
-        if fp_budget < 3:
-            raise ValueError(f"logquant needs fp_budget >= 3 (window = fp_budget // 3), got {fp_budget}")
-        return LogQuantPolicy(fp_budget=fp_budget)
+        if window_divisor < 1 or int(fp_budget / window_divisor) < 1:
+            raise ValueError(f"logquant needs a window fp_budget / {window_divisor:g} of at least 1, got fp_budget {fp_budget}")
+        return LogQuantPolicy(fp_budget=fp_budget, window_divisor=window_divisor)
     raise ValueError(f"unknown policy {name!r}; expected one of {POLICY_NAMES}")

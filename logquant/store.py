@@ -60,6 +60,10 @@ class PagedKVStore:
         self.key_zero = self._view(*sec["key_zero"], SCALE_DTYPE, (h, d))
         self.value_scale = self._view(*sec["value_scale"], SCALE_DTYPE, (bt, h, groups))
         self.value_zero = self._view(*sec["value_zero"], SCALE_DTYPE, (bt, h, groups))
+        if layout.key_fp_channels:
+            k = layout.key_fp_channels
+            self.key_outlier_values = self._view(*sec["key_outlier_values"], SCALE_DTYPE, (bt, h, k))
+            self.key_outlier_channels = self._view(*sec["key_outlier_channels"], torch.uint8, (h, k))
 
     @property
     def fp_row_of(self) -> tuple[int, int]:
@@ -175,6 +179,12 @@ class PagedKVStore:
         self.value_codes[layer, pages] = qv.codes
         self.value_scale[layer, pages] = qv.scale
         self.value_zero[layer, pages] = qv.zero
+        if self.layout.key_fp_channels:
+            spread = block_keys.amax(dim=1) - block_keys.amin(dim=1)  # [num_blocks, h, d]
+            channels = spread.topk(self.layout.key_fp_channels, dim=-1).indices  # [num_blocks, h, k]
+            index = channels[:, None].expand(-1, block_keys.shape[1], -1, -1)  # [num_blocks, bt, h, k]
+            self.key_outlier_values[layer, pages] = block_keys.gather(3, index).to(SCALE_DTYPE)
+            self.key_outlier_channels[layer, pages] = channels.to(torch.uint8)
 
     def dequantize_pages(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the given 2-bit pages of one layer, `[len(pages), bt, h, d]` each.
@@ -191,6 +201,10 @@ class PagedKVStore:
         key_codes = unpack_lut(section("key_codes", torch.uint8, (bt, h, packed)), bits, self.dtype)  # [n, bt, h, d]
         key_scale, key_zero = (section(k, SCALE_DTYPE, (1, h, d)).to(self.dtype) for k in ("key_scale", "key_zero"))
         keys = torch.addcmul(key_zero, key_codes, key_scale)  # one scale and zero per channel over the block
+        if self.layout.key_fp_channels:  # the widest channels at 16 bits replace their 2-bit codes
+            k = self.layout.key_fp_channels
+            channels = section("key_outlier_channels", torch.uint8, (1, h, k)).long().expand(n, bt, h, k)
+            keys.scatter_(3, channels, section("key_outlier_values", SCALE_DTYPE, (bt, h, k)).to(self.dtype))
         value_codes = unpack_lut(section("value_codes", torch.uint8, (bt, h, packed)), bits, self.dtype)
         value_scale, value_zero = (
             section(k, SCALE_DTYPE, (bt, h, groups, 1)).to(self.dtype) for k in ("value_scale", "value_zero")

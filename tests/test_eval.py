@@ -7,7 +7,7 @@ import torch
 
 from logquant.eval.__main__ import main
 from logquant.eval.coverage import coverage, fp_mask
-from logquant.eval.common import CacheConfig
+from logquant.eval.configs import CacheConfig
 
 pytestmark = pytest.mark.real_model
 
@@ -43,4 +43,6 @@ def test_eval_modes_print_table_and_write_json(argv, tmp_path, capsys) -> None:
     if argv[0] == "ppl":
         assert result["fp16"]["top1_agreement"] == 1.0 and result["fp16"]["ppl"] > 1.0
     if argv[0] == "agreement":
-        assert result["fp16"] == 1.0
+        assert result["fp16"]["agreement"] == 1.0
+    assert saved["provenance"]["command"].startswith("python")
+    assert saved["provenance"]["model"]["name"] == "SmolLM2-135M-Instruct"

@@ -1,35 +1,17 @@
-"""Shared pieces of the evaluation tools: configurations, caches, tables, JSON."""
+"""Shared pieces of the evaluation tools: feeding a cache, per-column facts, tables, JSON."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Cache, PreTrainedModel
+from transformers import Cache, PretrainedConfig, PreTrainedModel
 
-from logquant.hf import LogQuantCache
+from logquant.eval.configs import CacheConfig, kv_bytes, mean_fp_tokens, resolve
+from logquant.provenance import provenance
 
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """One column of a comparison: a policy at a full-precision budget (fp16 has none)."""
-
-    policy: str
-    fp_budget: int = 0
-
-    @property
-    def label(self) -> str:
-        return "fp16" if self.policy == "fp16" else f"{self.policy}@{self.fp_budget}"
-
-    def make_cache(self, model: PreTrainedModel, group_size: int = 32) -> LogQuantCache:
-        return LogQuantCache(model.config, policy=self.policy, fp_budget=self.fp_budget or 192, group_size=group_size)
-
-
-def configs(policies: list[str], budgets: list[int]) -> list[CacheConfig]:
-    """fp16 (the reference every mode compares with) plus each 2-bit policy at each budget."""
-    return [CacheConfig("fp16")] + [CacheConfig(p, b) for b in budgets for p in policies if p != "fp16"]
+__all__ = ["CacheConfig", "column_facts", "feed", "print_table", "write_json"]
 
 
 @torch.inference_mode()
@@ -37,6 +19,22 @@ def feed(model: PreTrainedModel, cache: Cache, ids: list[int]) -> torch.Tensor:
     """Run `ids` as one chunk through the cache; return the logits of its last token [vocab]."""
     device = model.device
     return model(input_ids=torch.tensor([ids], device=device), cache=cache, logits_to_keep=1).logits[0, -1].float()
+
+
+def column_facts(config: CacheConfig, model_config: PretrainedConfig, lengths: list[int]) -> tuple[CacheConfig, dict]:
+    """`config` with its budget resolved for an evaluation at cache `lengths`, and what a
+    results table shows of it: budget, KV bytes per sequence (and per token) at the longest
+    length, mean full-precision tokens over the lengths."""
+    resolved = resolve(config, model_config, lengths)
+    longest = max(lengths)
+    total = kv_bytes(resolved, model_config, longest)
+    facts = {
+        "fp_budget": resolved.fp_budget or None,
+        "kv_bytes": total,
+        "kv_bytes_per_token": round(total / longest, 1),
+        "mean_fp_tokens": round(mean_fp_tokens(resolved, lengths), 1),
+    }
+    return resolved, facts
 
 
 def print_table(title: str, rows: list[str], cols: list[str], cells: dict[tuple[str, str], str]) -> None:
@@ -48,9 +46,10 @@ def print_table(title: str, rows: list[str], cols: list[str], cells: dict[tuple[
         print(f"{r:<{first}} | " + " | ".join(f"{cells.get((r, c), ''):>{width}}" for c in cols))
 
 
-def write_json(path: Path | None, payload: dict) -> None:
+def write_json(path: Path | None, payload: dict, model: str | None = None) -> None:
+    """Write `payload` whole, with the provenance of this run (command, commit, machine, model)."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
+    path.write_text(json.dumps({"provenance": provenance(model)} | payload, indent=2))
     print(f"wrote {path}")

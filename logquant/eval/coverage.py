@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from logquant.eval.common import CacheConfig
-from logquant.policy import make_policy
+from logquant.eval.configs import CacheConfig
 
 
 @torch.inference_mode()
@@ -34,8 +33,7 @@ def fp_mask(config: CacheConfig, query_positions: list[int], length: int, group_
         if config.policy == "fp16":
             mask[row, : t + 1] = True
         else:
-            policy = make_policy(config.policy, config.fp_budget, group_size)
-            mask[row, policy.full_precision_positions(t)] = True
+            mask[row, config.token_policy(group_size).full_precision_positions(t)] = True
             mask[row, t] = True
     mask[:, 0] = False
     return mask
@@ -58,11 +56,3 @@ def coverage(
         total = (picked * valid).sum(-1).clamp_min(1e-12)
         shares.append((covered / total).mean())
     return float(torch.stack(shares).mean())
-
-
-def mean_fp_tokens(config: CacheConfig, query_positions: list[int], group_size: int = 32) -> float:
-    """Average size of the full-precision set over the queried lengths (token 0 included)."""
-    if config.policy == "fp16":
-        return sum(query_positions) / len(query_positions)
-    policy = make_policy(config.policy, config.fp_budget, group_size)
-    return sum(policy.num_fp_tokens(t) for t in query_positions) / len(query_positions)

