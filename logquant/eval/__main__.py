@@ -21,6 +21,7 @@ from logquant.eval.common import write_json
 from logquant.eval.configs import default_specs, parse_specs
 from logquant.eval.modes import RUNNERS
 from logquant.models import DEFAULT_MODEL, load_model
+from logquant.provenance import provenance
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    started = provenance(args.model)  # the commit the run started from
     torch.manual_seed(args.seed)
     if args.configs:
         cols = parse_specs(args.configs)
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         cols = default_specs(args.policies.split(","), [int(b) for b in args.budgets.split(",")], match)
     model, tokenizer = load_model(args.model, args.device)
     result = RUNNERS[args.mode](args, model, tokenizer, cols)
-    write_json(args.json, {"mode": args.mode, "args": vars(args) | {"json": str(args.json)}, "results": result}, args.model)
+    write_json(args.json, {"mode": args.mode, "args": vars(args) | {"json": str(args.json)}, "results": result}, started)
     return result
 
 

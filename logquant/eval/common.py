@@ -9,7 +9,6 @@ import torch
 from transformers import Cache, PretrainedConfig, PreTrainedModel
 
 from logquant.eval.configs import CacheConfig, kv_bytes, mean_fp_tokens, resolve
-from logquant.provenance import provenance
 
 __all__ = ["CacheConfig", "column_facts", "feed", "print_table", "write_json"]
 
@@ -46,10 +45,11 @@ def print_table(title: str, rows: list[str], cols: list[str], cells: dict[tuple[
         print(f"{r:<{first}} | " + " | ".join(f"{cells.get((r, c), ''):>{width}}" for c in cols))
 
 
-def write_json(path: Path | None, payload: dict, model: str | None = None) -> None:
-    """Write `payload` whole, with the provenance of this run (command, commit, machine, model)."""
+def write_json(path: Path | None, payload: dict, run_provenance: dict) -> None:
+    """Write `payload` whole, with `run_provenance` (taken when the run started: command,
+    commit, machine, model)."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"provenance": provenance(model)} | payload, indent=2))
+    path.write_text(json.dumps({"provenance": run_provenance} | payload, indent=2))
     print(f"wrote {path}")
