@@ -148,7 +148,8 @@ class LogQuantCache(Cache):
     """A transformers `Cache` whose layers keep `policy`'s full-precision set and 2-bit
     blocks. `policy`: `fp16`, `kivi` or `logquant`; `fp_budget`: full-precision tokens per
     sequence (LogQuant W = fp_budget // 3, KIVI residual = fp_budget); `bits`: 2, 4 or 8;
-    `key_fp_channels`: key channels of widest range kept at 16 bits in every 2-bit block."""
+    `key_fp_channels`: key channels of widest range kept at 16 bits in every 2-bit block;
+    `sink_tokens`: first tokens kept at full precision for good."""
 
     def __init__(
         self,
@@ -158,9 +159,14 @@ class LogQuantCache(Cache):
         group_size: int = 32,
         bits: int = 2,
         key_fp_channels: int = 0,
+        sink_tokens: int = 0,
     ) -> None:
         text_config = config.get_text_config(decoder=True)
-        token_policy = make_policy(policy, fp_budget, group_size) if isinstance(policy, str) else policy
+        if isinstance(policy, str):
+            token_policy = make_policy(policy, fp_budget, group_size, sink_tokens=sink_tokens)
+        else:
+            assert not sink_tokens, "give sink_tokens to make_policy when passing a TokenPolicy"
+            token_policy = policy
         self.policy = token_policy
         layout = KVLayout(
             num_layers=text_config.num_hidden_layers, num_kv_heads=text_config.num_key_value_heads,

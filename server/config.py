@@ -35,6 +35,10 @@ class ServerSettings(BaseSettings):
     policy: Literal["fp16", "kivi", "logquant"] = Field("logquant", description="KV cache token policy")
     fp_budget: int = Field(192, ge=1, description="full-precision tokens per sequence (LogQuant W = B // 3)")
     group_size: int = Field(32, ge=2, description="value quantization group (channels), a power of two")
+    sink_tokens: int = Field(0, ge=0, description="first tokens of every sequence kept at full precision (attention sinks)")
+    key_fp_channels: int = Field(
+        0, ge=0, description="key channels of widest range kept at 16 bits in every 2-bit block (outliers)"
+    )
     kv_cache_memory: str | None = Field(
         None, description="KV budget, e.g. 2GiB; null: 1GiB on CPU, a GPU memory fraction on CUDA"
     )
@@ -100,6 +104,8 @@ class ServerSettings(BaseSettings):
             policy=self.policy,
             fp_budget=self.fp_budget,
             group_size=self.group_size,
+            sink_tokens=self.sink_tokens,
+            key_fp_channels=self.key_fp_channels,
             kv_cache_memory=parse_bytes(self.kv_cache_memory) if self.kv_cache_memory else None,
             gpu_memory_utilization=self.gpu_memory_utilization,
             device=self.device,

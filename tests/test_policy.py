@@ -90,3 +90,29 @@ def test_bad_policies() -> None:
         make_policy("kivi", fp_budget=8, group_size=32)
     with pytest.raises(ValueError, match="fp_budget"):
         make_policy("logquant", fp_budget=2)
+    with pytest.raises(ValueError, match="sink_tokens"):
+        make_policy("kivi", fp_budget=64, sink_tokens=-1)
+
+
+@pytest.mark.parametrize("name,budget", [("kivi", 64), ("logquant", 48)])
+def test_sinks_stay_full_precision_and_shift_the_policy(name: str, budget: int) -> None:
+    plain = make_policy(name, fp_budget=budget, group_size=16)
+    sunk = make_policy(name, fp_budget=budget, group_size=16, sink_tokens=4)
+    state, rng, demoted = sunk.new_state(), random.Random(3), []
+    while state.num_tokens < 1500:
+        demoted += state.append(rng.choice([1, 2, 7, 100]))
+        n = state.num_tokens
+        fp = state.full_precision_positions()
+        assert fp[: min(n, 4)] == list(range(min(n, 4))), "the first 4 tokens never leave full precision"
+        assert fp[min(n, 4) :] == [p + 4 for p in plain.full_precision_positions(max(0, n - 4))]
+        assert sorted(fp + [p for block in demoted for p in block]) == list(range(n))
+        assert sunk.num_fp_tokens(n) == len(fp) <= sunk.peak_fp_tokens(n)
+    assert sunk.max_fp_tokens == plain.max_fp_tokens + 4 and sunk.name == name
+
+
+def test_window_divisor_sets_logquant_window() -> None:
+    assert make_policy("logquant", 192).window == 64
+    wide = make_policy("logquant", 192, window_divisor=2.5)
+    assert wide.window == 76 and wide.block_tokens == 76 and wide.max_fp_tokens == 228
+    with pytest.raises(ValueError, match="window"):
+        make_policy("logquant", 4, window_divisor=5)

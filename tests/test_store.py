@@ -13,34 +13,44 @@ from logquant.store import PagedKVStore
 H, KVH, D, LAYERS = 4, 2, 32, 2
 
 
-def make_store(policy_name: str, budget: int, num_pages: int = 400, kv_heads: int = KVH) -> tuple[PagedKVStore, KVManager]:
-    layout = KVLayout(LAYERS, kv_heads, D, make_policy(policy_name, budget, group_size=8), dtype_bytes=4, group_size=8)
+def make_store(
+    policy_name: str, budget: int, num_pages: int = 400, kv_heads: int = KVH, sinks: int = 0, kout: int = 0, bits: int = 2
+) -> tuple[PagedKVStore, KVManager]:
+    policy = make_policy(policy_name, budget, group_size=8, sink_tokens=sinks)
+    layout = KVLayout(LAYERS, kv_heads, D, policy, dtype_bytes=4, group_size=8, bits=bits, key_fp_channels=kout)
     manager = KVManager(layout, num_pages)
     random.Random(num_pages).shuffle(manager.pool._free)  # non-contiguous, shuffled page ids
     return PagedKVStore(layout, num_pages, torch.float32, "cpu"), manager
 
 
-def dense_reference(policy_name, budget, keys, values):
+def dense_reference(policy_name, budget, keys, values, sinks: int = 0, kout: int = 0, bits: int = 2):
     """Keys/values as the policy says they are stored: fp tokens exact, demoted blocks
-    quantized once each (keys per channel over the block, values per token)."""
-    policy = make_policy(policy_name, budget, group_size=8)
+    quantized once each (keys per channel over the block, values per token); with `kout`,
+    each head's `kout` key channels of widest range in a block stay exact up to float16."""
+    policy = make_policy(policy_name, budget, group_size=8, sink_tokens=sinks)
     state = policy.new_state()
     blocks = state.append(keys.shape[0])
     ks, vs = [keys[state.full_precision_positions()]], [values[state.full_precision_positions()]]
     for block in blocks:
-        qk = quantize(keys[block], 2, len(block), axis=0, scale_dtype=torch.float16)
-        qv = quantize(values[block], 2, 8, axis=-1, scale_dtype=torch.float16)
-        ks.append(dequantize(qk))
-        vs.append(dequantize(qv))
+        block_keys = dequantize(quantize(keys[block], bits, len(block), axis=0, scale_dtype=torch.float16))
+        for head in range(keys.shape[1]):
+            original = keys[block][:, head]  # [bt, D]
+            widest = (original.max(0).values - original.min(0).values).argsort(descending=True)[:kout]
+            block_keys[:, head, widest] = original[:, widest].half().float()
+        ks.append(block_keys)
+        vs.append(dequantize(quantize(values[block], bits, 8, axis=-1, scale_dtype=torch.float16)))
     return torch.cat(ks), torch.cat(vs)
 
 
-def run_steps(policy_name: str, budget: int, kv_heads: int, steps: list[dict[str, int]], seed: int) -> None:
+def run_steps(
+    policy_name: str, budget: int, kv_heads: int, steps: list[dict[str, int]], seed: int, **variant: int
+) -> None:
     """Run mixed steps (seq -> new tokens) through the manager and the batched store; check
-    every layer's output against the per-sequence oracle on the dense reference."""
+    every layer's output against the per-sequence oracle on the dense reference. `variant`:
+    sinks, kout, bits (see `make_store`)."""
     gen = torch.Generator().manual_seed(seed)
     heads = kv_heads * 3 if kv_heads == 1 else 4 * kv_heads if kv_heads == 2 else 4
-    store, manager = make_store(policy_name, budget, kv_heads=kv_heads)
+    store, manager = make_store(policy_name, budget, kv_heads=kv_heads, **variant)
     store.buffer[:, : store.num_pages] = 255  # unwritten bytes read as NaN: padding must never touch them
     history: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for chunks in steps:
@@ -56,7 +66,7 @@ def run_steps(policy_name: str, budget: int, kv_heads: int, steps: list[dict[str
             row = 0
             for seq, n in chunks.items():
                 old_k, old_v = history.get((seq, layer), (torch.empty(0, kv_heads, D), torch.empty(0, kv_heads, D)))
-                ref_k, ref_v = dense_reference(policy_name, budget, old_k, old_v)
+                ref_k, ref_v = dense_reference(policy_name, budget, old_k, old_v, **variant)
                 new = slice(row, row + n)
                 expected = attend(q[new], torch.cat([ref_k, k[new]]), torch.cat([ref_v, v[new]]), D**-0.5)
                 torch.testing.assert_close(out[new], expected, atol=1e-5, rtol=1e-5)
@@ -81,6 +91,28 @@ MIXED_STEPS = [
 def test_batched_step_equals_per_sequence_reference(policy_name: str, budget: int, kv_heads: int) -> None:
     """Decodes, prefill chunks and demotions in the same step; GQA ratios 3, 4 and 1."""
     run_steps(policy_name, budget, kv_heads, MIXED_STEPS, seed=kv_heads)
+
+
+@pytest.mark.parametrize("policy_name,budget", [("kivi", 16), ("logquant", 12)])
+@pytest.mark.parametrize("variant", [{"sinks": 4}, {"kout": 3}, {"bits": 4}, {"bits": 8}, {"sinks": 3, "kout": 2}])
+def test_variants_equal_per_sequence_reference(policy_name: str, budget: int, variant: dict[str, int]) -> None:
+    """Attention sinks, 16-bit key outlier channels and 4/8-bit codes in the same mixed steps."""
+    run_steps(policy_name, budget, 2, MIXED_STEPS, seed=11, **variant)
+
+
+@pytest.mark.parametrize("variant", [{}, {"sinks": 4}, {"kout": 4}, {"bits": 4}])
+def test_variant_accounting_matches_cost_model(variant: dict[str, int]) -> None:
+    store, manager = make_store("logquant", 12, num_pages=200, **variant)
+    manager.allocate("a", 90)
+    step = store.prepare(manager.plan_step([("a", 90)]))
+    for layer in range(LAYERS):
+        store.forward(layer, step, torch.zeros(90, H, D), torch.randn(90, KVH, D), torch.randn(90, KVH, D), 1.0)
+    used = manager.bytes_by_tier()
+    assert used["fp"] + used["2bit"] == store.layout.bytes_for(90)
+    base = KVLayout(LAYERS, KVH, D, make_policy("logquant", 12, group_size=8), dtype_bytes=4, group_size=8)
+    if "kout" in variant:  # per block and head: kout float16 values per token plus kout channel ids
+        bt = base.block_tokens
+        assert store.layout.q_block_bytes - base.q_block_bytes >= KVH * variant["kout"] * (bt * 2 + 1)
 
 
 def test_decode_attention_matches_naive_softmax_gqa() -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import random
 
-import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -53,21 +52,21 @@ def run_ppl(args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: l
     ids = text_ids(tokenizer, args.length)
     lengths = list(range(1, len(ids)))  # the cache holds t tokens when it predicts token t
 
-    def logprobs_of(config: CacheConfig, desc: str = "") -> torch.Tensor:
+    def predict(config: CacheConfig, desc: str = "") -> ppl.Predictions:
         if args.engine:
-            from logquant.eval.engine import engine_logprobs  # imports the server package
+            from logquant.eval.engine import engine_predictions  # imports the server package
 
-            return engine_logprobs(model, tokenizer, config, ids)
-        return ppl.decode_logits(model, config, ids, desc=desc)
+            return engine_predictions(model, tokenizer, config, ids)
+        return ppl.decode_predictions(model, config, ids, desc=desc)
 
-    reference = logprobs_of(CacheConfig("fp16"))
+    reference = predict(CacheConfig("fp16"))
     result, cells = {}, {}
     for c in cols:
         resolved, facts = column_facts(c, model.config, lengths)
-        logprobs = reference if c.policy == "fp16" else logprobs_of(resolved, c.label)
+        predictions = reference if c.policy == "fp16" else predict(resolved, c.label)
         result[c.label] = facts | {
-            "ppl": round(ppl.perplexity(logprobs, ids), 4),
-            "top1_agreement": round(ppl.argmax_agreement(logprobs, reference), 4),
+            "ppl": round(ppl.perplexity(predictions), 4),
+            "top1_agreement": round(ppl.argmax_agreement(predictions, reference), 4),
         }
         cells |= _fact_cells(c.label, facts)
         cells |= {(c.label, k): f"{result[c.label][k]:.4f}" for k in ("ppl", "top1_agreement")}

@@ -4,6 +4,7 @@ with the 16-bit cache (teacher-forced: the share of steps whose argmax equals fp
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -12,27 +13,35 @@ from transformers import PreTrainedModel
 from logquant.eval.common import CacheConfig, feed
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """What a cache predicted after each token of a text: the log-prob of the true next token
+    and the top token, `[T - 1]` each (entry i is the prediction for token i + 1)."""
+
+    target_logprobs: torch.Tensor
+    top_tokens: torch.Tensor
+
+
 @torch.inference_mode()
-def decode_logits(model: PreTrainedModel, config: CacheConfig, ids: list[int], desc: str = "") -> torch.Tensor:
-    """Feed `ids` one token at a time; return the next-token log-probs after each [T-1, vocab]
-    (the prediction for token i+1 made after token i). `config` has a concrete budget."""
+def decode_predictions(model: PreTrainedModel, config: CacheConfig, ids: list[int], desc: str = "") -> Predictions:
+    """Feed `ids` one token at a time through `config`'s cache (a concrete budget)."""
     cache = config.make_cache(model)
-    rows = []
-    for token in tqdm(ids[:-1], desc=desc or config.label, leave=False):
-        rows.append(torch.log_softmax(feed(model, cache, [token]), dim=-1))
-    return torch.stack(rows)
+    targets, tops = [], []
+    for index, token in enumerate(tqdm(ids[:-1], desc=desc or config.label, leave=False)):
+        logprobs = torch.log_softmax(feed(model, cache, [token]), dim=-1)
+        targets.append(logprobs[ids[index + 1]])
+        tops.append(logprobs.argmax())
+    return Predictions(torch.stack(targets), torch.stack(tops))
 
 
-def perplexity(logprobs: torch.Tensor, ids: list[int], skip: int = 0) -> float:
-    """exp(mean NLL) of tokens ids[skip+1:] under `logprobs` from `decode_logits`."""
-    targets = torch.tensor(ids[1:])
-    nll = -logprobs.gather(1, targets[:, None])[:, 0]
-    return math.exp(float(nll[skip:].mean()))
+def perplexity(predictions: Predictions, skip: int = 0) -> float:
+    """exp(mean NLL) of the predicted tokens from the `skip`-th on."""
+    return math.exp(float(-predictions.target_logprobs[skip:].mean()))
 
 
-def argmax_agreement(logprobs: torch.Tensor, reference: torch.Tensor, skip: int = 0) -> float:
+def argmax_agreement(predictions: Predictions, reference: Predictions, skip: int = 0) -> float:
     """Share of steps (from `skip`) where the top token equals the reference cache's."""
-    return float((logprobs[skip:].argmax(-1) == reference[skip:].argmax(-1)).float().mean())
+    return float((predictions.top_tokens[skip:] == reference.top_tokens[skip:]).float().mean())
 
 
 @torch.inference_mode()

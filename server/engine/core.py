@@ -41,8 +41,8 @@ class EngineCore:
     def __init__(self, config: EngineConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.device, self.dtype = config.resolved_device(), config.resolved_dtype()
-        policy = make_policy(config.policy, config.fp_budget, config.group_size)
-        self.layout = layout_for(model, policy, self.dtype, config.group_size)
+        policy = make_policy(config.policy, config.fp_budget, config.group_size, sink_tokens=config.sink_tokens)
+        self.layout = layout_for(model, policy, self.dtype, config.group_size, config.key_fp_channels)
         kv_bytes = config.kv_cache_memory or self._default_kv_bytes()
         self.kv_manager = KVManager.for_budget(self.layout, kv_bytes)
         self.store = PagedKVStore(self.layout, self.kv_manager.num_pages, self.dtype, self.device)
@@ -131,6 +131,7 @@ class EngineCore:
             plan = self.kv_manager.plan_step([(c.seq_id, len(c.token_ids)) for c in output.chunks])
             result = self.runner.execute(output, plan, self.scheduler.sequences)
             sampled, failed = result.sampled, self._fail(result.failed)
+            self._record_prompt_logprobs(result.prompt_logprobs)
         if self.config.debug_integrity:
             self.kv_manager.check_integrity()
         now = time.monotonic()
@@ -147,6 +148,13 @@ class EngineCore:
         self.stats.generation_tokens += len(updated)
         self._update_stats()
         return updated + failed
+
+    def _record_prompt_logprobs(self, computed: dict[str, tuple[int, list[dict]]]) -> None:
+        for seq_id, (first_position, entries) in computed.items():
+            seq = self.scheduler.sequences.get(seq_id)
+            if seq is not None:
+                assert len(seq.prompt_logprobs) + 1 == first_position, "prompt logprobs recorded out of order"
+                seq.prompt_logprobs.extend(entries)
 
     def _fail(self, failures: dict[str, Exception]) -> list[Sequence]:
         """Finish the sequences whose rows failed, with finish_reason "error" and `seq.error`

@@ -32,6 +32,7 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    prompt_logprobs: list[dict | None] | None = None  # with SamplingParams.prompt_logprobs: None, then one per token
 
 
 class LLM:
@@ -68,8 +69,17 @@ class LLM:
         with tqdm(total=total, disable=not progress, desc="generate") as bar:
             while self.engine.has_work():
                 bar.update(sum(1 for s in self.engine.step() if s.is_finished))
-        return [RequestOutput(rid, ids, [self._completion(s) for s in seqs]) for rid, ids, seqs in requests]
+        return [
+            RequestOutput(rid, ids, [self._completion(s) for s in seqs], _prompt_logprobs(seqs[0]))
+            for rid, ids, seqs in requests
+        ]
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
         return CompletionOutput(seq.index, text, list(seq.output_token_ids), seq.finish_reason, seq.output_logprobs)
+
+
+def _prompt_logprobs(seq: Sequence) -> list[dict | None] | None:
+    if seq.params.prompt_logprobs is None:
+        return None
+    return [None, *seq.prompt_logprobs]

@@ -10,7 +10,7 @@ Then it samples the rows that end a sequence's known tokens.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase
@@ -22,7 +22,7 @@ from logquant.step import StepTensors
 from logquant.store import PagedKVStore
 from server.engine.request import Sequence
 from server.engine.sampler import SampleResult, sample
-from server.engine.scheduler import SchedulerOutput
+from server.engine.scheduler import ScheduledChunk, SchedulerOutput
 
 ATTENTION_NAME = "logquant_paged"
 logger = logging.getLogger(__name__)
@@ -32,6 +32,18 @@ logger = logging.getLogger(__name__)
 class StepResult:
     sampled: dict[str, SampleResult]  # seq_id -> the token sampled for it
     failed: dict[str, Exception]  # seq_id -> why its row could not be sampled
+    # seq_id -> (first prompt position covered, one {"logprob", "top"} per position from there)
+    prompt_logprobs: dict[str, tuple[int, list[dict]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """A row of the step whose next token is a prompt token of a `prompt_logprobs` request."""
+
+    seq_id: str
+    row: int  # row of the flat batch
+    position: int  # position of the prompt token it predicts
+    target: int  # that token
 
 
 @dataclass(frozen=True)
@@ -67,7 +79,9 @@ AttentionInterface.register(ATTENTION_NAME, paged_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
 
 
-def layout_for(model: PreTrainedModel, policy, dtype: torch.dtype, group_size: int) -> KVLayout:
+def layout_for(
+    model: PreTrainedModel, policy, dtype: torch.dtype, group_size: int, key_fp_channels: int = 0
+) -> KVLayout:
     config = model.config.get_text_config(decoder=True)
     return KVLayout(
         num_layers=config.num_hidden_layers,
@@ -76,6 +90,7 @@ def layout_for(model: PreTrainedModel, policy, dtype: torch.dtype, group_size: i
         policy=policy,
         dtype_bytes=torch.empty((), dtype=dtype).element_size(),
         group_size=group_size,
+        key_fp_channels=key_fp_channels,
     )
 
 
@@ -90,18 +105,23 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput, plan: StepPlan, sequences: dict[str, Sequence]) -> StepResult:
         """Run the step's chunks (`plan` is their KV plan, in the same order); sample."""
-        token_ids, positions, sample_rows, sample_ids = [], [], [], []
+        token_ids, positions, sample_rows, sample_ids, prompt_rows = [], [], [], [], []
         for chunk in output.chunks:
+            prompt_rows += _prompt_rows(chunk, sequences[chunk.seq_id], len(token_ids))
             token_ids += chunk.token_ids
             positions += range(chunk.start_position, chunk.start_position + len(chunk.token_ids))
             if chunk.sample:
                 sample_rows.append(len(token_ids) - 1)
                 sample_ids.append(chunk.seq_id)
         step = self.store.prepare(plan)
-        logits = self._forward(token_ids, positions, step, sample_rows or [len(token_ids) - 1])
-        if not sample_rows:
-            return StepResult({}, {})
-        return self._sample(logits, [sequences[s] for s in sample_ids])  # logits: [num_sample, vocab]
+        rows = sample_rows + [r.row for r in prompt_rows]
+        logits = self._forward(token_ids, positions, step, rows or [len(token_ids) - 1])  # [len(rows), vocab]
+        result = StepResult({}, {})
+        if sample_rows:
+            result = self._sample(logits[: len(sample_rows)], [sequences[s] for s in sample_ids])
+        if prompt_rows:
+            result.prompt_logprobs.update(_prompt_logprobs(logits[len(sample_rows) :], prompt_rows, sequences))
+        return result
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> StepResult:
         """Sample every row at once; if that fails, row by row, so that only the rows that
@@ -129,3 +149,34 @@ class ModelRunner:
             logquant_batch=StepBatch(self.store, step),
         )
         return out.logits[0]
+
+
+def _prompt_rows(chunk: ScheduledChunk, seq: Sequence, first_row: int) -> list[PromptRow]:
+    """The chunk's rows that predict prompt tokens whose logprob `seq` still needs (a
+    recomputed prefill after preemption skips the positions already recorded)."""
+    if seq.params.prompt_logprobs is None:
+        return []
+    prompt = seq.prompt_token_ids
+    have = len(seq.prompt_logprobs) + 1  # positions 1.. are recorded in order
+    return [
+        PromptRow(seq.seq_id, first_row + j, chunk.start_position + j + 1, prompt[chunk.start_position + j + 1])
+        for j in range(len(chunk.token_ids))
+        if have <= chunk.start_position + j + 1 < len(prompt)
+    ]
+
+
+def _prompt_logprobs(
+    logits: torch.Tensor, rows: list[PromptRow], sequences: dict[str, Sequence]
+) -> dict[str, tuple[int, list[dict]]]:
+    """logits [len(rows), vocab] -> per sequence, its first position and the entries from it."""
+    logprobs = logits.float().log_softmax(dim=-1)  # [rows, vocab]
+    targets = torch.tensor([r.target for r in rows], device=logits.device)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    most = max(sequences[r.seq_id].params.prompt_logprobs or 0 for r in rows)
+    top_values, top_ids = (t.tolist() for t in logprobs.topk(max(most, 1), dim=-1))
+    out: dict[str, tuple[int, list[dict]]] = {}
+    for i, r in enumerate(rows):
+        k = sequences[r.seq_id].params.prompt_logprobs or 0
+        entry = {"logprob": chosen[i], "top": list(zip(top_ids[i][:k], top_values[i][:k]))}
+        out.setdefault(r.seq_id, (r.position, []))[1].append(entry)
+    return out
