@@ -15,6 +15,7 @@ from pathlib import Path
 
 from logquant.layout import KVLayout
 from logquant.policy import make_policy
+from logquant.provenance import provenance
 from server.engine.config import parse_bytes
 from logquant.kv_manager import KVManager
 
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--fp-budget", type=int, default=192)
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--json", type=Path, help="write {shape: {policy: {context_length: max_sequences}}}")
+    parser.add_argument("--json", type=Path, help="write {shape: {policy: {context_length: max_sequences}}} under 'results'")
     args = parser.parse_args()
     budget = parse_bytes(args.kv_cache_memory)
     lengths = [int(n) for n in args.lengths.split(",")]
@@ -79,7 +80,9 @@ def main() -> None:
         print_table(shape, results[shape], lengths)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({s: r["sequences"] for s, r in results.items()}, indent=2))
+        record = {"provenance": provenance(), "args": vars(args) | {"json": str(args.json)},
+                  "results": {s: r["sequences"] for s, r in results.items()}}  # fmt: skip
+        args.json.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

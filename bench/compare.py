@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         print_runs({n: runs[n] for n in [*ours, peer]}, {n: peer for n in ours})
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {"provenance": provenance(), "args": vars(args) | {"json": str(args.json)}, "runs": runs}
+        record = {"provenance": provenance(args.model), "args": vars(args) | {"json": str(args.json)}, "runs": runs}
         args.json.write_text(json.dumps(record, indent=2))
     return runs
 

@@ -102,7 +102,7 @@ def main() -> None:
         profile(llms[policies[-1]], prompts(batches[-1], int(args.prompt_len.split(",")[-1]), vocab), args.max_tokens)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"provenance": provenance(), "dtype": str(llms[policies[0]].engine.dtype),
+        args.json.write_text(json.dumps({"provenance": provenance(args.model), "dtype": str(llms[policies[0]].engine.dtype),
                                          "rows": rows}, indent=2))  # fmt: skip
 
 

@@ -1,18 +1,21 @@
-"""Plots (PNG, in docs/) from the JSON the benchmarks write:
+"""Plots (PNG, in docs/) from the JSON the benchmarks and `python -m logquant.eval` write:
 
     python bench/plots.py --serve results/serve.json --capacity results/capacity.json \
-        --accuracy results/accuracy.json --out docs
+        --coverage results/accuracy_coverage.json --ppl results/accuracy_ppl.json \
+        --passkey results/accuracy_passkey.json --out docs
 
 - throughput_vs_concurrency.png   (serve.py run with several --concurrency values)
 - capacity_vs_context.png         (capacity.py)
-- coverage_vs_budget.png          (accuracy.py, coverage)
-- accuracy_vs_bits.png            (accuracy.py: passkey accuracy and perplexity vs bits/value)
+- coverage_vs_budget.png          (eval coverage: equal-budget columns)
+- pareto_ppl_vs_bytes.png         (eval ppl: perplexity against KV bytes per token, Pareto front)
+- passkey_vs_bytes.png            (eval passkey: accuracy against KV bytes per token, per length)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import matplotlib
@@ -20,19 +23,28 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from logquant.layout import KVLayout  # noqa: E402
-from logquant.policy import make_policy  # noqa: E402
+from logquant.eval.configs import parse_spec  # noqa: E402
 
-DEFAULT_SHAPE = (30, 3, 64)  # SmolLM2-135M: layers, kv heads, head dim
 COLORS = {"fp16": "tab:gray", "kivi": "tab:blue", "logquant": "tab:red"}
 
 
-def bits_per_value(label: str, context: int) -> float:
-    """KV bits per cached value at `context` tokens, paging included (16-bit tier)."""
-    policy, _, budget = label.partition("@")
-    layout = KVLayout(*DEFAULT_SHAPE, make_policy(policy, int(budget or 192)), 2, 32)
-    values = context * 2 * DEFAULT_SHAPE[0] * DEFAULT_SHAPE[1] * DEFAULT_SHAPE[2]
-    return layout.bytes_for(context) * 8 / values
+def series_of(label: str) -> str:
+    """The line a results column belongs to: policy and bit width, plus any option."""
+    config = parse_spec(label)
+    if config.policy == "fp16":
+        return "fp16"
+    extras = "".join(part for part in label.split(":")[1:] if not part.startswith("bits="))
+    return f"{config.policy} {config.bits}-bit" + (f" {extras}" if extras else "")
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both axes (fewer bytes and lower perplexity)."""
+    front, best = [], float("inf")
+    for x, y in sorted(points):
+        if y < best:
+            front.append((x, y))
+            best = y
+    return front
 
 
 def plot_serve(data: dict, out: Path) -> Path:
@@ -50,8 +62,9 @@ def plot_serve(data: dict, out: Path) -> Path:
 
 
 def plot_capacity(data: dict, out: Path) -> Path:
-    fig, axes = plt.subplots(1, len(data), figsize=(5 * len(data), 4), squeeze=False)
-    for ax, (shape, table) in zip(axes[0], data.items()):
+    shapes = data["results"]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, (shape, table) in zip(axes[0], shapes.items()):
         for policy, row in table.items():
             lengths = sorted(int(n) for n in row)
             ax.plot(lengths, [row[str(n)] for n in lengths], "o-", label=policy, color=COLORS.get(policy))
@@ -63,33 +76,51 @@ def plot_capacity(data: dict, out: Path) -> Path:
 
 def plot_coverage(data: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
-    results = data["coverage"]["results"]
+    results = {k: v for k, v in data["results"].items() if re.fullmatch(r"(kivi|logquant)@\d+", k)}
     for policy in ("kivi", "logquant"):
-        points = sorted((int(k.split("@")[1]), v["coverage"]) for k, v in results.items() if k.startswith(policy))
+        points = sorted((v["fp_budget"], v["coverage"]) for k, v in results.items() if k.startswith(policy))
         ax.plot([b for b, _ in points], [c for _, c in points], "o-", label=policy, color=COLORS[policy])
-    ax.set(xlabel="full-precision budget (tokens)", ylabel="attention coverage (token 0 excluded)",
+    ax.set(xlabel="full-precision budget B (tokens)", ylabel="attention coverage (token 0 excluded)",
            title="Attention mass on full-precision tokens")  # fmt: skip
     ax.legend()
     return save(fig, out / "coverage_vs_budget.png")
 
 
-def plot_accuracy_vs_bits(data: dict, out: Path) -> Path:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    passkey = data["passkey"]["results"]
-    longest = max(int(n) for row in passkey.values() for n in row)
-    ppl = data["ppl"]["results"]
-    ppl_len = int(data["ppl"]["args"][data["ppl"]["args"].index("--length") + 1])
-    for label in passkey:
-        point = (bits_per_value(label, longest), passkey[label][str(longest)])
-        left.scatter(*point, color=COLORS[label.split("@")[0]])
-        left.annotate(label, point, fontsize=7)
-    for label in ppl:
-        point = (bits_per_value(label, ppl_len), ppl[label]["ppl"])
-        right.scatter(*point, color=COLORS[label.split("@")[0]])
-        right.annotate(label, point, fontsize=7)
-    left.set(xlabel=f"KV bits per value at {longest} tokens", ylabel="passkey accuracy", title=f"Passkey @ {longest}")
-    right.set(xlabel=f"KV bits per value at {ppl_len} tokens", ylabel="perplexity", title="Perplexity")
-    return save(fig, out / "accuracy_vs_bits.png")
+def plot_pareto(data: dict, out: Path) -> Path:
+    """Perplexity against KV bytes per token at the evaluated length; one line per series."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_series: dict[str, list[tuple[float, float, str]]] = {}
+    for label, v in data["results"].items():
+        by_series.setdefault(series_of(label), []).append((v["kv_bytes_per_token"], v["ppl"], label))
+    for series, points in sorted(by_series.items()):
+        points.sort()
+        color = COLORS.get(series.split()[0], "tab:green")
+        style = {"2-bit": "o-", "4-bit": "s--", "8-bit": "^:"}.get(series.split()[-1] if " " in series else "", "D")
+        ax.plot([x for x, _, _ in points], [y for _, y, _ in points], style, color=color, label=series)
+    front = pareto_front([(x, y) for points in by_series.values() for x, y, _ in points])
+    ax.step([x for x, _ in front], [y for _, y in front], "k-", where="post", alpha=0.3, label="Pareto front")
+    length = data["args"]["length"]
+    ax.set(xscale="log", xlabel=f"KV bytes per token at {length} tokens (16-bit tier, all layers)",
+           ylabel=f"perplexity ({length} tokens, one at a time)", title="Perplexity against KV memory")  # fmt: skip
+    ax.legend(fontsize=8)
+    return save(fig, out / "pareto_ppl_vs_bytes.png")
+
+
+def plot_passkey(data: dict, out: Path) -> Path:
+    results = data["results"]
+    lengths = sorted({int(n) for row in results.values() for n in row})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 4), squeeze=False)
+    for ax, n in zip(axes[0], lengths):
+        by_series: dict[str, list[tuple[float, float]]] = {}
+        for label, row in results.items():
+            cell = row[str(n)]
+            by_series.setdefault(series_of(label), []).append((cell["kv_bytes_per_token"], cell["accuracy"]))
+        for series, points in sorted(by_series.items()):
+            points.sort()
+            ax.plot([x for x, _ in points], [y for _, y in points], "o-", color=COLORS.get(series.split()[0]), label=series)
+        ax.set(xscale="log", ylim=(-0.05, 1.05), xlabel="KV bytes per token", ylabel="passkey accuracy", title=f"{n} tokens")
+        ax.legend(fontsize=8)
+    return save(fig, out / "passkey_vs_bytes.png")
 
 
 def save(fig: plt.Figure, path: Path) -> Path:
@@ -105,17 +136,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--serve", type=Path)
     p.add_argument("--capacity", type=Path)
-    p.add_argument("--accuracy", type=Path)
+    p.add_argument("--coverage", type=Path)
+    p.add_argument("--ppl", type=Path)
+    p.add_argument("--passkey", type=Path)
     p.add_argument("--out", type=Path, default=Path("docs"))
     args = p.parse_args(argv)
     if args.serve:
         plot_serve(json.loads(args.serve.read_text()), args.out)
     if args.capacity:
         plot_capacity(json.loads(args.capacity.read_text()), args.out)
-    if args.accuracy:
-        data = json.loads(args.accuracy.read_text())
-        plot_coverage(data, args.out)
-        plot_accuracy_vs_bits(data, args.out)
+    for path, plot in ((args.coverage, plot_coverage), (args.ppl, plot_pareto), (args.passkey, plot_passkey)):
+        if path:
+            plot(json.loads(path.read_text()), args.out)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from loadgen import print_runs, random_requests, run_load, sharegpt_requests, summarize  # noqa: E402
 
+from logquant.provenance import provenance  # noqa: E402
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -111,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    started = provenance(args.model)
     runs: dict[str, dict] = {}
     if args.base_url:
         wait_ready(f"{args.base_url.rstrip('/')}/v1/models", None, limit=30)
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     print_runs(runs, baselines(runs, "fp16"))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "runs": runs}, indent=2))
+        record = {"provenance": started, "args": vars(args) | {"json": str(args.json)}, "runs": runs}
+        args.json.write_text(json.dumps(record, indent=2))
     return runs
 
 

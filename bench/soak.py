@@ -197,7 +197,7 @@ def report(args: argparse.Namespace, soak: Soak, samples: list[dict], final: dic
         "rss_growth_ok": final_rss <= first_rss * (1 + args.max_rss_growth),
     }
     return {
-        **provenance(),
+        **provenance(args.model),
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot")},
         "requests": {kind: dict(sorted(c.items())) for kind, c in sorted(soak.outcomes.items())},
         "total_requests": sum(sum(c.values()) for c in soak.outcomes.values()),

@@ -20,7 +20,7 @@ def run(*args: str) -> str:
 def test_capacity(tmp_path) -> None:
     stdout = run("bench/capacity.py", "--kv-cache-memory", "1GiB", "--lengths", "512,2048", "--json",
                  str(tmp_path / "c.json"))  # fmt: skip
-    table = json.loads((tmp_path / "c.json").read_text())
+    table = json.loads((tmp_path / "c.json").read_text())["results"]
     assert table["SmolLM2-135M"]["logquant"]["2048"] > 3 * table["SmolLM2-135M"]["fp16"]["2048"]
     assert "Llama-3.1-8B" in stdout
 
@@ -34,13 +34,19 @@ def test_serve_and_plots(tmp_path) -> None:
     assert set(runs) == {"fp16 c=1", "fp16 c=2", "logquant c=1", "logquant c=2"}
     assert all(r["errors"] == 0 and r["output_tokens"] > 0 for r in runs.values())
     assert "ratios" in stdout
-    acc = tmp_path / "acc.json"
-    run("bench/accuracy.py", "--smoke", "--json", str(acc))
-    cap = tmp_path / "cap.json"
+    cov, ppl, pk, cap = (tmp_path / f"{name}.json" for name in ("cov", "ppl", "pk", "cap"))
+    run("-m", "logquant.eval", "coverage", "--length", "96", "--budgets", "36", "--match", "bytes", "--json", str(cov))
+    run("-m", "logquant.eval", "ppl", "--length", "40", "--json", str(ppl),
+        "--configs", "fp16,kivi@32,logquant@36,kivi@32:bits=4,logquant@bytes(kivi@32):sinks=4")  # fmt: skip
+    run("-m", "logquant.eval", "passkey", "--lengths", "96", "--cases", "1", "--budgets", "36", "--json", str(pk))
+    record = json.loads(ppl.read_text())
+    assert record["provenance"]["command"].startswith("python -m logquant.eval ppl --length 40")
+    assert set(record["results"]["logquant@bytes(kivi@32):sinks=4"]) >= {"fp_budget", "kv_bytes_per_token", "ppl"}
     run("bench/capacity.py", "--lengths", "512,2048", "--json", str(cap))
-    run("bench/plots.py", "--serve", str(out), "--accuracy", str(acc), "--capacity", str(cap), "--out",
-        str(tmp_path / "docs"))  # fmt: skip
-    assert len(list((tmp_path / "docs").glob("*.png"))) == 4
+    assert json.loads(cap.read_text())["provenance"]["command"].startswith("python bench/capacity.py")
+    run("bench/plots.py", "--serve", str(out), "--coverage", str(cov), "--ppl", str(ppl), "--passkey", str(pk),
+        "--capacity", str(cap), "--out", str(tmp_path / "docs"))  # fmt: skip
+    assert len(list((tmp_path / "docs").glob("*.png"))) == 5
 
 
 @pytest.mark.real_model
