@@ -13,7 +13,8 @@ A spec names one column of a comparison:
                                   over the evaluated lengths equals the anchor's
 
 A matched budget is the largest B whose measure does not exceed the anchor's, so the matched
-policy never gets more memory (or more full-precision tokens) than the anchor. Bytes are those
+policy never gets more memory (or more full-precision tokens) than the anchor; when no B does
+(e.g. 16-bit key channels cost more than a small budget saves), `resolve` raises ValueError. Bytes are those
 of the product's cache: a 16-bit full-precision tier, 16-bit scales (`KVLayout.bytes_for`).
 """
 
@@ -155,8 +156,10 @@ def resolve(config: CacheConfig, model_config: PretrainedConfig, lengths: list[i
     target = measure(anchor)
     base = replace(config, match=None, anchor=None)
     smallest = GROUP_SIZE if config.policy == "kivi" else 3
-    best = smallest
-    for budget in range(smallest, 2 * max(lengths) + 1):
-        if measure(replace(base, fp_budget=budget)) <= target:
-            best = budget
-    return replace(base, fp_budget=best)
+    fitting = [b for b in range(smallest, 2 * max(lengths) + 1) if measure(replace(base, fp_budget=b)) <= target]
+    if not fitting:
+        raise ValueError(
+            f"{config.label}: no budget reaches the {config.match} of {anchor.label} at {max(lengths)} tokens "
+            f"({target:.0f}); even B = {smallest} needs {measure(replace(base, fp_budget=smallest)):.0f}"
+        )
+    return replace(base, fp_budget=max(fitting))
