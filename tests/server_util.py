@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 import httpx
+import openai
 import uvicorn
 
 from server.api.app import create_app
@@ -25,6 +26,11 @@ def tiny_core_factory(policy: str = "logquant", kv_bytes: int = 64 << 20, **engi
         return EngineCore(config, tiny_model(), byte_tokenizer())
 
     return build
+
+
+def openai_client(server: RunningServer, api_key: str = "unused", timeout: float = 60) -> openai.OpenAI:
+    """The official client against a running test server, without retries."""
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0, timeout=timeout)
 
 
 class RunningServer:

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from server_util import MODEL, RunningServer, tiny_core_factory
+from server_util import MODEL, RunningServer, openai_client, tiny_core_factory
 
 MESSAGES = [{"role": "user", "content": "Hi there"}]
 
@@ -19,7 +19,7 @@ def srv():
 
 @pytest.fixture(scope="module")
 def client(srv):
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="sekrit", max_retries=0, timeout=60)
+    return openai_client(srv, api_key="sekrit")
 
 
 def post(srv, path: str, body: dict) -> httpx.Response:

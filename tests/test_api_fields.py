@@ -1,25 +1,13 @@
 """vLLM's extra request fields through a live server with the openai client."""
 
 import httpx
-import openai
 import pytest
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from server_util import MODEL, RunningServer, tiny_core_factory
+from server_util import MODEL
 
 MESSAGES = [{"role": "user", "content": "Tell me a story about a fox."}]
 BYTE_CHAR = bytes_to_unicode()
-
-
-@pytest.fixture(scope="module")
-def srv():
-    with RunningServer(tiny_core_factory()) as server:
-        yield server.wait_ready()
-
-
-@pytest.fixture(scope="module")
-def client(srv):
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def chat(client, **kw):

@@ -8,30 +8,18 @@ from typing import Literal
 
 import httpx
 import jsonschema
-import openai
 import pytest
 from pydantic import BaseModel, Field
 
 from logquant.models import DEFAULT_MODEL
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
-from server_util import MODEL, RunningServer, tiny_core_factory
+from server_util import MODEL, RunningServer, openai_client
 
 MESSAGES = [{"role": "user", "content": "Describe a person as JSON."}]
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 120}},
           "required": ["name", "age"], "additionalProperties": False}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def srv():
-    with RunningServer(tiny_core_factory()) as server:
-        yield server.wait_ready()
-
-
-@pytest.fixture(scope="module")
-def client(srv):
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def chat_text(client, n: int = 1, **kw) -> list[str]:
@@ -171,7 +159,7 @@ def default_model_client():
 
     with RunningServer(factory, model=DEFAULT_MODEL, fp_budget=192, group_size=32) as server:
         server.wait_ready()
-        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=300)
+        yield openai_client(server, api_key="x", timeout=300)
 
 
 @pytest.mark.real_model

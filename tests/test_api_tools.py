@@ -5,10 +5,9 @@ import json
 
 import httpx
 import jsonschema
-import openai
 import pytest
 
-from server_util import MODEL, RunningServer, tiny_core_factory
+from server_util import MODEL, RunningServer, openai_client, tiny_core_factory
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
@@ -38,17 +37,6 @@ def hermes_factory():
         return core
 
     return factory
-
-
-@pytest.fixture(scope="module")
-def srv():
-    with RunningServer(tiny_core_factory()) as server:
-        yield server.wait_ready()
-
-
-@pytest.fixture(scope="module")
-def client(srv):
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def chat(client, **kw):
@@ -173,7 +161,7 @@ def test_tool_history_without_a_tools_template(client, srv) -> None:
 
 def test_auto_with_a_template_that_renders_tools() -> None:
     with RunningServer(hermes_factory()) as srv:
-        client = openai.OpenAI(base_url=f"{srv.wait_ready().url}/v1", api_key="x", max_retries=0, timeout=60)
+        client = openai_client(srv.wait_ready(), api_key="x")
         r = chat(client, max_tokens=6, extra_body={"ignore_eos": True})  # tool_choice "auto"
         expected = srv.core.tokenizer.apply_chat_template(MESSAGES, tools=TOOLS, add_generation_prompt=True,
                                                           return_dict=False)  # fmt: skip

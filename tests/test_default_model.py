@@ -2,14 +2,9 @@
 
 import pytest
 
-from logquant.models import DEFAULT_MODEL, load_model, resolve_model
+from logquant.models import DEFAULT_MODEL, resolve_model
 
 pytestmark = pytest.mark.real_model
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer():
-    return load_model(DEFAULT_MODEL)
 
 
 def test_default_model_shape(model_and_tokenizer) -> None:

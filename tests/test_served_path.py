@@ -69,7 +69,7 @@ def test_different_cut_points_change_quantized_outputs() -> None:
 
 
 @pytest.mark.real_model
-def test_engine_perplexity_matches_cache_on_the_default_model() -> None:
+def test_engine_perplexity_matches_cache_on_the_default_model(model_and_tokenizer) -> None:
     """On real text, token by token: the engine (prompt logprobs, chunks of 1) and the cache.
     fp16 agrees to float noise; with 2-bit blocks, float noise (attention kernels differ: the
     engine's flash attention with a log-sum-exp merge, transformers' SDPA for the cache) can
@@ -78,9 +78,8 @@ def test_engine_perplexity_matches_cache_on_the_default_model() -> None:
     from logquant.eval.engine import engine_predictions
     from logquant.eval.modes import text_ids
     from logquant.eval.perplexity import argmax_agreement, decode_predictions, perplexity
-    from logquant.models import load_model
 
-    model, tok = load_model()
+    model, tok = model_and_tokenizer
     ids = text_ids(tok, 96)
     for spec, logprob_tolerance in [("fp16", 1e-3), ("kivi@32", None), ("logquant@24", None)]:
         cache = decode_predictions(model, parse_spec(spec), ids)

@@ -18,11 +18,6 @@ def srv():
         yield server.wait_ready()
 
 
-@pytest.fixture(scope="module")
-def client(srv):
-    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
 def chat(client, **kw):
     args = {"model": MODEL, "messages": MESSAGES, "max_tokens": 12, "temperature": 0, **kw}
     return client.chat.completions.create(**args)

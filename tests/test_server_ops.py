@@ -10,12 +10,11 @@ import threading
 
 import httpx
 from pydantic import ValidationError
-import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.cli import parse_settings
-from server_util import MODEL, RunningServer, tiny_core_factory, wait_for
+from server_util import MODEL, RunningServer, openai_client, tiny_core_factory, wait_for
 
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
 
@@ -38,7 +37,7 @@ def test_api_key_required_except_health_and_metrics() -> None:
         bad = httpx.post(f"{srv.url}/v1/chat/completions", json=BODY, headers={"Authorization": "Bearer nope"})
         assert bad.status_code == 401
         assert httpx.get(f"{srv.url}/v1/models").status_code == 401
-        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="s3cret", max_retries=0, timeout=60)
+        client = openai_client(srv, api_key="s3cret")
         assert client.chat.completions.create(**BODY).choices[0].message.role == "assistant"
         assert httpx.get(f"{srv.url}/health").status_code == 200
         assert httpx.get(f"{srv.url}/metrics").status_code == 200
@@ -62,18 +61,12 @@ def test_not_ready_is_503_until_loaded() -> None:
         assert httpx.post(f"{srv.url}/v1/chat/completions", json=BODY).status_code == 200
 
 
-@pytest.fixture(scope="module")
-def srv():
-    with RunningServer(tiny_core_factory(policy="logquant")) as server:
-        yield server.wait_ready()
-
-
 def test_metrics_parse_and_move(srv) -> None:
     before = scrape(srv.url)
     assert before["logquant:kv_cache_capacity_bytes{}"] == srv.core.kv_manager.capacity_bytes
     info = [k for k in before if k.startswith("logquant:cache_config_info")][0]
     assert "policy=logquant" in info and "fp_budget=24" in info and "device=cpu" in info
-    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0, timeout=60)
+    client = openai_client(srv, api_key="x")
     long_prompt = [{"role": "user", "content": "word " * 40}]
     r = client.chat.completions.create(model=MODEL, messages=long_prompt, max_tokens=10, extra_body={"ignore_eos": True})
     after = scrape(srv.url)

@@ -7,17 +7,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from logquant.models import DEFAULT_MODEL, load_model
 from server.engine.request import SamplingParams, Sequence, StructuredSpec
 from server.engine.sampler import sample
 from test_structured import SCHEMAS, generate, make_seq
 
 pytestmark = pytest.mark.real_model
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer():
-    return load_model(DEFAULT_MODEL)
 
 
 def test_random_logits_outputs_validate(model_and_tokenizer) -> None:
