@@ -42,6 +42,8 @@ def test_serve_and_plots(tmp_path) -> None:
     record = json.loads(ppl.read_text())
     assert record["provenance"]["command"].startswith("python -m logquant.eval ppl --length 40")
     assert set(record["results"]["logquant@bytes(kivi@32):sinks=4"]) >= {"fp_budget", "kv_bytes_per_token", "ppl"}
+    report = run("bench/accuracy_report.py", str(ppl), str(pk))
+    assert "| `logquant@bytes(kivi@32):sinks=4` |" in report and "| `kivi@36` | 1.00 (36, " in report
     run("bench/capacity.py", "--lengths", "512,2048", "--json", str(cap))
     assert json.loads(cap.read_text())["provenance"]["command"].startswith("python bench/capacity.py")
     run("bench/plots.py", "--serve", str(out), "--coverage", str(cov), "--ppl", str(ppl), "--passkey", str(pk),
