@@ -39,6 +39,7 @@ class ServerSettings(BaseSettings):
     key_fp_channels: int = Field(
         0, ge=0, description="key channels of widest range kept at 16 bits in every 2-bit block (outliers)"
     )
+    kv_bits: int = Field(2, description="code width of demoted blocks: 2, 4 or 8 (the CUDA kernel reads 2 only)")
     kv_cache_memory: str | None = Field(
         None, description="KV budget, e.g. 2GiB; null: 1GiB on CPU, a GPU memory fraction on CUDA"
     )
@@ -78,6 +79,13 @@ class ServerSettings(BaseSettings):
             raise ValueError("must be a positive size, e.g. 2GiB (leave it unset for the default)")
         return value
 
+    @field_validator("kv_bits")
+    @classmethod
+    def _check_kv_bits(cls, value: int) -> int:
+        if value not in (2, 4, 8):
+            raise ValueError(f"must be 2, 4 or 8, not {value}")
+        return value
+
     @field_validator("group_size")
     @classmethod
     def _check_group_size(cls, value: int) -> int:
@@ -106,6 +114,7 @@ class ServerSettings(BaseSettings):
             group_size=self.group_size,
             sink_tokens=self.sink_tokens,
             key_fp_channels=self.key_fp_channels,
+            kv_bits=self.kv_bits,
             kv_cache_memory=parse_bytes(self.kv_cache_memory) if self.kv_cache_memory else None,
             gpu_memory_utilization=self.gpu_memory_utilization,
             device=self.device,

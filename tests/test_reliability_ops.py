@@ -31,6 +31,8 @@ def tiny_dir(tmp_path_factory):
         (["--kv-cache-memory", "0"], "--kv-cache-memory: must be a positive size"),
         (["--group-size", "7"], "--group-size: must be a power of two"),
         (["--max-waiting-requests", "0"], "--max-waiting-requests: Input should be greater than or equal to 1"),
+        (["--kv-bits", "3"], "--kv-bits: must be 2, 4 or 8"),
+        (["--sink-tokens", "-1"], "--sink-tokens: Input should be greater than or equal to 0"),
     ],
 )
 def test_settings_errors_exit_with_one_line(args: list[str], expected: str) -> None:

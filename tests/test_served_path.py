@@ -43,13 +43,20 @@ def engine_outputs(policy: str, fp_budget: int, n: int, **variant: int) -> dict[
 
 @pytest.mark.parametrize(
     "policy,fp_budget,variant",
-    [("kivi", 24, {}), ("logquant", 24, {}), ("logquant", 12, {}), ("kivi", 16, {"sink_tokens": 4, "key_fp_channels": 2})],
+    [
+        ("kivi", 24, {}),
+        ("logquant", 24, {}),
+        ("logquant", 12, {}),
+        ("kivi", 16, {"sink_tokens": 4, "key_fp_channels": 2}),
+        ("logquant", 12, {"kv_bits": 4, "sink_tokens": 2}),
+    ],
 )
 def test_engine_greedy_equals_generate_with_logquant_cache(policy: str, fp_budget: int, variant: dict) -> None:
     """60 new tokens after prompts of 3 to 86 tokens: several blocks are demoted per sequence."""
     outputs = engine_outputs(policy, fp_budget, 60, **variant)
+    cache_variant = {("bits" if k == "kv_bits" else k): v for k, v in variant.items()}
     for prompt, tokens in outputs.items():
-        assert tokens == generate_with_cache(prompt, policy, fp_budget, 60, **variant), prompt
+        assert tokens == generate_with_cache(prompt, policy, fp_budget, 60, **cache_variant), prompt
 
 
 def test_different_cut_points_change_quantized_outputs() -> None:

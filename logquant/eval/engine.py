@@ -1,7 +1,7 @@
 """The evaluations through the serving engine (`server.engine.LLM`) instead of
 `LogQuantCache`: the same model object, one `LLM` per cache configuration. The engine takes
-the policy, budget, sinks and key outlier channels; other bit widths and window splits are
-library-only and rejected here."""
+the policy, budget, bit width, sinks and key outlier channels; a window split other than
+W = B // 3 is library-only and rejected here."""
 
 from __future__ import annotations
 
@@ -24,13 +24,13 @@ def engine_for(
 ) -> Iterator[LLM]:
     """An `LLM` over `model` for `config` (a concrete budget). The engine registers its own
     attention on the model; the model's previous attention is restored on exit."""
-    if config.bits != 2 or config.window_divisor != 3.0:
-        raise ValueError(f"{config.label}: the engine runs 2-bit codes and W = B // 3 only")
+    if config.window_divisor != 3.0:
+        raise ValueError(f"{config.label}: the engine runs W = B // 3 only")
     previous = model.config._attn_implementation
     try:
         yield LLM(
             model_object=model, tokenizer=tokenizer, policy=config.policy, fp_budget=config.fp_budget or 192,
-            group_size=GROUP_SIZE, sink_tokens=config.sink_tokens, key_fp_channels=config.key_fp_channels,
+            group_size=GROUP_SIZE, sink_tokens=config.sink_tokens, key_fp_channels=config.key_fp_channels, kv_bits=config.bits,
             kv_cache_memory=KV_CACHE_MEMORY, dtype=str(model.dtype).removeprefix("torch."), device=model.device.type,
             **engine_options,
         )  # fmt: skip

@@ -28,6 +28,7 @@ class EngineConfig:
     group_size: int = 32
     sink_tokens: int = 0  # first tokens of every sequence kept at full precision for good
     key_fp_channels: int = 0  # key channels of widest range kept at 16 bits in every 2-bit block
+    kv_bits: int = 2  # code width of demoted blocks: 2, 4 or 8
     kv_cache_memory: int | None = None  # bytes; None: gpu_memory_utilization on CUDA, 1 GiB on CPU
     gpu_memory_utilization: float = 0.9
     device: str | None = None  # None: cuda if available, else cpu

@@ -42,7 +42,7 @@ class EngineCore:
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.device, self.dtype = config.resolved_device(), config.resolved_dtype()
         policy = make_policy(config.policy, config.fp_budget, config.group_size, sink_tokens=config.sink_tokens)
-        self.layout = layout_for(model, policy, self.dtype, config.group_size, config.key_fp_channels)
+        self.layout = layout_for(model, policy, self.dtype, config.group_size, config.key_fp_channels, config.kv_bits)
         kv_bytes = config.kv_cache_memory or self._default_kv_bytes()
         self.kv_manager = KVManager.for_budget(self.layout, kv_bytes)
         self.store = PagedKVStore(self.layout, self.kv_manager.num_pages, self.dtype, self.device)

@@ -80,7 +80,7 @@ AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
 
 
 def layout_for(
-    model: PreTrainedModel, policy, dtype: torch.dtype, group_size: int, key_fp_channels: int = 0
+    model: PreTrainedModel, policy, dtype: torch.dtype, group_size: int, key_fp_channels: int = 0, bits: int = 2
 ) -> KVLayout:
     config = model.config.get_text_config(decoder=True)
     return KVLayout(
@@ -91,6 +91,7 @@ def layout_for(
         dtype_bytes=torch.empty((), dtype=dtype).element_size(),
         group_size=group_size,
         key_fp_channels=key_fp_channels,
+        bits=bits,
     )
 
 
