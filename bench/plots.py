@@ -1,7 +1,8 @@
 """Plots (PNG, in docs/) from the JSON the benchmarks and `python -m logquant.eval` write:
 
     python bench/plots.py --serve results/serve.json --capacity results/capacity.json \
-        --coverage results/accuracy_coverage.json --ppl results/accuracy_ppl.json \
+        --coverage results/accuracy_coverage.json \
+        --ppl results/accuracy_ppl.json results/accuracy_variants_ppl.json \
         --passkey results/accuracy_passkey.json --out docs
 
 - throughput_vs_concurrency.png   (serve.py run with several --concurrency values)
@@ -35,6 +36,16 @@ def series_of(label: str) -> str:
         return "fp16"
     extras = "".join(part for part in label.split(":")[1:] if not part.startswith("bits="))
     return f"{config.policy} {config.bits}-bit" + (f" {extras}" if extras else "")
+
+
+def marker_style(series: str) -> str:
+    """Lines for plain policies (by bit width), lone markers for options."""
+    if "sinks" in series and "kout" in series:
+        return "*"
+    for option, style in (("kout", "P"), ("sinks", "v"), ("wdiv", "x"), ("4-bit", "s--"), ("8-bit", "^:")):
+        if option in series:
+            return style
+    return "o-" if series != "fp16" else "D"
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -95,8 +106,7 @@ def plot_pareto(data: dict, out: Path) -> Path:
     for series, points in sorted(by_series.items()):
         points.sort()
         color = COLORS.get(series.split()[0], "tab:green")
-        style = {"2-bit": "o-", "4-bit": "s--", "8-bit": "^:"}.get(series.split()[-1] if " " in series else "", "D")
-        ax.plot([x for x, _, _ in points], [y for _, y, _ in points], style, color=color, label=series)
+        ax.plot([x for x, _, _ in points], [y for _, y, _ in points], marker_style(series), color=color, label=series)
     front = pareto_front([(x, y) for points in by_series.values() for x, y, _ in points])
     ax.step([x for x, _ in front], [y for _, y in front], "k-", where="post", alpha=0.3, label="Pareto front")
     length = data["args"]["length"]
@@ -137,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--serve", type=Path)
     p.add_argument("--capacity", type=Path)
     p.add_argument("--coverage", type=Path)
-    p.add_argument("--ppl", type=Path)
+    p.add_argument("--ppl", type=Path, nargs="+", help="ppl files at one --length; their columns share the plot")
     p.add_argument("--passkey", type=Path)
     p.add_argument("--out", type=Path, default=Path("docs"))
     args = p.parse_args(argv)
@@ -145,9 +155,13 @@ def main(argv: list[str] | None = None) -> None:
         plot_serve(json.loads(args.serve.read_text()), args.out)
     if args.capacity:
         plot_capacity(json.loads(args.capacity.read_text()), args.out)
-    for path, plot in ((args.coverage, plot_coverage), (args.ppl, plot_pareto), (args.passkey, plot_passkey)):
+    for path, plot in ((args.coverage, plot_coverage), (args.passkey, plot_passkey)):
         if path:
             plot(json.loads(path.read_text()), args.out)
+    if args.ppl:
+        records = [json.loads(path.read_text()) for path in args.ppl]
+        assert len({r["args"]["length"] for r in records}) == 1, "ppl files of different lengths"
+        plot_pareto({"args": records[0]["args"], "results": {k: v for r in records for k, v in r["results"].items()}}, args.out)
 
 
 if __name__ == "__main__":
