@@ -72,6 +72,7 @@ class Case:
     dtype: torch.dtype = torch.float32
     head_dim: int = D
     group_size: int = GROUP_SIZE
+    key_fp_channels: int = 0
 
     @property
     def head_counts(self) -> tuple[int, int, int]:
@@ -81,7 +82,10 @@ class Case:
     def layout(self) -> KVLayout:
         policy = make_policy(self.policy, self.budget, group_size=self.group_size)
         size = torch.empty((), dtype=self.dtype).element_size()
-        return KVLayout(LAYERS, self.kv_heads, self.head_dim, policy, dtype_bytes=size, group_size=self.group_size)
+        return KVLayout(
+            LAYERS, self.kv_heads, self.head_dim, policy, dtype_bytes=size, group_size=self.group_size,
+            key_fp_channels=self.key_fp_channels,
+        )  # fmt: skip
 
 
 def make_store(case: Case, backend: str | None, seed: int = 0, num_pages: int = 300) -> tuple[PagedKVStore, KVManager]:
@@ -102,7 +106,12 @@ def stored_reference(case: Case, keys: torch.Tensor, values: torch.Tensor) -> tu
     fp = state.full_precision_positions()
     ks, vs = [keys[fp]], [values[fp]]
     for block in blocks:
-        ks.append(dequantize(quantize(keys[block], 2, len(block), axis=0, scale_dtype=torch.float16), torch.float32))
+        block_keys = dequantize(quantize(keys[block], 2, len(block), axis=0, scale_dtype=torch.float16), torch.float32)
+        for head in range(keys.shape[1]):  # the widest key channels of the block stay at 16 bits
+            exact = keys[block][:, head]
+            widest = (exact.max(0).values - exact.min(0).values).argsort(descending=True)[: case.key_fp_channels]
+            block_keys[:, head, widest] = exact[:, widest].half().float()
+        ks.append(block_keys)
         qv = quantize(values[block], 2, case.group_size, axis=-1, scale_dtype=torch.float16)
         vs.append(dequantize(qv, torch.float32))
     return torch.cat(ks), torch.cat(vs)
@@ -169,6 +178,16 @@ def test_kernel_steps_match_reference(policy: str, budget: int, ratio: int, monk
     heads, kv_heads = GQA[ratio]
     demoted = run_steps(Case(policy, budget, heads, kv_heads), STEPS, seed=ratio)
     assert demoted > 0 or policy == "fp16"
+
+
+@runs_kernels
+@pytest.mark.parametrize("policy,budget", [("kivi", 16), ("logquant", 12)])
+def test_kernel_reads_16_bit_key_outlier_channels(policy: str, budget: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logquant.kernels.decode as decode
+
+    monkeypatch.setattr(decode, "choose_splits", lambda *args: 2)
+    demoted = run_steps(Case(policy, budget, 8, 2, key_fp_channels=3), STEPS, seed=5)
+    assert demoted > 0
 
 
 @runs_kernels

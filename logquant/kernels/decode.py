@@ -65,6 +65,9 @@ def _page_constants(layout: KVLayout, dtype: torch.dtype) -> dict[str, int]:
         KEY_CODES=sections["key_codes"][0], VALUE_CODES=sections["value_codes"][0],
         KEY_SCALE=sections["key_scale"][0] // 2, KEY_ZERO=sections["key_zero"][0] // 2,
         VALUE_SCALE=sections["value_scale"][0] // 2, VALUE_ZERO=sections["value_zero"][0] // 2,
+        KEY_OUT=layout.key_fp_channels,
+        KEY_OUT_VALUES=sections["key_outlier_values"][0] // 2 if layout.key_fp_channels else 0,
+        KEY_OUT_CHANNELS=sections["key_outlier_channels"][0] if layout.key_fp_channels else 0,
     )  # fmt: skip
 
 

@@ -20,8 +20,6 @@ def kernel_supports(layout: KVLayout, dtype: torch.dtype) -> str | None:
     """Why the fused kernel cannot read this layout, or None when it can."""
     if layout.bits != 2:
         return f"the kernel reads 2-bit codes, the layout has {layout.bits}-bit codes"
-    if layout.key_fp_channels:
-        return "the kernel does not read 16-bit key outlier channels"
     if dtype not in KERNEL_DTYPES:
         return f"the kernel reads a {dtype} cache; it supports {KERNEL_DTYPES}"
     if layout.head_dim % 4 != 0:

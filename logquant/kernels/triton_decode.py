@@ -9,7 +9,8 @@ store, whose slot may still hold a token demoted in this step). Split `k` of `n`
 k-th n-th of the fp tokens and of the pages; split 0 also takes the new token. 2-bit codes
 are unpacked in registers (`(byte >> 2 * (d % 4)) & 3`): the key scale is per channel over
 the block, so it is folded into q once per page (`q . k = (q * scale) . code + q . zero`);
-values are dequantized per token in groups of `GROUP_SIZE` channels. Softmax is online in
+values are dequantized per token in groups of `GROUP_SIZE` channels. A layout with 16-bit key
+outlier channels (`KEY_OUT` per head and block) corrects those channels' scores in place. Softmax is online in
 fp32 (base 2); each split writes its normalized output and log-sum-exp (`-inf` when it had
 no keys) and `decode_reduce_kernel` merges the splits into the output rows.
 
@@ -73,9 +74,11 @@ def _page_tiles(
     KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
     PAGE_BYTES: tl.constexpr, PAGE_HALVES: tl.constexpr, KEY_CODES: tl.constexpr, VALUE_CODES: tl.constexpr,
     KEY_SCALE: tl.constexpr, KEY_ZERO: tl.constexpr, VALUE_SCALE: tl.constexpr, VALUE_ZERO: tl.constexpr,
+    KEY_OUT: tl.constexpr, KEY_OUT_VALUES: tl.constexpr, KEY_OUT_CHANNELS: tl.constexpr,
     BLOCK_BT: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """2-bit pages q_pages[lo:hi], one page (BLOCK_TOKENS tokens) at a time."""
+    """2-bit pages q_pages[lo:hi], one page (BLOCK_TOKENS tokens) at a time. With KEY_OUT
+    16-bit key channels per head, each adds q[c] * (exact - dequantized) to the scores."""
     d = tl.arange(0, BLOCK_D)
     t = tl.arange(0, BLOCK_BT)
     d_ok = d < HEAD_DIM
@@ -94,14 +97,38 @@ def _page_tiles(
         k_codes = (tl.load(codes + byte0 + KEY_CODES + code_at, mask=mask, other=0) >> shift) & 3
         q_scaled = (q * k_scale[None, :]).to(DOT_DTYPE)  # the key scale, folded into q once per page
         scores = tl.dot(q_scaled, tl.trans(k_codes.to(DOT_DTYPE)), input_precision=PRECISION)
-        scores = (scores + tl.sum(q * k_zero[None, :], 1)[:, None]) * qk_scale
-        scores = tl.where(t_ok[None, :], scores, float("-inf"))
+        scores = scores + tl.sum(q * k_zero[None, :], 1)[:, None]
+        for j in tl.static_range(KEY_OUT):
+            scores += _outlier_channel(
+                q, codes, scales, byte0, half0, page * PAGE_HALVES, t, t_ok, d, kv_head, j,
+                KV_HEADS, HEAD_DIM, KEY_CODES, KEY_SCALE, KEY_ZERO, KEY_OUT, KEY_OUT_VALUES, KEY_OUT_CHANNELS,
+            )  # fmt: skip
+        scores = tl.where(t_ok[None, :], scores * qk_scale, float("-inf"))
         v_scale = tl.load(scales + page * PAGE_HALVES + VALUE_SCALE + group_at, mask=mask, other=0.0).to(tl.float32)
         v_zero = tl.load(scales + page * PAGE_HALVES + VALUE_ZERO + group_at, mask=mask, other=0.0).to(tl.float32)
         v_codes = (tl.load(codes + byte0 + VALUE_CODES + code_at, mask=mask, other=0) >> shift) & 3
         v = v_codes.to(tl.float32) * v_scale + v_zero
         m, l, acc = _online_update(scores, v, m, l, acc, DOT_DTYPE, PRECISION)
     return m, l, acc
+
+
+@triton.jit
+def _outlier_channel(
+    q, codes, scales, byte0, half0, page_half0, t, t_ok, d, kv_head, j,
+    KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_CODES: tl.constexpr, KEY_SCALE: tl.constexpr,
+    KEY_ZERO: tl.constexpr, KEY_OUT: tl.constexpr, KEY_OUT_VALUES: tl.constexpr, KEY_OUT_CHANNELS: tl.constexpr,
+):  # fmt: skip
+    """Score correction [G, BLOCK_BT] for the j-th 16-bit key channel c of this head: the
+    2-bit dot product counted q[c] * dequantized[c]; the stored exact value replaces it."""
+    channel = tl.load(codes + byte0 + KEY_OUT_CHANNELS + kv_head * KEY_OUT + j).to(tl.int32)
+    byte = tl.load(codes + byte0 + KEY_CODES + (t * KV_HEADS + kv_head) * (HEAD_DIM // 4) + channel // 4, mask=t_ok, other=0)
+    code = (byte >> ((channel % 4) * 2).to(tl.uint8)) & 3  # [BLOCK_BT]
+    scale = tl.load(scales + half0 + KEY_SCALE + channel).to(tl.float32)
+    zero = tl.load(scales + half0 + KEY_ZERO + channel).to(tl.float32)
+    exact_at = page_half0 + KEY_OUT_VALUES + (t * KV_HEADS + kv_head) * KEY_OUT + j
+    exact = tl.load(scales + exact_at, mask=t_ok, other=0.0).to(tl.float32)
+    q_channel = tl.sum(tl.where(d[None, :] == channel, q, 0.0), 1)  # [G]
+    return q_channel[:, None] * (exact - (code.to(tl.float32) * scale + zero))[None, :]
 
 
 @triton.jit
@@ -127,6 +154,7 @@ def decode_partial_kernel(
     BLOCK_TOKENS: tl.constexpr, FP_PAGE_TOKENS: tl.constexpr, PAGE_BYTES: tl.constexpr, PAGE_ELEMS: tl.constexpr,
     PAGE_HALVES: tl.constexpr, KEY_CODES: tl.constexpr, VALUE_CODES: tl.constexpr, KEY_SCALE: tl.constexpr,
     KEY_ZERO: tl.constexpr, VALUE_SCALE: tl.constexpr, VALUE_ZERO: tl.constexpr,
+    KEY_OUT: tl.constexpr, KEY_OUT_VALUES: tl.constexpr, KEY_OUT_CHANNELS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_BT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -155,7 +183,8 @@ def decode_partial_kernel(
     m, l, acc = _page_tiles(
         q, m, l, acc, codes, scales, q_pages, lo, hi, kv_head, qk_scale,
         KV_HEADS, HEAD_DIM, GROUP_SIZE, BLOCK_TOKENS, PAGE_BYTES, PAGE_HALVES, KEY_CODES, VALUE_CODES,
-        KEY_SCALE, KEY_ZERO, VALUE_SCALE, VALUE_ZERO, BLOCK_BT, BLOCK_D, DOT_DTYPE, PRECISION,
+        KEY_SCALE, KEY_ZERO, VALUE_SCALE, VALUE_ZERO, KEY_OUT, KEY_OUT_VALUES, KEY_OUT_CHANNELS,
+        BLOCK_BT, BLOCK_D, DOT_DTYPE, PRECISION,
     )  # fmt: skip
     has_keys = l > 0
     part = (seq * KV_HEADS * GROUP + heads) * num_splits + split  # [S, heads, splits] row-major
