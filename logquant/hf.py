@@ -149,7 +149,8 @@ class LogQuantCache(Cache):
     blocks. `policy`: `fp16`, `kivi` or `logquant`; `fp_budget`: full-precision tokens per
     sequence (LogQuant W = fp_budget // 3, KIVI residual = fp_budget); `bits`: 2, 4 or 8;
     `key_fp_channels`: key channels of widest range kept at 16 bits in every 2-bit block;
-    `sink_tokens`: first tokens kept at full precision for good."""
+    `sink_tokens`: first tokens kept at full precision for good (None: the policy's default,
+    4 for kivi, 0 otherwise)."""
 
     def __init__(
         self,
@@ -159,13 +160,13 @@ class LogQuantCache(Cache):
         group_size: int = 32,
         bits: int = 2,
         key_fp_channels: int = 0,
-        sink_tokens: int = 0,
+        sink_tokens: int | None = None,
     ) -> None:
         text_config = config.get_text_config(decoder=True)
         if isinstance(policy, str):
             token_policy = make_policy(policy, fp_budget, group_size, sink_tokens=sink_tokens)
         else:
-            assert not sink_tokens, "give sink_tokens to make_policy when passing a TokenPolicy"
+            assert sink_tokens is None, "give sink_tokens to make_policy when passing a TokenPolicy"
             token_policy = policy
         self.policy = token_policy
         layout = KVLayout(

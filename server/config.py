@@ -35,7 +35,9 @@ class ServerSettings(BaseSettings):
     policy: Literal["fp16", "kivi", "logquant"] = Field("logquant", description="KV cache token policy")
     fp_budget: int = Field(192, ge=1, description="full-precision tokens per sequence (LogQuant W = B // 3)")
     group_size: int = Field(32, ge=2, description="value quantization group (channels), a power of two")
-    sink_tokens: int = Field(0, ge=0, description="first tokens of every sequence kept at full precision (attention sinks)")
+    sink_tokens: int | None = Field(
+        None, ge=0, description="first tokens of every sequence kept at full precision (attention sinks); null: 4 for kivi, 0 otherwise"
+    )
     key_fp_channels: int = Field(
         0, ge=0, description="key channels of widest range kept at 16 bits in every 2-bit block (outliers)"
     )

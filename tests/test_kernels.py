@@ -73,6 +73,7 @@ class Case:
     head_dim: int = D
     group_size: int = GROUP_SIZE
     key_fp_channels: int = 0
+    sink_tokens: int = 0  # the schedules below are sized so that decode steps demote blocks
 
     @property
     def head_counts(self) -> tuple[int, int, int]:
@@ -80,7 +81,7 @@ class Case:
         return self.heads, self.kv_heads, self.kv_heads
 
     def layout(self) -> KVLayout:
-        policy = make_policy(self.policy, self.budget, group_size=self.group_size)
+        policy = make_policy(self.policy, self.budget, group_size=self.group_size, sink_tokens=self.sink_tokens)
         size = torch.empty((), dtype=self.dtype).element_size()
         return KVLayout(
             LAYERS, self.kv_heads, self.head_dim, policy, dtype_bytes=size, group_size=self.group_size,

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from logquant.policy import make_policy
+from logquant.policy import make_policy, sink_tokens_of
 
 
 def reference_logquant(n: int, w: int) -> tuple[list[int], list[list[int]]]:
@@ -75,7 +75,7 @@ def test_logquant_sparse_set_is_log_distributed() -> None:
 
 
 def test_kivi_window() -> None:
-    policy = make_policy("kivi", fp_budget=128, group_size=32)
+    policy = make_policy("kivi", fp_budget=128, group_size=32, sink_tokens=0)
     for n in [1, 128, 129, 160, 161, 1000]:
         fp = policy.full_precision_positions(n)
         assert fp == list(range(n - len(fp), n))
@@ -96,7 +96,7 @@ def test_bad_policies() -> None:
 
 @pytest.mark.parametrize("name,budget", [("kivi", 64), ("logquant", 48)])
 def test_sinks_stay_full_precision_and_shift_the_policy(name: str, budget: int) -> None:
-    plain = make_policy(name, fp_budget=budget, group_size=16)
+    plain = make_policy(name, fp_budget=budget, group_size=16, sink_tokens=0)
     sunk = make_policy(name, fp_budget=budget, group_size=16, sink_tokens=4)
     state, rng, demoted = sunk.new_state(), random.Random(3), []
     while state.num_tokens < 1500:
@@ -116,3 +116,13 @@ def test_window_divisor_sets_logquant_window() -> None:
     assert wide.window == 76 and wide.block_tokens == 76 and wide.max_fp_tokens == 228
     with pytest.raises(ValueError, match="window"):
         make_policy("logquant", 4, window_divisor=5)
+
+
+def test_default_sinks_per_policy() -> None:
+    """KIVI keeps 4 sink tokens by default (they won at equal bytes); LogQuant keeps token 0
+    by construction and no extra sinks."""
+    assert sink_tokens_of(make_policy("kivi", 128)) == 4
+    fp = make_policy("kivi", 128).full_precision_positions(1000)
+    assert fp[:4] == [0, 1, 2, 3] and fp[4:] == list(range(900, 1000))
+    assert sink_tokens_of(make_policy("logquant", 192)) == 0 and sink_tokens_of(make_policy("fp16")) == 0
+    assert sink_tokens_of(make_policy("kivi", 128, sink_tokens=0)) == 0

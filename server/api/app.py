@@ -16,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from logquant.policy import sink_tokens_of
 from server.api.chat import create_chat_completion
 from server.api.completions import create_completion
 from server.api.errors import APIError, error_responses, install_error_handlers
@@ -133,7 +134,7 @@ async def _start_engine(s: ServerSettings, factory: Callable[[], EngineCore]) ->
     core = await asyncio.to_thread(factory)
     sampling_defaults = generation_defaults(core.model, s.generation_config)
     cache_info = {"policy": s.policy, "fp_budget": str(s.fp_budget), "group_size": str(s.group_size),
-                  "sink_tokens": str(s.sink_tokens), "key_fp_channels": str(s.key_fp_channels), "kv_bits": str(s.kv_bits),
+                  "sink_tokens": str(sink_tokens_of(core.layout.policy)), "key_fp_channels": str(s.key_fp_channels), "kv_bits": str(s.kv_bits),
                   "dtype": str(core.dtype).removeprefix("torch."), "device": str(core.device)}  # fmt: skip
     metrics = Metrics(s.model_name, core.max_model_len, cache_info)
     engine = AsyncEngine(core, on_step=metrics.on_step)
@@ -145,7 +146,8 @@ async def _start_engine(s: ServerSettings, factory: Callable[[], EngineCore]) ->
         await asyncio.to_thread(engine.shutdown)
         raise
     fingerprint = f"{s.policy}-fp{s.fp_budget}-g{s.group_size}"
-    fingerprint += (f"-s{s.sink_tokens}" if s.sink_tokens else "") + (f"-k{s.key_fp_channels}" if s.key_fp_channels else "")
+    sinks = sink_tokens_of(core.layout.policy)
+    fingerprint += (f"-s{sinks}" if sinks else "") + (f"-k{s.key_fp_channels}" if s.key_fp_channels else "")
     fingerprint += f"-b{s.kv_bits}" if s.kv_bits != 2 else ""
     ctx = ServingContext(engine, core.tokenizer, s.model_name, core.max_model_len, s.max_waiting_requests,
                          fingerprint, s.log_prompts, sampling_defaults=sampling_defaults)  # fmt: skip

@@ -26,7 +26,7 @@ class EngineConfig:
     policy: str = "logquant"
     fp_budget: int = 192
     group_size: int = 32
-    sink_tokens: int = 0  # first tokens of every sequence kept at full precision for good
+    sink_tokens: int | None = None  # first tokens kept at full precision for good; None: 4 for kivi, 0 otherwise
     key_fp_channels: int = 0  # key channels of widest range kept at 16 bits in every 2-bit block
     kv_bits: int = 2  # code width of demoted blocks: 2, 4 or 8
     kv_cache_memory: int | None = None  # bytes; None: gpu_memory_utilization on CUDA, 1 GiB on CPU
