@@ -53,7 +53,7 @@ class PagedKVStore:
         if layout.block_tokens == 0:
             return
         bt, packed, groups = layout.block_tokens, d * layout.bits // 8, d // layout.group_size
-        sec = layout.q_sections()
+        self.sections = sec = layout.q_sections()  # name -> (offset, length) in a 2-bit page
         self.key_codes = self._view(*sec["key_codes"], torch.uint8, (bt, h, packed))
         self.value_codes = self._view(*sec["value_codes"], torch.uint8, (bt, h, packed))
         self.key_scale = self._view(*sec["key_scale"], SCALE_DTYPE, (h, d))
@@ -194,7 +194,7 @@ class PagedKVStore:
         raw = self.buffer[layer].index_select(0, pages)  # [n, page_bytes]
 
         def section(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-            offset, length = self.layout.q_sections()[name]
+            offset, length = self.sections[name]
             return raw[:, offset : offset + length].view(dtype).view(n, *shape)
 
         packed = d * bits // 8

@@ -76,8 +76,8 @@ def prefill(model: PreTrainedModel, case: PasskeyCase) -> DynamicCache:
 def answer(
     model: PreTrainedModel, config: CacheConfig, case: PasskeyCase, tokenizer, context: DynamicCache,
     max_new_tokens: int = ANSWER_TOKENS,
-) -> str:
-    """Store the prefilled context into `config`'s cache, then ask the question; greedy."""  # fmt: skip
+) -> str:  # fmt: skip
+    """Store the prefilled context into `config`'s cache, then ask the question; greedy."""
     cache = config.make_cache(model)
     for index, layer in enumerate(context.layers):
         cache.update(layer.keys, layer.values, index)  # same as prefilling through `cache`

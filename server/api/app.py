@@ -133,8 +133,9 @@ async def _start_engine(s: ServerSettings, factory: Callable[[], EngineCore]) ->
     """Build the core, start the engine loop and run one warm-up request through it."""
     core = await asyncio.to_thread(factory)
     sampling_defaults = generation_defaults(core.model, s.generation_config)
+    sinks = sink_tokens_of(core.layout.policy)
     cache_info = {"policy": s.policy, "fp_budget": str(s.fp_budget), "group_size": str(s.group_size),
-                  "sink_tokens": str(sink_tokens_of(core.layout.policy)), "key_fp_channels": str(s.key_fp_channels), "kv_bits": str(s.kv_bits),
+                  "sink_tokens": str(sinks), "key_fp_channels": str(s.key_fp_channels), "kv_bits": str(s.kv_bits),
                   "dtype": str(core.dtype).removeprefix("torch."), "device": str(core.device)}  # fmt: skip
     metrics = Metrics(s.model_name, core.max_model_len, cache_info)
     engine = AsyncEngine(core, on_step=metrics.on_step)
@@ -146,7 +147,6 @@ async def _start_engine(s: ServerSettings, factory: Callable[[], EngineCore]) ->
         await asyncio.to_thread(engine.shutdown)
         raise
     fingerprint = f"{s.policy}-fp{s.fp_budget}-g{s.group_size}"
-    sinks = sink_tokens_of(core.layout.policy)
     fingerprint += (f"-s{sinks}" if sinks else "") + (f"-k{s.key_fp_channels}" if s.key_fp_channels else "")
     fingerprint += f"-b{s.kv_bits}" if s.kv_bits != 2 else ""
     ctx = ServingContext(engine, core.tokenizer, s.model_name, core.max_model_len, s.max_waiting_requests,

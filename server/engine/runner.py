@@ -21,7 +21,7 @@ from logquant.layout import KVLayout, head_dim_of
 from logquant.step import StepTensors
 from logquant.store import PagedKVStore
 from server.engine.request import Sequence
-from server.engine.sampler import SampleResult, sample
+from server.engine.sampler import SampleResult, sample, token_logprobs
 from server.engine.scheduler import ScheduledChunk, SchedulerOutput
 
 ATTENTION_NAME = "logquant_paged"
@@ -170,14 +170,9 @@ def _prompt_logprobs(
     logits: torch.Tensor, rows: list[PromptRow], sequences: dict[str, Sequence]
 ) -> dict[str, tuple[int, list[dict]]]:
     """logits [len(rows), vocab] -> per sequence, its first position and the entries from it."""
-    logprobs = logits.float().log_softmax(dim=-1)  # [rows, vocab]
     targets = torch.tensor([r.target for r in rows], device=logits.device)
-    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-    most = max(sequences[r.seq_id].params.prompt_logprobs or 0 for r in rows)
-    top_values, top_ids = (t.tolist() for t in logprobs.topk(max(most, 1), dim=-1))
+    counts = [sequences[r.seq_id].params.prompt_logprobs or 0 for r in rows]
     out: dict[str, tuple[int, list[dict]]] = {}
-    for i, r in enumerate(rows):
-        k = sequences[r.seq_id].params.prompt_logprobs or 0
-        entry = {"logprob": chosen[i], "top": list(zip(top_ids[i][:k], top_values[i][:k]))}
-        out.setdefault(r.seq_id, (r.position, []))[1].append(entry)
+    for r, (chosen, top) in zip(rows, token_logprobs(logits.float(), targets, counts)):
+        out.setdefault(r.seq_id, (r.position, []))[1].append({"logprob": chosen, "top": top})
     return out

@@ -256,22 +256,29 @@ def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return (block * width + offset)[:, 0]
 
 
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, top_counts: list[int]
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """logits [rows, vocab], tokens [rows] -> per row, the log-prob of its token and its
+    `top_counts[row]` most likely (token id, log-prob), best first; floored at LOGPROB_FLOOR."""
+    logprobs = logits.log_softmax(dim=-1)
+    top_values, top_ids = logprobs.topk(max(top_counts), dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])
+    values = torch.cat([chosen, top_values], dim=1).clamp(min=LOGPROB_FLOOR).tolist()
+    ids = top_ids.tolist()
+    return [(values[row][0], list(zip(ids[row][:k], values[row][1 : k + 1]))) for row, k in enumerate(top_counts)]
+
+
 def _results(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
     token_ids = tokens.tolist()
     rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
-    if not rows:
-        return [SampleResult(token) for token in token_ids]
-    index = torch.tensor(rows, device=raw.device)
-    logprobs = raw[index].log_softmax(dim=-1)
-    most = max(seqs[i].params.logprobs or 0 for i in rows)
-    top_values, top_ids = logprobs.topk(most, dim=-1)
-    chosen = logprobs.gather(1, tokens[index][:, None])
-    values = torch.cat([chosen, top_values], dim=1).clamp(min=LOGPROB_FLOOR).tolist()
-    ids = top_ids.tolist()
     results = [SampleResult(token) for token in token_ids]
-    for row, i in enumerate(rows):
-        k = seqs[i].params.logprobs or 0
-        results[i] = SampleResult(token_ids[i], values[row][0], list(zip(ids[row][:k], values[row][1 : k + 1])))
+    if not rows:
+        return results
+    index = torch.tensor(rows, device=raw.device)
+    counts = [seqs[i].params.logprobs or 0 for i in rows]
+    for i, (chosen, top) in zip(rows, token_logprobs(raw[index], tokens[index], counts)):
+        results[i] = SampleResult(token_ids[i], chosen, top)
     return results
 
 
