@@ -10,13 +10,14 @@ and attends both parts with one call each, merged by log-sum-exp. Block sources 
 writes are rows of `kv_fp` flattened to `[S * L_fp]`, so a new token is read from the step's
 own tensors and every write happens after attention. The CSR lists of the plan (`query_ptr`,
 `fp_ptr`, `fp_slots`, `q_ptr`, `q_pages`) are what a fused kernel reads instead: with
-`decode_index=True`, the decode bucket also gets a `DecodeIndex` (those lists as tensors, and
-write sources that do not need `kv_fp`), which `logquant/kernels/` uses on CUDA.
+`decode_index=True`, the decode bucket is a `DecodeIndex` (those lists as tensors, and write
+sources that do not need `kv_fp`; no padded tensor is built), which the fused kernels of
+`logquant/kernels/` read (C++ on the CPU, Triton on CUDA).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -24,23 +25,33 @@ import torch
 from logquant.kv_manager import StepPlan
 
 Mover = Callable[[torch.Tensor], torch.Tensor]
+# The CPU kernel splits a sequence's keys into ceil(keys / SPLIT_KEYS) work items per kv head
+# (at most MAX_SPLITS), so one long sequence still uses every core. The split depends on the
+# keys only, never on the thread count: outputs are the same with any number of threads.
+SPLIT_KEYS = 512
+MAX_SPLITS = 32
 
 
 @dataclass(frozen=True)
 class DecodeIndex:
-    """A decode bucket (one new token per sequence) as the fused kernel reads it: CSR over
-    token-level fp slots and 2-bit pages. Its writes read a compact tensor instead of `kv_fp`:
+    """A decode bucket (one new token per sequence) as the fused kernels read it: CSR over
+    token-level fp slots and 2-bit pages, read in place. Its writes read a compact tensor:
     rows `[0, n_src)` are the cached fp tokens demoted in this step (`src_fp_rows`), then the
-    bucket's new tokens in `Bucket.new_src` order."""
+    bucket's new tokens in sequence order (`new_src`)."""
 
-    query_rows: torch.Tensor  # [S] row of each sequence's new token in the flat batch
+    query_rows: torch.Tensor  # [S] int32 row of each sequence's new token in the flat batch
     fp_ptr: torch.Tensor  # [S + 1] int32 CSR offsets into fp_slots
     fp_slots: torch.Tensor  # [n_fp] int32 flat fp slots (page * fp_page_tokens + offset)
     q_ptr: torch.Tensor  # [S + 1] int32 CSR offsets into q_pages
     q_pages: torch.Tensor  # [n_q] int32 2-bit pages
     max_keys: int  # most keys one sequence attends to (cached fp + 2-bit + new): sizes the splits
+    item_ptr: torch.Tensor  # [S + 1] int32 CPU kernel work items (kv_heads x splits per sequence)
+    new_src: torch.Tensor  # [S] int64 the same rows as query_rows
     src_fp_rows: torch.Tensor  # [n_src] rows of the store's fp row view
+    block_pages: torch.Tensor  # [num_blocks] pages the step's demoted blocks go to
     block_sources: torch.Tensor  # [num_blocks, bt] rows of the compact tensor
+    write_pages: torch.Tensor  # [num_written] fp pages of the new tokens that stay fp
+    write_offsets: torch.Tensor  # [num_written]
     write_sources: torch.Tensor  # [num_written] rows of the compact tensor
 
 
@@ -61,35 +72,37 @@ class Bucket:
     write_pages: torch.Tensor  # [num_written] fp pages of the new tokens that stay fp
     write_offsets: torch.Tensor  # [num_written]
     write_sources: torch.Tensor  # [num_written] rows of kv_fp [S * L_fp]
-    decode: DecodeIndex | None = None  # decode buckets, when asked for (see build_step_tensors)
 
 
 @dataclass(frozen=True)
 class StepTensors:
     plan: StepPlan
-    buckets: list[Bucket]
+    buckets: list[Bucket | DecodeIndex]  # a DecodeIndex: the decode bucket on a fused kernel
     bucket_of_seq: list[tuple[int, int]]  # per sequence of the plan: (bucket, row in bucket)
 
 
 def build_step_tensors(
     plan: StepPlan, block_tokens: int, fp_page_tokens: int, fp_row_of: tuple[int, int], zero_page: int,
-    dtype: torch.dtype, device: torch.device, decode_index: bool = False,
+    dtype: torch.dtype, device: torch.device, decode_index: bool = False, kv_heads: int = 1,
 ) -> StepTensors:  # fmt: skip
     """Index tensors of a step, made on the CPU and moved once (pinned and async on CUDA).
     `fp_row_of`: (rows per page, rows per token) of the store's fp row view; padding reads
     `zero_page`, which is never written, so masked keys and values are zeros, never NaN.
-    `decode_index`: also give the decode bucket its `DecodeIndex` (for the fused kernel)."""
+    `decode_index`: the decode bucket is a `DecodeIndex` (for a fused kernel; `kv_heads`
+    sizes its CPU work items) instead of a padded `Bucket`."""
     q_lens = [plan.query_ptr[i + 1] - plan.query_ptr[i] for i in range(plan.num_seqs)]
     groups = [[i for i, n in enumerate(q_lens) if n == 1], [i for i, n in enumerate(q_lens) if n > 1]]
     groups = [g for g in groups if g]
-    layout = _Layout(block_tokens, fp_page_tokens, fp_row_of, zero_page, dtype, _mover(device))
+    layout = _Layout(block_tokens, fp_page_tokens, fp_row_of, zero_page, dtype, _mover(device), kv_heads)
     bucket_of_seq = [(0, 0)] * plan.num_seqs
     for b, seqs in enumerate(groups):
         for row, i in enumerate(seqs):
             bucket_of_seq[i] = (b, row)
-    buckets = [_bucket(plan, seqs, layout) for seqs in groups]
-    if decode_index and groups and q_lens[groups[0][0]] == 1:
-        buckets[0] = replace(buckets[0], decode=_decode_index(plan, groups[0], layout))
+    fused = decode_index and bool(groups) and q_lens[groups[0][0]] == 1
+    buckets: list[Bucket | DecodeIndex] = [
+        _decode_index(plan, seqs, layout) if fused and b == 0 else _bucket(plan, seqs, layout)
+        for b, seqs in enumerate(groups)
+    ]
     return StepTensors(plan, buckets, bucket_of_seq)
 
 
@@ -101,6 +114,7 @@ class _Layout:
     zero_page: int
     dtype: torch.dtype
     to_device: Mover
+    kv_heads: int
 
     def fp_row(self, slots: torch.Tensor) -> torch.Tensor:
         per_page, per_token = self.fp_row_of
@@ -176,28 +190,37 @@ def _rows(ptr: list[list[int]], local_rows: list[int], per_item: int, row_base: 
 
 
 def _decode_index(plan: StepPlan, seqs: list[int], layout: _Layout) -> DecodeIndex:
-    """CSR tensors of a decode bucket and its write sources as rows of the compact tensor."""
-    fp_ptr, q_ptr, fp_slots, q_pages, src_slots = [0], [0], [], [], []
+    """CSR tensors of a decode bucket, its CPU work items and its writes (compact rows)."""
+    fp_ptr, q_ptr, item_ptr, fp_slots, q_pages, src_slots = [0], [0], [0], [], [], []
     block_rows, write_rows = [], []  # >= 0: a cached token's compact row; < 0: ~(its new token's index)
-    bt = layout.block_tokens
+    block_pages, write_slots = [], []
+    bt, max_keys = layout.block_tokens, 0
     for b, i in enumerate(seqs):  # sequence b's new token is the bucket's b-th (one per sequence)
         slots = plan.fp_slots[plan.fp_ptr[i] : plan.fp_ptr[i + 1]]
         fp_slots += slots
         q_pages += plan.q_pages[plan.q_ptr[i] : plan.q_ptr[i + 1]]
         fp_ptr.append(len(fp_slots))
         q_ptr.append(len(q_pages))
+        keys = len(slots) + (q_ptr[-1] - q_ptr[-2]) * bt + 1
+        max_keys = max(max_keys, keys)
+        item_ptr.append(item_ptr[-1] + layout.kv_heads * min(MAX_SPLITS, -(-keys // SPLIT_KEYS)))
         for r in plan.block_sources[plan.block_ptr[i] * bt : plan.block_ptr[i + 1] * bt]:
             block_rows.append(len(src_slots) if r < len(slots) else ~b)
             src_slots += slots[r : r + 1] if r < len(slots) else []
+        block_pages += plan.block_pages[plan.block_ptr[i] : plan.block_ptr[i + 1]]
+        write_slots += plan.write_slots[plan.write_ptr[i] : plan.write_ptr[i + 1]]
         write_rows += [~b for _ in plan.write_sources[plan.write_ptr[i] : plan.write_ptr[i + 1]]]
-    max_keys = max(fp_ptr[b + 1] - fp_ptr[b] + (q_ptr[b + 1] - q_ptr[b]) * bt + 1 for b in range(len(seqs)))
-    move = layout.to_device
+    move, rows = layout.to_device, [plan.query_ptr[i] for i in seqs]
+    write_at = torch.tensor(write_slots, dtype=torch.long)
     return DecodeIndex(
-        query_rows=move(torch.tensor([plan.query_ptr[i] for i in seqs], dtype=torch.int32)),
-        fp_ptr=move(torch.tensor(fp_ptr, dtype=torch.int32)), fp_slots=move(torch.tensor(fp_slots, dtype=torch.int32)),
-        q_ptr=move(torch.tensor(q_ptr, dtype=torch.int32)), q_pages=move(torch.tensor(q_pages, dtype=torch.int32)),
-        max_keys=max_keys, src_fp_rows=move(layout.fp_row(torch.tensor(src_slots, dtype=torch.long))),
+        query_rows=move(torch.tensor(rows, dtype=torch.int32)), fp_ptr=move(torch.tensor(fp_ptr, dtype=torch.int32)),
+        fp_slots=move(torch.tensor(fp_slots, dtype=torch.int32)), q_ptr=move(torch.tensor(q_ptr, dtype=torch.int32)),
+        q_pages=move(torch.tensor(q_pages, dtype=torch.int32)), max_keys=max_keys,
+        item_ptr=move(torch.tensor(item_ptr, dtype=torch.int32)), new_src=move(torch.tensor(rows, dtype=torch.long)),
+        src_fp_rows=move(layout.fp_row(torch.tensor(src_slots, dtype=torch.long))),
+        block_pages=move(torch.tensor(block_pages, dtype=torch.long)),
         block_sources=move(_compact(block_rows, len(src_slots)).view(-1, max(bt, 1))),
+        write_pages=move(write_at // layout.fp_page_tokens), write_offsets=move(write_at % layout.fp_page_tokens),
         write_sources=move(_compact(write_rows, len(src_slots))),
     )  # fmt: skip
 

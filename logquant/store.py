@@ -11,9 +11,10 @@ give the full-precision tier and the sections of 2-bit pages (see `layout.py`). 
    new tokens that stay full precision. Writes come last because a new token may reuse a
    slot freed by a demotion of the same step.
 
-On CUDA (`decode_backend="triton"`, chosen automatically) the decode bucket skips 1-2: one
-fused kernel reads the fp slots and 2-bit pages in place (`logquant/kernels/`), and its
-writes read only the demoted cached tokens and the new tokens (no padded `kv_fp`).
+With a fused decode backend (`cpu`: C++ on the CPU; `triton`: CUDA; `auto` picks the
+device's own when it can run) the decode bucket skips 1-2: one fused kernel reads the fp
+slots and 2-bit pages in place (`logquant/kernels/`), and its writes read only the demoted
+cached tokens and the new tokens (no padded `kv_fp`). Prefill chunks take the batched path.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from logquant.kernels import select_decode_backend
 from logquant.kv_manager import StepPlan
 from logquant.layout import KVLayout
 from logquant.quant import quantize, unpack_lut
-from logquant.step import Bucket, StepTensors, build_step_tensors
+from logquant.step import Bucket, DecodeIndex, StepTensors, build_step_tensors
 
 SCALE_DTYPE = torch.float16
 
@@ -37,10 +38,15 @@ class PagedKVStore:
         self, layout: KVLayout, num_pages: int, dtype: torch.dtype, device: torch.device | str,
         decode_backend: str | None = None,
     ) -> None:  # fmt: skip
-        """`decode_backend`: `torch` or `triton` (the fused kernel); None picks `triton` on CUDA."""
+        """`decode_backend`: `auto` (or None), `torch`, `cpu` or `triton` (see `select_decode_backend`)."""
         assert torch.empty((), dtype=dtype).element_size() == layout.dtype_bytes, "layout dtype mismatch"
         self.layout, self.num_pages, self.dtype, self.device = layout, num_pages, dtype, torch.device(device)
         self.decode_backend = select_decode_backend(self.device, layout, dtype, decode_backend)
+        self._cpu_decode = None
+        if self.decode_backend == "cpu":
+            from logquant.kernels.cpu_decode import CpuDecode
+
+            self._cpu_decode = CpuDecode.for_layout(layout, dtype)
         # one more page than the KV manager hands out: the zero page, which padding reads
         self.buffer = torch.zeros(layout.num_layers, num_pages + 1, layout.page_bytes, dtype=torch.uint8, device=self.device)
         self._make_views()
@@ -97,11 +103,14 @@ class PagedKVStore:
         self.num_pages = num_pages
         self._make_views()
 
-    def prepare(self, plan: StepPlan) -> StepTensors:
+    def prepare(self, plan: StepPlan, decode_index: bool | None = None) -> StepTensors:
+        """The step's index tensors; `decode_index` (default: on a fused backend) makes the
+        decode bucket a `DecodeIndex` for the fused kernels."""
         layout = self.layout
+        fused = self.decode_backend in ("cpu", "triton") if decode_index is None else decode_index
         return build_step_tensors(
             plan, layout.block_tokens, layout.fp_page_tokens, self.fp_row_of, self.num_pages, self.dtype, self.device,
-            decode_index=self.decode_backend == "triton",
+            decode_index=fused, kv_heads=layout.num_kv_heads,
         )
 
     # ---- one layer of one step -----------------------------------------------------------
@@ -118,7 +127,7 @@ class PagedKVStore:
         store the new tokens in `layer`."""
         out = torch.empty_like(query)
         for bucket in step.buckets:
-            if bucket.decode is not None:
+            if isinstance(bucket, DecodeIndex):
                 self._fused_decode(layer, bucket, query, key, value, scaling, out)
                 continue
             kv_fp, kv_q = self.gather(layer, bucket, key, value)
@@ -150,22 +159,25 @@ class PagedKVStore:
         self.fp[layer, bucket.write_pages, bucket.write_offsets] = rows[bucket.write_sources]
 
     def _fused_decode(
-        self, layer: int, bucket: Bucket, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        self, layer: int, index: DecodeIndex, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         scaling: float, out: torch.Tensor,
     ) -> None:  # fmt: skip
         """The decode bucket on the fused kernel, then its writes from a compact tensor: the
         cached fp tokens demoted in this step, then the new tokens (see `DecodeIndex`)."""
-        from logquant.kernels.decode import StoreLayer, decode_attention  # imports Triton
+        h, d = self.layout.num_kv_heads, self.layout.head_dim
+        if self._cpu_decode is not None:
+            self._cpu_decode(self.buffer[layer], index, query, key, value, scaling, out)
+        else:
+            from logquant.kernels.decode import StoreLayer, decode_attention  # imports Triton
 
-        index, (h, d) = bucket.decode, (self.layout.num_kv_heads, self.layout.head_dim)
-        assert index is not None
-        decode_attention(StoreLayer.of(self.buffer, layer, self.dtype, self.layout), index, query, key, value, scaling, out)
-        cached = self.fp_rows[layer].index_select(0, index.src_fp_rows).view(-1, 2, h, d)
-        new = torch.stack([key[bucket.new_src], value[bucket.new_src]], dim=1).to(self.dtype)
-        rows = torch.cat([cached, new])
-        if bucket.block_pages.numel():
-            self._write_blocks(layer, bucket.block_pages, index.block_sources, rows)
-        self.fp[layer, bucket.write_pages, bucket.write_offsets] = rows[index.write_sources]
+            decode_attention(StoreLayer.of(self.buffer, layer, self.dtype, self.layout), index, query, key, value, scaling, out)
+        new = torch.stack([key[index.new_src], value[index.new_src]], dim=1).to(self.dtype)  # [S, 2, h, d]
+        rows = new
+        if index.src_fp_rows.numel():
+            rows = torch.cat([self.fp_rows[layer].index_select(0, index.src_fp_rows).view(-1, 2, h, d), new])
+        if index.block_pages.numel():
+            self._write_blocks(layer, index.block_pages, index.block_sources, rows)
+        self.fp[layer, index.write_pages, index.write_offsets] = rows[index.write_sources]
 
     def _write_blocks(self, layer: int, pages: torch.Tensor, sources: torch.Tensor, rows: torch.Tensor) -> None:
         """Quantize the blocks `rows[sources]` ([num_blocks, block_tokens] rows) into `pages`."""

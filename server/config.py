@@ -45,6 +45,11 @@ class ServerSettings(BaseSettings):
     kv_cache_memory: str | None = Field(
         None, description="KV budget, e.g. 2GiB; null: 1GiB on CPU, a GPU memory fraction on CUDA"
     )
+    decode_backend: Literal["auto", "torch", "cpu", "triton"] = Field(
+        "auto",
+        description="decode attention: auto (the device's fused kernel when it builds and passes its start-up check, "
+        "else torch), torch (gather + dequantize + SDPA), cpu (fused C++ kernel), triton (fused CUDA kernel)",
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU memory fraction when no budget")
     device: Literal["cpu", "cuda"] | None = Field(None, description="null: cuda if available, else cpu")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
@@ -124,4 +129,5 @@ class ServerSettings(BaseSettings):
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
+            decode_backend=self.decode_backend,
         )

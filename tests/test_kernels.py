@@ -11,11 +11,9 @@ in a fresh process instead (`test_kernel_tests_in_a_fresh_process`).
 import importlib.util
 import json
 import os
-import random
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,13 +23,13 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before logquant.kernels.decode defines the kernels
 
-from logquant.attention import attend  # noqa: E402
+import kernel_util  # noqa: E402
+from kernel_util import D, GQA, GROUP_SIZE, LAYERS, STEPS, Case  # noqa: E402
+
 from logquant.kernels import select_decode_backend  # noqa: E402
 from logquant.kv_manager import KVManager  # noqa: E402
 from logquant.layout import KVLayout  # noqa: E402
-from logquant.policy import make_policy  # noqa: E402
-from logquant.quant import dequantize, quantize  # noqa: E402
-from logquant.step import Bucket  # noqa: E402
+from logquant.step import DecodeIndex  # noqa: E402
 from logquant.store import PagedKVStore  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -59,106 +57,18 @@ runs_kernels = pytest.mark.skipif(
 )
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 ROOT = Path(__file__).resolve().parents[1]
-D, LAYERS, GROUP_SIZE = 32, 2, 8
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}  # atol and rtol
 
 
-@dataclass(frozen=True)
-class Case:
-    policy: str
-    budget: int
-    heads: int
-    kv_heads: int
-    dtype: torch.dtype = torch.float32
-    head_dim: int = D
-    group_size: int = GROUP_SIZE
-    key_fp_channels: int = 0
-    sink_tokens: int = 0  # the schedules below are sized so that decode steps demote blocks
-
-    @property
-    def head_counts(self) -> tuple[int, int, int]:
-        """Heads of q, k and v."""
-        return self.heads, self.kv_heads, self.kv_heads
-
-    def layout(self) -> KVLayout:
-        policy = make_policy(self.policy, self.budget, group_size=self.group_size, sink_tokens=self.sink_tokens)
-        size = torch.empty((), dtype=self.dtype).element_size()
-        return KVLayout(
-            LAYERS, self.kv_heads, self.head_dim, policy, dtype_bytes=size, group_size=self.group_size,
-            key_fp_channels=self.key_fp_channels,
-        )  # fmt: skip
+def run_steps(case: Case, steps: list[dict[str, int]], seed: int, backend: str | None = "triton", num_pages: int = 300) -> int:
+    return kernel_util.run_steps(case, steps, seed, backend, num_pages, DEVICE)
 
 
-def make_store(case: Case, backend: str | None, seed: int = 0, num_pages: int = 300) -> tuple[PagedKVStore, KVManager]:
-    layout = case.layout()
-    manager = KVManager(layout, num_pages)
-    random.Random(seed).shuffle(manager.pool._free)  # shuffled page ids
-    store = PagedKVStore(layout, num_pages, case.dtype, DEVICE, decode_backend=backend)
-    store.buffer[:, :num_pages] = 255  # never-written bytes read as NaN
-    return store, manager
+def make_store(case: Case, backend: str | None, seed: int = 0) -> tuple[PagedKVStore, KVManager]:
+    return kernel_util.make_store(case, backend, seed, device=DEVICE)
 
 
-def stored_reference(case: Case, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A sequence's keys/values as the policy stores them: fp tokens exact (in the store
-    dtype), each demoted block quantized once (keys per channel, values per token)."""
-    state = case.layout().policy.new_state()
-    blocks = state.append(keys.shape[0])
-    keys, values = keys.to(case.dtype).float(), values.to(case.dtype).float()
-    fp = state.full_precision_positions()
-    ks, vs = [keys[fp]], [values[fp]]
-    for block in blocks:
-        block_keys = dequantize(quantize(keys[block], 2, len(block), axis=0, scale_dtype=torch.float16), torch.float32)
-        for head in range(keys.shape[1]):  # the widest key channels of the block stay at 16 bits
-            exact = keys[block][:, head]
-            widest = (exact.max(0).values - exact.min(0).values).argsort(descending=True)[: case.key_fp_channels]
-            block_keys[:, head, widest] = exact[:, widest].half().float()
-        ks.append(block_keys)
-        qv = quantize(values[block], 2, case.group_size, axis=-1, scale_dtype=torch.float16)
-        vs.append(dequantize(qv, torch.float32))
-    return torch.cat(ks), torch.cat(vs)
-
-
-def run_steps(
-    case: Case, steps: list[dict[str, int]], seed: int, backend: str | None = "triton", num_pages: int = 300
-) -> int:
-    """Run the steps through the manager and store; check every layer's output for every
-    sequence against `attend` on the stored reference. Returns the blocks demoted by
-    decode buckets that ran on the kernel."""
-    gen = torch.Generator().manual_seed(seed)
-    store, manager = make_store(case, backend, seed, num_pages)
-    history: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    kernel_demotions, tol = 0, TOLERANCE[case.dtype]
-    for chunks in steps:
-        for seq, n in chunks.items():
-            manager.allocate(seq, (manager.num_tokens(seq) if seq in manager.sequences else 0) + n)
-        step = store.prepare(manager.plan_step(list(chunks.items())))
-        kernel_demotions += sum(b.block_pages.numel() for b in step.buckets if b.decode is not None)
-        total = sum(chunks.values())
-        for layer in range(LAYERS):
-            q, k, v = (torch.randn(total, h, case.head_dim, generator=gen) for h in case.head_counts)
-            on_device = (t.to(case.dtype).to(DEVICE) for t in (q, k, v))
-            out = store.forward(layer, step, *on_device, scaling=case.head_dim**-0.5)
-            assert out.dtype == case.dtype and out.isfinite().all()
-            row = 0
-            for seq, n in chunks.items():
-                empty = torch.empty(0, case.kv_heads, case.head_dim)
-                old_k, old_v = history.get((seq, layer), (empty, empty))
-                ref_k, ref_v = stored_reference(case, old_k, old_v)
-                new = slice(row, row + n)
-                new_k, new_v = (t[new].to(case.dtype).float() for t in (k, v))
-                keys, values = torch.cat([ref_k, new_k]), torch.cat([ref_v, new_v])
-                expected = attend(q[new].to(case.dtype).float(), keys, values, case.head_dim**-0.5)
-                torch.testing.assert_close(out[new].float().cpu(), expected, atol=tol, rtol=tol)
-                history[(seq, layer)] = (torch.cat([old_k, k[new]]), torch.cat([old_v, v[new]]))
-                row += n
-        manager.check_integrity()
-    return kernel_demotions
-
-
-DECODE = {"a": 1, "b": 1, "c": 1}
-# a: no 2-bit block; b: a few; c: many; d joins with a prefill chunk beside the decodes
-STEPS = [{"a": 2, "b": 29, "c": 61}, DECODE, DECODE, {**DECODE, "d": 7}, DECODE, {**DECODE, "d": 1}, DECODE]
-GQA = {1: (2, 2), 4: (8, 2), 8: (8, 1)}  # ratio -> (query heads, kv heads)
+def decode_bucket(case: Case, lengths: dict[str, int], seed: int = 0):
+    return kernel_util.decode_bucket(case, lengths, "triton", seed, DEVICE)
 
 
 KERNEL_CASES = [(p, b, r) for p, b in [("kivi", 16), ("logquant", 12)] for r in (1, 4, 8)] + [
@@ -197,27 +107,6 @@ def test_kernel_float16_cache() -> None:
     assert run_steps(Case("logquant", 12, 8, 2, dtype=torch.float16), STEPS, seed=5) > 0
 
 
-def decode_bucket(
-    case: Case, lengths: dict[str, int], seed: int = 0
-) -> tuple[PagedKVStore, Bucket, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """A store holding sequences of the given lengths (written with random K/V through the
-    torch path) and the decode step that follows, prepared for the kernel."""
-    store, manager = make_store(case, "triton", seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    for seq, n in lengths.items():
-        manager.allocate(seq, n)
-        step = store.prepare(manager.plan_step([(seq, n)]))
-        for layer in range(LAYERS):
-            q, k, v = (torch.randn(n, h, D, generator=gen).to(DEVICE) for h in case.head_counts)
-            store.forward(layer, step, q, k, v, D**-0.5)
-    for seq, n in lengths.items():
-        manager.allocate(seq, n + 1)
-    step = store.prepare(manager.plan_step([(seq, 1) for seq in lengths]))
-    total = len(lengths)
-    q, k, v = (torch.randn(total, h, D, generator=gen).to(DEVICE) for h in case.head_counts)
-    return store, step.buckets[0], (q, k, v)
-
-
 @runs_kernels
 def test_splits_without_work_write_minus_infinity_and_reduce_exactly() -> None:
     """8 splits over a 2-token sequence and one with 2-bit pages: empty splits give lse -inf and
@@ -227,16 +116,16 @@ def test_splits_without_work_write_minus_infinity_and_reduce_exactly() -> None:
     case = Case("logquant", 12, 4, 1)
     store, bucket, (q, k, v) = decode_bucket(case, {"short": 1, "long": 50})
     view = StoreLayer.of(store.buffer, 0, store.dtype, store.layout)
-    _, lse = decode_partials(view, bucket.decode, q, k, v, D**-0.5, num_splits=8, block_n=16)
-    pages = (bucket.decode.q_ptr[1:] - bucket.decode.q_ptr[:-1]).tolist()
-    fp = (bucket.decode.fp_ptr[1:] - bucket.decode.fp_ptr[:-1]).tolist()
+    _, lse = decode_partials(view, bucket, q, k, v, D**-0.5, num_splits=8, block_n=16)
+    pages = (bucket.q_ptr[1:] - bucket.q_ptr[:-1]).tolist()
+    fp = (bucket.fp_ptr[1:] - bucket.fp_ptr[:-1]).tolist()
     assert pages[0] == 0 and fp[0] == 1 and 8 < pages[1] < 16 and 0 < fp[1] <= 16  # fp: all in split 0
     busy = [[True] + [False] * 7, [k * 2 < pages[1] for k in range(8)]]  # 2 pages per split
     assert ((lse.cpu() > float("-inf")) == torch.tensor(busy).unsqueeze(1)).all()
     assert not all(busy[1])
     one, eight = torch.zeros_like(q), torch.zeros_like(q)
-    decode_attention(view, bucket.decode, q, k, v, D**-0.5, one, num_splits=1)
-    decode_attention(view, bucket.decode, q, k, v, D**-0.5, eight, num_splits=8, block_n=16)
+    decode_attention(view, bucket, q, k, v, D**-0.5, one, num_splits=1)
+    decode_attention(view, bucket, q, k, v, D**-0.5, eight, num_splits=8, block_n=16)
     torch.testing.assert_close(eight, one, atol=2e-6, rtol=2e-6)
 
 
@@ -249,10 +138,10 @@ def test_kernel_reads_strided_query_and_writes_only_its_rows() -> None:
     store, bucket, (q, k, v) = decode_bucket(case, {"a": 20, "b": 3}, seed=1)
     view = StoreLayer.of(store.buffer, 1, store.dtype, store.layout)
     dense = torch.zeros(2, 3, 4, D, device=DEVICE)
-    decode_attention(view, bucket.decode, q, k, v, D**-0.5, dense[:, 1])
+    decode_attention(view, bucket, q, k, v, D**-0.5, dense[:, 1])
     strided = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in (q, k, v)]
     out = torch.full((4, 3, D), 7.0, device=DEVICE).transpose(0, 1)  # [3 tokens, 4 heads, d], strided
-    decode_attention(view, bucket.decode, *strided, D**-0.5, out)
+    decode_attention(view, bucket, *strided, D**-0.5, out)
     torch.testing.assert_close(out[:2], dense[:, 1])
     assert (out[2] == 7.0).all() and (dense[:, 0] == 0).all() and (dense[:, 2] == 0).all()
 
@@ -274,7 +163,7 @@ def test_split_count_fills_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_backend_selection() -> None:
     layout = Case("logquant", 12, 4, 2).layout()
     cuda = torch.device("cuda")
-    assert select_decode_backend(torch.device("cpu"), layout, torch.float16) == "torch"
+    assert select_decode_backend(torch.device("cpu"), layout, torch.float16, "torch") == "torch"
     assert select_decode_backend(cuda, layout, torch.float16) == ("triton" if HAS_TRITON else "torch")
     four_bit = KVLayout(2, 2, D, layout.policy, group_size=GROUP_SIZE, bits=4)
     assert select_decode_backend(cuda, four_bit, torch.float16) == "torch"
@@ -302,15 +191,6 @@ def test_store_on_cuda_dispatches_decodes_to_kernel(monkeypatch: pytest.MonkeyPa
     assert store.decode_backend == "triton"
     run_steps(case, [{"a": 9, "b": 5}, {"a": 1, "b": 1}, {"a": 1, "c": 3}], seed=3, backend=None)
     assert len(calls) == 2 * LAYERS
-
-
-def test_cpu_store_keeps_torch_path() -> None:
-    case = Case("logquant", 12, 4, 2)
-    store, manager = make_store(case, backend=None)
-    assert store.decode_backend == ("triton" if CUDA and HAS_TRITON else "torch")
-    manager.allocate("a", 1)
-    step = store.prepare(manager.plan_step([("a", 1)]))
-    assert (step.buckets[0].decode is None) == (store.decode_backend == "torch")
 
 
 @pytest.mark.gpu

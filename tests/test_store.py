@@ -14,13 +14,14 @@ H, KVH, D, LAYERS = 4, 2, 32, 2
 
 
 def make_store(
-    policy_name: str, budget: int, num_pages: int = 400, kv_heads: int = KVH, sinks: int = 0, kout: int = 0, bits: int = 2
+    policy_name: str, budget: int, num_pages: int = 400, kv_heads: int = KVH, sinks: int = 0, kout: int = 0, bits: int = 2,
+    backend: str = "torch",
 ) -> tuple[PagedKVStore, KVManager]:
     policy = make_policy(policy_name, budget, group_size=8, sink_tokens=sinks)
     layout = KVLayout(LAYERS, kv_heads, D, policy, dtype_bytes=4, group_size=8, bits=bits, key_fp_channels=kout)
     manager = KVManager(layout, num_pages)
     random.Random(num_pages).shuffle(manager.pool._free)  # non-contiguous, shuffled page ids
-    return PagedKVStore(layout, num_pages, torch.float32, "cpu"), manager
+    return PagedKVStore(layout, num_pages, torch.float32, "cpu", decode_backend=backend), manager
 
 
 def dense_reference(policy_name, budget, keys, values, sinks: int = 0, kout: int = 0, bits: int = 2):
@@ -43,14 +44,15 @@ def dense_reference(policy_name, budget, keys, values, sinks: int = 0, kout: int
 
 
 def run_steps(
-    policy_name: str, budget: int, kv_heads: int, steps: list[dict[str, int]], seed: int, **variant: int
-) -> None:
+    policy_name: str, budget: int, kv_heads: int, steps: list[dict[str, int]], seed: int, backend: str = "torch",
+    **variant: int,
+) -> None:  # fmt: skip
     """Run mixed steps (seq -> new tokens) through the manager and the batched store; check
     every layer's output against the per-sequence oracle on the dense reference. `variant`:
-    sinks, kout, bits (see `make_store`)."""
+    sinks, kout, bits (see `make_store`); `backend`: decodes on `torch` or the `cpu` kernel."""
     gen = torch.Generator().manual_seed(seed)
     heads = kv_heads * 3 if kv_heads == 1 else 4 * kv_heads if kv_heads == 2 else 4
-    store, manager = make_store(policy_name, budget, kv_heads=kv_heads, **variant)
+    store, manager = make_store(policy_name, budget, kv_heads=kv_heads, backend=backend, **variant)
     store.buffer[:, : store.num_pages] = 255  # unwritten bytes read as NaN: padding must never touch them
     history: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for chunks in steps:
@@ -88,16 +90,19 @@ MIXED_STEPS = [
 
 @pytest.mark.parametrize("policy_name,budget", [("fp16", 0), ("kivi", 16), ("logquant", 12), ("logquant", 30)])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-def test_batched_step_equals_per_sequence_reference(policy_name: str, budget: int, kv_heads: int) -> None:
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_batched_step_equals_per_sequence_reference(policy_name: str, budget: int, kv_heads: int, backend: str) -> None:
     """Decodes, prefill chunks and demotions in the same step; GQA ratios 3, 4 and 1."""
-    run_steps(policy_name, budget, kv_heads, MIXED_STEPS, seed=kv_heads)
+    run_steps(policy_name, budget, kv_heads, MIXED_STEPS, seed=kv_heads, backend=backend)
 
 
 @pytest.mark.parametrize("policy_name,budget", [("kivi", 16), ("logquant", 12)])
 @pytest.mark.parametrize("variant", [{"sinks": 4}, {"kout": 3}, {"bits": 4}, {"bits": 8}, {"sinks": 3, "kout": 2}])
 def test_variants_equal_per_sequence_reference(policy_name: str, budget: int, variant: dict[str, int]) -> None:
-    """Attention sinks, 16-bit key outlier channels and 4/8-bit codes in the same mixed steps."""
-    run_steps(policy_name, budget, 2, MIXED_STEPS, seed=11, **variant)
+    """Attention sinks, 16-bit key outlier channels and 4/8-bit codes in the same mixed steps
+    (decodes on the CPU kernel where it reads the layout: 2-bit codes)."""
+    backend = "cpu" if variant.get("bits", 2) == 2 else "torch"
+    run_steps(policy_name, budget, 2, MIXED_STEPS, seed=11, backend=backend, **variant)
 
 
 @pytest.mark.parametrize("variant", [{}, {"sinks": 4}, {"kout": 4}, {"bits": 4}])

@@ -37,6 +37,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     debug_integrity: bool = False  # check the KV manager's invariants after every step
+    decode_backend: str = "auto"  # decode attention: auto, torch, cpu (fused C++), triton (fused CUDA)
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))

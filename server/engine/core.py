@@ -45,7 +45,10 @@ class EngineCore:
         self.layout = layout_for(model, policy, self.dtype, config.group_size, config.key_fp_channels, config.kv_bits)
         kv_bytes = config.kv_cache_memory or self._default_kv_bytes()
         self.kv_manager = KVManager.for_budget(self.layout, kv_bytes)
-        self.store = PagedKVStore(self.layout, self.kv_manager.num_pages, self.dtype, self.device)
+        self.store = PagedKVStore(
+            self.layout, self.kv_manager.num_pages, self.dtype, self.device, decode_backend=config.decode_backend
+        )
+        logger.info("decode backend: %s", self.store.decode_backend)
         self.max_model_len = self._fit_max_model_len(model)
         scheduler_config = SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, exact_recompute=policy.block_tokens > 0

@@ -1,0 +1,384 @@
+// Fused decode attention over the paged KV store, on the CPU.
+//
+// One call per layer attends every decode sequence of a step (one new token each) over its
+// cached full-precision tokens (token-level flat slots, CSR fp_ptr/fp_slots), its 2-bit pages
+// (CSR page_ptr/pages) and its new token (read from the step's own K/V, never from the store,
+// whose slot may still hold a token demoted in this step). The store is read in place: no
+// gather copy, no dequantized tensor. Work items are (sequence, kv head, split); the number
+// of splits of a sequence depends only on its key count, never on the thread count, so the
+// output is bitwise the same with any number of threads. Each item keeps the GQA group of
+// its kv head together (every K/V byte read once), runs an online softmax in float32 and
+// writes a partial output and log-sum-exp; a second pass merges the splits.
+//
+// 2-bit keys: the per-channel scale of a block is folded into q once per page,
+//   q . k = sum_c (q_c * scale_c) * code_c + sum_c q_c * zero_c,
+// codes are unpacked in registers (4 per byte, low bits first). 2-bit values are per token
+// and group: sum_t p_t (scale_tg * code_tc + zero_tg), the zero part summed per group.
+// 16-bit key outlier channels (key_out per head and block) correct their scores in place.
+//
+// Vectorized with GCC vector extensions, compiled with -march=native: AVX2 here, AVX-512 or
+// NEON elsewhere, from one source. Threads: at::parallel_for, i.e. torch's own OpenMP pool
+// (the same libgomp that libtorch_cpu loaded), following torch.get_num_threads().
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+using namespace logquant_cpu;
+
+constexpr int MAX_ROWS = 8;  // query rows of one pass (a wider GQA group takes several passes)
+constexpr int MAX_DIM = 256;  // head dim
+constexpr int MAX_TILE = 32;  // keys per online-softmax tile
+
+struct PageLayout {  // byte offsets of one page's sections; see logquant/layout.py
+  int64_t page_bytes, fp_page_tokens, block_tokens, group_size;
+  int64_t key_codes, value_codes, key_scale, key_zero, value_scale, value_zero;
+  int64_t key_out, key_out_values, key_out_channels;
+};
+
+// One pass: G query rows of a kv head's GQA group (scaled by the softmax scale) and their
+// running softmax, float32. G is a compile-time constant so accumulators live in registers.
+template <int G>
+struct Rows {
+  int dim;
+  float m[G], l[G];
+  alignas(64) float q[G][MAX_DIM];
+  alignas(64) float acc[G][MAX_DIM];
+  float scores[G][MAX_TILE];  // a tile's scores, then its softmax weights
+
+  // Turn scores[:, :n] into weights; rescale the accumulator to the new running max.
+  void weigh(int n) {
+    for (int g = 0; g < G; ++g) {
+      for (int j = n; j < MAX_TILE; ++j) scores[g][j] = NEG_INF;
+      vfloat top = load(scores[g]);
+      for (int j = VL; j < n; j += VL) {
+        vfloat s = load(scores[g] + j);
+        top = s > top ? s : top;
+      }
+      const float m_new = std::max(m[g], hmax(top));
+      const float alpha = m[g] == NEG_INF ? 0.f : std::exp(m[g] - m_new);
+      vfloat sum = {};
+      for (int j = 0; j < n; j += VL) {
+        vfloat p = vexp(load(scores[g] + j) - m_new);
+        p = j + VL <= n ? p : (vfloat{0, 1, 2, 3, 4, 5, 6, 7} + static_cast<float>(j) < static_cast<float>(n) ? p : splat(0.f));
+        store(scores[g] + j, p);
+        sum += p;
+      }
+      l[g] = l[g] * alpha + hsum(sum);
+      m[g] = m_new;
+      if (alpha != 1.f) {
+        for (int c = 0; c < dim; c += VL) store(acc[g] + c, load(acc[g] + c) * alpha);
+      }
+    }
+  }
+};
+
+// A tile of n full-precision tokens: keys[j] and values[j] point at one head's row.
+template <int G, typename T>
+void fp_tile(Rows<G>& r, const T* const* keys, const T* const* values, int n) {
+  for (int j = 0; j < n; ++j) {
+    vfloat s[G] = {};
+    for (int c = 0; c < r.dim; c += VL) {
+      const vfloat k = load(keys[j] + c);
+      for (int g = 0; g < G; ++g) s[g] += load(r.q[g] + c) * k;
+    }
+    for (int g = 0; g < G; ++g) r.scores[g][j] = hsum(s[g]);
+  }
+  r.weigh(n);
+  for (int c = 0; c < r.dim; c += VL) {  // channels outer: the accumulators stay in registers
+    vfloat a[G];
+    for (int g = 0; g < G; ++g) a[g] = load(r.acc[g] + c);
+    for (int j = 0; j < n; ++j) {
+      const vfloat v = load(values[j] + c);
+      for (int g = 0; g < G; ++g) a[g] += v * r.scores[g][j];
+    }
+    for (int g = 0; g < G; ++g) store(r.acc[g] + c, a[g]);
+  }
+}
+
+// Cached full-precision tokens slots[0:n] of one kv head, MAX_TILE at a time.
+template <int G, typename T>
+void attend_fp(Rows<G>& r, const uint8_t* layer, const PageLayout& pl, const int32_t* slots, int64_t n,
+               int64_t kv_head, int64_t kv_heads) {
+  const T* keys[MAX_TILE];
+  const T* values[MAX_TILE];
+  const int64_t token_elems = 2 * kv_heads * r.dim;
+  for (int64_t start = 0; start < n; start += MAX_TILE) {
+    const int tile = static_cast<int>(std::min<int64_t>(MAX_TILE, n - start));
+    for (int j = 0; j < tile; ++j) {
+      const int64_t slot = slots[start + j];
+      const T* page = reinterpret_cast<const T*>(layer + slot / pl.fp_page_tokens * pl.page_bytes);
+      keys[j] = page + slot % pl.fp_page_tokens * token_elems + kv_head * r.dim;
+      values[j] = keys[j] + kv_heads * r.dim;
+    }
+    fp_tile<G, T>(r, keys, values, tile);
+  }
+}
+
+// Scores of tokens t0..t0+n of a 2-bit page: q with the key scale folded in (qs), zero term qz.
+template <int G>
+void page_scores(Rows<G>& r, const float (*qs)[MAX_DIM], const float* qz, const uint8_t* page, const PageLayout& pl,
+                 int64_t t0, int n, int64_t kv_head, int64_t kv_heads) {
+  const int dim = r.dim;
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* codes = page + pl.key_codes + ((t0 + j) * kv_heads + kv_head) * (dim / 4);
+    vfloat s[G] = {};
+    for (int c = 0; c < dim; c += VL) {
+      const vfloat code = unpack2(codes + c / 4);
+      for (int g = 0; g < G; ++g) s[g] += load(qs[g] + c) * code;
+    }
+    for (int g = 0; g < G; ++g) r.scores[g][j] = hsum(s[g]) + qz[g];
+  }
+  for (int o = 0; o < pl.key_out; ++o) {  // 16-bit channels: the exact value replaces the 2-bit one
+    const int ch = page[pl.key_out_channels + kv_head * pl.key_out + o];
+    const float scale = half_at(page + pl.key_scale + 2 * (kv_head * dim + ch));
+    const float zero = half_at(page + pl.key_zero + 2 * (kv_head * dim + ch));
+    for (int j = 0; j < n; ++j) {
+      const int64_t token_head = (t0 + j) * kv_heads + kv_head;
+      const int code = page[pl.key_codes + token_head * (dim / 4) + ch / 4] >> (2 * (ch % 4)) & 3;
+      const float exact = half_at(page + pl.key_out_values + 2 * (token_head * pl.key_out + o));
+      for (int g = 0; g < G; ++g) r.scores[g][j] += r.q[g][ch] * (exact - (code * scale + zero));
+    }
+  }
+}
+
+// acc += sum_j p_j (scale_jg * code_j + zero_jg) over tokens t0..t0+n of a 2-bit page, one
+// value group at a time: coef = p * scale per token, the zero part summed once per group.
+template <int G>
+void page_values(Rows<G>& r, const uint8_t* page, const PageLayout& pl, int64_t t0, int n, int64_t kv_head,
+                 int64_t kv_heads) {
+  const int dim = r.dim;
+  const int64_t groups = dim / pl.group_size;
+  float coef[G][MAX_TILE];
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    float zero_sum[G] = {};
+    for (int j = 0; j < n; ++j) {
+      const int64_t at = 2 * (((t0 + j) * kv_heads + kv_head) * groups + grp);
+      const float scale = half_at(page + pl.value_scale + at), zero = half_at(page + pl.value_zero + at);
+      for (int g = 0; g < G; ++g) {
+        coef[g][j] = r.scores[g][j] * scale;
+        zero_sum[g] += r.scores[g][j] * zero;
+      }
+    }
+    const uint8_t* codes = page + pl.value_codes + (t0 * kv_heads + kv_head) * (dim / 4);
+    const int64_t token_bytes = kv_heads * (dim / 4);
+    for (int64_t c = grp * pl.group_size; c < (grp + 1) * pl.group_size; c += VL) {
+      vfloat a[G];
+      for (int g = 0; g < G; ++g) a[g] = load(r.acc[g] + c) + zero_sum[g];
+      for (int j = 0; j < n; ++j) {
+        const vfloat code = unpack2(codes + j * token_bytes + c / 4);
+        for (int g = 0; g < G; ++g) a[g] += code * coef[g][j];
+      }
+      for (int g = 0; g < G; ++g) store(r.acc[g] + c, a[g]);
+    }
+  }
+}
+
+// 2-bit pages pages[0:n] of one kv head, one page at a time in tiles of MAX_TILE tokens.
+template <int G>
+void attend_pages(Rows<G>& r, const uint8_t* layer, const PageLayout& pl, const int32_t* pages, int64_t n,
+                  int64_t kv_head, int64_t kv_heads) {
+  alignas(64) float qs[G][MAX_DIM];
+  float qz[G];
+  const int dim = r.dim;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t* page = layer + static_cast<int64_t>(pages[i]) * pl.page_bytes;
+    alignas(64) float scale[MAX_DIM], zero[MAX_DIM];
+    for (int c = 0; c < dim; ++c) {
+      scale[c] = half_at(page + pl.key_scale + 2 * (kv_head * dim + c));
+      zero[c] = half_at(page + pl.key_zero + 2 * (kv_head * dim + c));
+    }
+    for (int g = 0; g < G; ++g) {
+      vfloat z = {};
+      for (int c = 0; c < dim; c += VL) {
+        store(qs[g] + c, load(r.q[g] + c) * load(scale + c));
+        z += load(r.q[g] + c) * load(zero + c);
+      }
+      qz[g] = hsum(z);
+    }
+    for (int64_t t0 = 0; t0 < pl.block_tokens; t0 += MAX_TILE) {
+      const int tile = static_cast<int>(std::min<int64_t>(MAX_TILE, pl.block_tokens - t0));
+      page_scores<G>(r, qs, qz, page, pl, t0, tile, kv_head, kv_heads);
+      r.weigh(tile);
+      page_values<G>(r, page, pl, t0, tile, kv_head, kv_heads);
+    }
+  }
+}
+
+struct Batch {  // one call's arguments, as raw pointers
+  const void *query, *new_key, *new_value;
+  int64_t query_stride[2], key_stride[2], value_stride[2];
+  const int32_t *query_rows, *fp_ptr, *fp_slots, *page_ptr, *pages, *item_ptr;
+  const uint8_t* layer;
+  PageLayout pl;
+  int64_t kv_heads, group, dim;
+  float scaling;
+  float* part_out;  // [items, group, dim]
+  float* part_lse;  // [items, group]
+};
+
+inline std::pair<int64_t, int64_t> split_range(const int32_t* ptr, int64_t seq, int64_t split, int64_t splits) {
+  const int64_t start = ptr[seq], end = ptr[seq + 1];
+  const int64_t per = (end - start + splits - 1) / splits;
+  const int64_t lo = std::min(end, start + split * per);
+  return {lo, std::min(end, lo + per)};
+}
+
+// Rows [row0, row0 + G) of the GQA group of one work item: sequence `seq`, kv head, split
+// `split` of `splits`: its new token (split 0), its share of fp tokens and of 2-bit pages.
+template <int G, typename T>
+void run_rows(const Batch& b, int64_t item, int64_t seq, int64_t kv_head, int64_t split, int64_t splits, int row0) {
+  Rows<G> r;
+  r.dim = static_cast<int>(b.dim);
+  const int64_t row = b.query_rows[seq];
+  for (int g = 0; g < G; ++g) {
+    const int64_t head = kv_head * b.group + row0 + g;
+    const T* src = static_cast<const T*>(b.query) + row * b.query_stride[0] + head * b.query_stride[1];
+    for (int c = 0; c < r.dim; c += VL) store(r.q[g] + c, load(src + c) * b.scaling);
+    r.m[g] = NEG_INF, r.l[g] = 0.f;
+    std::fill(r.acc[g], r.acc[g] + r.dim, 0.f);
+  }
+  if (split == 0) {  // the new token, read from the step tensors
+    const T* key = static_cast<const T*>(b.new_key) + row * b.key_stride[0] + kv_head * b.key_stride[1];
+    const T* value = static_cast<const T*>(b.new_value) + row * b.value_stride[0] + kv_head * b.value_stride[1];
+    fp_tile<G, T>(r, &key, &value, 1);
+  }
+  auto [fp_lo, fp_hi] = split_range(b.fp_ptr, seq, split, splits);
+  attend_fp<G, T>(r, b.layer, b.pl, b.fp_slots + fp_lo, fp_hi - fp_lo, kv_head, b.kv_heads);
+  auto [pg_lo, pg_hi] = split_range(b.page_ptr, seq, split, splits);
+  attend_pages<G>(r, b.layer, b.pl, b.pages + pg_lo, pg_hi - pg_lo, kv_head, b.kv_heads);
+  for (int g = 0; g < G; ++g) {
+    const bool any = r.l[g] > 0.f;
+    const int64_t at = item * b.group + row0 + g;
+    b.part_lse[at] = any ? r.m[g] + std::log(r.l[g]) : NEG_INF;
+    const float inv = any ? 1.f / r.l[g] : 0.f;
+    for (int c = 0; c < r.dim; ++c) b.part_out[at * b.dim + c] = r.acc[g][c] * inv;
+  }
+}
+
+template <typename T>
+void run_item(const Batch& b, int64_t item, int64_t seq, int64_t kv_head, int64_t split, int64_t splits) {
+  for (int row0 = 0; row0 < b.group; row0 += MAX_ROWS) {
+    switch (std::min<int64_t>(MAX_ROWS, b.group - row0)) {
+      case 1: run_rows<1, T>(b, item, seq, kv_head, split, splits, row0); break;
+      case 2: run_rows<2, T>(b, item, seq, kv_head, split, splits, row0); break;
+      case 3: run_rows<3, T>(b, item, seq, kv_head, split, splits, row0); break;
+      case 4: run_rows<4, T>(b, item, seq, kv_head, split, splits, row0); break;
+      case 5: run_rows<5, T>(b, item, seq, kv_head, split, splits, row0); break;
+      case 6: run_rows<6, T>(b, item, seq, kv_head, split, splits, row0); break;
+      case 7: run_rows<7, T>(b, item, seq, kv_head, split, splits, row0); break;
+      default: run_rows<8, T>(b, item, seq, kv_head, split, splits, row0); break;
+    }
+  }
+}
+
+// Merge the splits of (sequence, kv head) into the output rows, in split order.
+template <typename T>
+void merge(const Batch& b, at::Tensor& out, int64_t seq, int64_t kv_head) {
+  const int64_t first = b.item_ptr[seq] + kv_head * (b.item_ptr[seq + 1] - b.item_ptr[seq]) / b.kv_heads;
+  const int64_t splits = (b.item_ptr[seq + 1] - b.item_ptr[seq]) / b.kv_heads;
+  const int64_t row = b.query_rows[seq];
+  T* dst_base = out.data_ptr<T>() + row * out.stride(0);
+  for (int64_t g = 0; g < b.group; ++g) {
+    float top = NEG_INF;
+    for (int64_t k = 0; k < splits; ++k) top = std::max(top, b.part_lse[(first + k) * b.group + g]);
+    float total = 0.f, acc[MAX_DIM] = {};  // the splits' weighted sum
+    for (int64_t k = 0; k < splits; ++k) {
+      const float lse = b.part_lse[(first + k) * b.group + g];
+      if (lse == NEG_INF) continue;
+      const float w = std::exp(lse - top);
+      total += w;
+      const float* part = b.part_out + ((first + k) * b.group + g) * b.dim;
+      for (int64_t c = 0; c < b.dim; ++c) acc[c] += w * part[c];
+    }
+    T* dst = dst_base + (kv_head * b.group + g) * out.stride(1);
+    for (int64_t c = 0; c < b.dim; ++c) dst[c] = static_cast<T>(total > 0.f ? acc[c] / total : 0.f);
+  }
+}
+
+template <typename T>
+void run(const Batch& b, at::Tensor& out, int64_t num_seqs) {
+  const int64_t num_items = b.item_ptr[num_seqs];
+  at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
+    int64_t seq = std::upper_bound(b.item_ptr, b.item_ptr + num_seqs + 1, static_cast<int32_t>(begin)) - b.item_ptr - 1;
+    for (int64_t item = begin; item < end; ++item) {
+      while (item >= b.item_ptr[seq + 1]) ++seq;
+      const int64_t splits = (b.item_ptr[seq + 1] - b.item_ptr[seq]) / b.kv_heads;
+      const int64_t local = item - b.item_ptr[seq];
+      run_item<T>(b, item, seq, local / splits, local % splits, splits);
+    }
+  });
+  at::parallel_for(0, num_seqs * b.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) merge<T>(b, out, i / b.kv_heads, i % b.kv_heads);
+  });
+}
+
+void check_index(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous() && t.dim() == 1, name, " must be contiguous int32 [n]");
+}
+
+// query [T, H, D], new_key/new_value [T, KVH, D], out [T, H, D]: D contiguous, one dtype.
+// item_ptr [S + 1]: work items of sequence s are item_ptr[s]..item_ptr[s+1] (kv_heads x splits).
+// layout: page_bytes, fp_page_tokens, block_tokens, group_size, then the section offsets
+// key_codes, value_codes, key_scale, key_zero, value_scale, value_zero, key_out,
+// key_out_values, key_out_channels.
+void decode_attention(const at::Tensor& query, const at::Tensor& new_key, const at::Tensor& new_value,
+                      const at::Tensor& query_rows, const at::Tensor& fp_ptr, const at::Tensor& fp_slots,
+                      const at::Tensor& page_ptr, const at::Tensor& pages, const at::Tensor& item_ptr,
+                      const at::Tensor& layer, at::Tensor out, at::IntArrayRef layout, double scaling) {
+  TORCH_CHECK(query.dim() == 3 && new_key.dim() == 3 && new_value.dim() == 3 && out.dim() == 3, "3-d q, k, v, out");
+  TORCH_CHECK(query.stride(2) == 1 && new_key.stride(2) == 1 && new_value.stride(2) == 1 && out.stride(2) == 1,
+              "head_dim must be contiguous");
+  const auto dtype = query.scalar_type();
+  TORCH_CHECK(new_key.scalar_type() == dtype && new_value.scalar_type() == dtype && out.scalar_type() == dtype,
+              "q, k, v and out must share the store dtype");
+  TORCH_CHECK(layer.scalar_type() == at::kByte && layer.is_contiguous(), "layer must be contiguous uint8");
+  TORCH_CHECK(layout.size() == 13, "layout has 13 entries");
+  for (auto* t : {&query_rows, &fp_ptr, &fp_slots, &page_ptr, &pages, &item_ptr}) check_index(*t, "index");
+  const int64_t heads = query.size(1), kv_heads = new_key.size(1), dim = query.size(2), num_seqs = query_rows.size(0);
+  TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(dim % VL == 0 && dim <= MAX_DIM, "head_dim must be a multiple of ", VL, " and <= ", MAX_DIM);
+  TORCH_CHECK(layout[3] % VL == 0 && dim % layout[3] == 0, "group_size must be a multiple of ", VL);
+  TORCH_CHECK(fp_ptr.size(0) == num_seqs + 1 && page_ptr.size(0) == num_seqs + 1 && item_ptr.size(0) == num_seqs + 1,
+              "CSR offsets are [S + 1]");
+  Batch b{};
+  b.query = query.data_ptr(), b.new_key = new_key.data_ptr(), b.new_value = new_value.data_ptr();
+  b.query_stride[0] = query.stride(0), b.query_stride[1] = query.stride(1);
+  b.key_stride[0] = new_key.stride(0), b.key_stride[1] = new_key.stride(1);
+  b.value_stride[0] = new_value.stride(0), b.value_stride[1] = new_value.stride(1);
+  b.query_rows = query_rows.data_ptr<int32_t>(), b.fp_ptr = fp_ptr.data_ptr<int32_t>();
+  b.fp_slots = fp_slots.data_ptr<int32_t>(), b.page_ptr = page_ptr.data_ptr<int32_t>();
+  b.pages = pages.data_ptr<int32_t>(), b.item_ptr = item_ptr.data_ptr<int32_t>();
+  b.layer = layer.data_ptr<uint8_t>();
+  b.pl = PageLayout{layout[0], layout[1], layout[2], layout[3], layout[4],  layout[5], layout[6],
+                    layout[7], layout[8], layout[9], layout[10], layout[11], layout[12]};
+  b.kv_heads = kv_heads, b.group = heads / kv_heads, b.dim = dim, b.scaling = static_cast<float>(scaling);
+  const int64_t num_items = num_seqs ? item_ptr[num_seqs].item<int32_t>() : 0;
+  auto part_out = at::empty({num_items, b.group, dim}, query.options().dtype(at::kFloat));
+  auto part_lse = at::empty({num_items, b.group}, query.options().dtype(at::kFloat));
+  b.part_out = part_out.data_ptr<float>(), b.part_lse = part_lse.data_ptr<float>();
+  if (dtype == at::kFloat) run<float>(b, out, num_seqs);
+  else if (dtype == at::kBFloat16) run<at::BFloat16>(b, out, num_seqs);
+  else if (dtype == at::kHalf) run<at::Half>(b, out, num_seqs);
+  else TORCH_CHECK(false, "unsupported dtype ", dtype);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(logquant_cpu, m) {
+  m.def("decode_attention(Tensor query, Tensor new_key, Tensor new_value, Tensor query_rows, Tensor fp_ptr, "
+        "Tensor fp_slots, Tensor page_ptr, Tensor pages, Tensor item_ptr, Tensor layer, Tensor(a!) out, "
+        "int[] layout, float scaling) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(logquant_cpu, CPU, m) { m.impl("decode_attention", &decode_attention); }
