@@ -2,15 +2,18 @@
 
 The same random-token prompts (exact lengths, fixed seed) go to `model.generate` (one static
 batch, DynamicCache, greedy, exactly --max-tokens new tokens) and to the engine (`LLM`,
-continuous batching, greedy, ignore_eos) under every policy. Prints output tokens/s and the
-ratios engine/generate and policy/fp16; `--profile` prints the top ops of one engine run.
+continuous batching, greedy, ignore_eos) under every policy and decode backend, all sharing
+one copy of the model; each engine gets the KV budget its batch needs. Prints output tokens/s
+and the ratios engine/generate and policy/fp16 (same backend); `--profile` prints the top ops
+of one engine run.
 
-    python bench/engine.py --batch 1,8,32,64 --prompt-len 256,1024 --json results/engine.json
+    python bench/engine.py --batch 1,8,32,64 --prompt-len 256,2048 --max-tokens 128 --json results/engine.json
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -22,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from logquant.provenance import provenance  # noqa: E402
 
 from logquant.models import load_model  # noqa: E402
+from logquant.policy import make_policy  # noqa: E402
 from server.engine import LLM, SamplingParams  # noqa: E402
+from server.engine.runner import layout_for  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -30,12 +35,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="SmolLM2-135M-Instruct")
     p.add_argument("--batch", default="1,8,32,64")
     p.add_argument("--prompt-len", default="256,1024")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--policies", default="fp16,kivi,logquant")
+    p.add_argument("--backends", default="cpu,torch", help="decode backends (auto, torch, cpu, triton)")
     p.add_argument("--fp-budget", type=int, default=192)
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the engine's default)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--kv-cache-memory", default="6GiB")
     p.add_argument("--profile", action="store_true", help="print the top ops of the last engine run")
     p.add_argument("--json", type=Path)
     return p.parse_args()
@@ -49,6 +54,7 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
 @torch.inference_mode()
 def time_generate(model, ids: list[list[int]], max_tokens: int) -> float:
     input_ids = torch.tensor(ids)
+    model.set_attn_implementation("sdpa")  # an engine on the shared model set its own
     start = time.perf_counter()
     out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_tokens,
                          min_new_tokens=max_tokens, do_sample=False)  # fmt: skip
@@ -66,10 +72,14 @@ def time_engine(llm: LLM, ids: list[list[int]], max_tokens: int) -> float:
     return len(ids) * max_tokens / elapsed
 
 
-def make_llm(args: argparse.Namespace, policy: str, max_seqs: int) -> LLM:
+def make_llm(args: argparse.Namespace, model, tokenizer, policy: str, backend: str, batch: int, length: int) -> LLM:
+    """An engine on the shared model whose KV budget holds `batch` sequences of `length` tokens."""
     extra = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
-    return LLM(args.model, policy=policy, fp_budget=args.fp_budget, kv_cache_memory=args.kv_cache_memory,
-               dtype=args.dtype, max_num_seqs=max(max_seqs, 1), **extra)  # fmt: skip
+    layout = layout_for(model, make_policy(policy, args.fp_budget), model.dtype, 32)
+    budget = batch * layout.bytes_for(length) + 4 * layout.page_bytes_all_layers
+    return LLM(args.model, model_object=model, tokenizer=tokenizer, policy=policy, fp_budget=args.fp_budget,
+               kv_cache_memory=budget, dtype=args.dtype, max_num_seqs=batch, decode_backend=backend,
+               max_model_len=length, **extra)  # fmt: skip
 
 
 def profile(llm: LLM, ids: list[list[int]], max_tokens: int) -> None:
@@ -83,35 +93,40 @@ def profile(llm: LLM, ids: list[list[int]], max_tokens: int) -> None:
 
 def main() -> None:
     args = parse_args()
-    policies = args.policies.split(",")
+    configs = [(p, b) for p in args.policies.split(",") for b in args.backends.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
-    llms = {p: make_llm(args, p, max(batches)) for p in policies}
-    model, _ = load_model(args.model, torch.device("cpu"), llms[policies[0]].engine.dtype)
-    vocab = model.config.vocab_size
-    rows = []
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+    model, tokenizer = load_model(args.model, torch.device("cpu"), dtype)
+    rows, vocab = [], model.config.vocab_size
     for length in [int(n) for n in args.prompt_len.split(",")]:
         for batch in batches:
             ids = prompts(batch, length, vocab)
-            time_engine(llms[policies[0]], ids[:1], 2)  # warm-up
             row = {"prompt_len": length, "batch": batch, "generate": time_generate(model, ids, args.max_tokens)}
-            for policy in policies:
-                row[policy] = time_engine(llms[policy], ids, args.max_tokens)
+            for policy, backend in configs:
+                llm = make_llm(args, model, tokenizer, policy, backend, batch, length + args.max_tokens)
+                time_engine(llm, ids[:1], 2)  # warm-up
+                row[f"{policy}/{backend}"] = time_engine(llm, ids, args.max_tokens)
+                if args.profile and (length, batch) == (int(args.prompt_len.split(",")[-1]), batches[-1]):
+                    profile(llm, ids, args.max_tokens)
+                del llm
+                gc.collect()
             rows.append(row)
-            print(format_row(row, policies), flush=True)
-    if args.profile:
-        profile(llms[policies[-1]], prompts(batches[-1], int(args.prompt_len.split(",")[-1]), vocab), args.max_tokens)
+            print(format_row(row, configs), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"provenance": provenance(args.model), "dtype": str(llms[policies[0]].engine.dtype),
-                                         "rows": rows}, indent=2))  # fmt: skip
+        record = {"provenance": provenance(args.model), "dtype": str(dtype), "threads": torch.get_num_threads(),
+                  "rows": rows}  # fmt: skip
+        args.json.write_text(json.dumps(record, indent=2))
 
 
-def format_row(row: dict, policies: list[str]) -> str:
+def format_row(row: dict, configs: list[tuple[str, str]]) -> str:
     cells = [f"prompt {row['prompt_len']:5d} batch {row['batch']:3d}  generate {row['generate']:7.1f} tok/s"]
-    for policy in policies:
-        cells.append(f"{policy} {row[policy]:7.1f} ({row[policy] / row['generate']:.2f}x gen)")
-    if "fp16" in row:
-        cells += [f"{p}/fp16 {row[p] / row['fp16']:.2f}x" for p in policies if p != "fp16"]
+    for policy, backend in configs:
+        name = f"{policy}/{backend}"
+        cells.append(f"{name} {row[name]:7.1f} ({row[name] / row['generate']:.2f}x gen)")
+    for policy, backend in configs:
+        if policy != "fp16" and f"fp16/{backend}" in row:
+            cells.append(f"{policy}/fp16 ({backend}) {row[f'{policy}/{backend}'] / row[f'fp16/{backend}']:.2f}x")
     return "  ".join(cells)
 
 

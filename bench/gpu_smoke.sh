@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU fast path in one command (issue 11), on a CUDA machine:
 #   1. the GPU tests (pytest -m gpu: the kernel at model shapes, compiled; dispatch on CUDA),
-#   2. bench/kernel.py: decode attention, batch x context, fp16 SDPA vs torch 2-bit vs kernel,
+#   2. bench/kernel.py: decode attention, batch x context: dense SDPA, torch paths, fused kernels,
 #   3. bench/serve.py: the server with fp16 vs logquant at one KV budget.
 # Results go to $RESULTS_DIR (default results/): kernel.json, serve_gpu.json.
 #
 #   bash bench/gpu_smoke.sh             # needs CUDA
 #   bash bench/gpu_smoke.sh --dry-run   # any machine: the GPU tests of tests/test_kernels.py (skipped
-#                                       # without CUDA), bench/kernel.py --dry-run (kernel in Triton's
-#                                       # interpreter), and the serve command printed, not run
+#                                       # without CUDA), bench/kernel.py --dry-run (the CPU kernel on
+#                                       # the CPU), and the serve command printed, not run
 # Environment: PYTHON (default python), RESULTS_DIR, KV_BUDGET (default 4GiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."

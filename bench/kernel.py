@@ -1,209 +1,158 @@
-"""Decode attention of one layer, batch x context: fp16 SDPA over a dense cache, the batched
-torch 2-bit path (store gather + dequantize + two SDPA calls) and the fused Triton kernel.
+"""Decode attention of one layer, batch x context, side by side in one run: a dense 16-bit
+cache under SDPA, and the paged store under both policies (`fp16`: every token full
+precision; `logquant`: 2-bit blocks) on the torch path (gather + dequantize + SDPA) and on
+the device's fused kernel (C++ on the CPU, Triton on CUDA), which reads the store in place.
 
-    python bench/kernel.py --json results/kernel.json                   # CUDA: the full sweep
-    python bench/kernel.py --dry-run --json /tmp/kernel.json            # CPU: one tiny case
+    python bench/kernel.py --json results/kernel_cpu.json               # CPU: SmolLM2's layer shape
+    python bench/kernel.py --json results/kernel.json                   # CUDA: Llama-8B's layer shape
+    python bench/kernel.py --dry-run --json /tmp/kernel.json            # one tiny case, any device
 
-Each case fills a one-layer store with B sequences of `context` tokens (random K/V, random
-2-bit codes, sane scales), plans the next decode step and times attention only (the writes
-are the same for both 2-bit paths). Bytes per step: the dense fp16 cache for SDPA; for the
-2-bit paths, what the kernel must read (fp tokens, 2-bit pages, index entries). GB/s is bytes
-over time; `x fp16` is the fp16 time over the path's time. Without CUDA the kernel runs in
-Triton's interpreter: those timings only show that the path runs.
+Each case fills a one-layer store per policy with B sequences of `context` tokens (random
+K/V, random 2-bit codes, sane scales), plans the next decode step and times attention only
+(the writes are the same on both paths). Bytes per step: what each path must read (the
+dense cache; fp tokens + 2-bit blocks + index entries for the paged store). GB/s is bytes
+over time; `x` columns are the fp16 torch path's time over each path's time. Without CUDA
+the Triton kernel is not run (its interpreter timings mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before logquant.kernels.decode defines the kernels
 
 sys.path.insert(0, str(Path(__file__).parent))
 from logquant.provenance import provenance  # noqa: E402
 
 from logquant.attention import bucket_attention  # noqa: E402
-from logquant.kernels import triton_available  # noqa: E402
 from logquant.kv_manager import KVManager  # noqa: E402
 from logquant.layout import KVLayout  # noqa: E402
 from logquant.policy import make_policy  # noqa: E402
+from logquant.step import DecodeIndex  # noqa: E402
 from logquant.store import PagedKVStore  # noqa: E402
 
-SHAPES = {  # one layer: (query heads, kv heads, head_dim)
-    "llama-8b": (32, 8, 128),
-    "smollm2-135m": (9, 3, 64),
-    "tiny": (8, 2, 32),
-}
+SHAPES = {"llama-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64), "tiny": (8, 2, 32)}  # (heads, kv heads, dim)
+PATHS = ("dense", "fp16_torch", "fp16_fused", "2bit_torch", "2bit_fused")
 
 
-@dataclass(frozen=True)
-class Case:
-    shape: str
-    policy: str
-    fp_budget: int
-    group_size: int
-    batch: int
-    context: int
-    dtype: torch.dtype
-    device: torch.device
-
-    @property
-    def heads(self) -> tuple[int, int, int]:
-        return SHAPES[self.shape]
-
-    def layout(self) -> KVLayout:
-        _, kv_heads, head_dim = self.heads
-        policy = make_policy(self.policy, self.fp_budget, group_size=self.group_size)
-        size = torch.empty((), dtype=self.dtype).element_size()
-        return KVLayout(1, kv_heads, head_dim, policy, dtype_bytes=size, group_size=self.group_size)
-
-
-def described(case: Case) -> dict:
-    return asdict(case) | {"dtype": str(case.dtype), "device": str(case.device)}
-
-
-def fill_store(case: Case) -> tuple[PagedKVStore, KVManager]:
-    """B sequences of `context` tokens, bookkeeping from the KV manager, contents random."""
-    layout = case.layout()
-    manager = KVManager(layout, case.batch * layout.pages_for(case.context + 1) + 1)
-    backend = "triton" if triton_available() else "torch"
-    store = PagedKVStore(layout, manager.num_pages, case.dtype, case.device, decode_backend=backend)
-    for i in range(case.batch):
-        manager.allocate(f"s{i}", case.context)
-        manager.plan_step([(f"s{i}", case.context)])
-    fp_pages = torch.tensor([p for s in manager.sequences.values() for p in s.fp_pages], device=case.device)
-    q_pages = torch.tensor([p for s in manager.sequences.values() for p in s.q_pages], device=case.device)
-    store.fp[0, fp_pages] = torch.randn(store.fp[0, fp_pages].shape, device=case.device).to(case.dtype)
-    if q_pages.numel():
-        for codes in (store.key_codes, store.value_codes):
-            codes[0, q_pages] = torch.randint(0, 256, codes[0, q_pages].shape, dtype=torch.uint8, device=case.device)
+def fill_store(policy: str, args: argparse.Namespace, batch: int, context: int, device: torch.device, backend: str):
+    """A one-layer store of `batch` sequences of `context` tokens and the decode step after."""
+    _, kv_heads, head_dim = SHAPES[args.shape]
+    element = torch.empty((), dtype=args.dtype).element_size()
+    layout = KVLayout(1, kv_heads, head_dim, make_policy(policy, args.fp_budget, group_size=args.group_size),
+                      dtype_bytes=element, group_size=args.group_size)  # fmt: skip
+    manager = KVManager(layout, batch * layout.pages_for(context + 1) + 1)
+    store = PagedKVStore(layout, manager.num_pages, args.dtype, device, decode_backend=backend)
+    for i in range(batch):
+        manager.allocate(f"s{i}", context + 1)
+        manager.plan_step([(f"s{i}", context)])
+    store.buffer.random_(0, 256)  # codes; then fp tokens and scales with sane values
+    store.fp[0] = torch.randn(store.fp[0].shape, device=device).to(args.dtype)
+    if layout.block_tokens:
         for scale, zero in ((store.key_scale, store.key_zero), (store.value_scale, store.value_zero)):
-            scale[0, q_pages] = torch.rand(scale[0, q_pages].shape, device=case.device).half() * 0.5 + 0.01
-            zero[0, q_pages] = -torch.rand(zero[0, q_pages].shape, device=case.device).half()
-    return store, manager
-
-
-def bytes_per_step(case: Case, layout: KVLayout, manager: KVManager) -> tuple[int, int]:
-    """(dense fp16 cache, what the kernel reads: fp tokens + 2-bit blocks + index entries)."""
-    _, kv_heads, head_dim = case.heads
-    dense = case.batch * (case.context + 1) * 2 * kv_heads * head_dim * 2
-    fp_tokens = sum(len(s.slot_of) for s in manager.sequences.values())
-    blocks = sum(len(s.q_pages) for s in manager.sequences.values())
-    return dense, fp_tokens * (layout.fp_token_bytes + 4) + blocks * (layout.q_block_bytes + 4)
+            scale[0] = torch.rand(scale[0].shape, device=device).half() * 0.5 + 0.01
+            zero[0] = -torch.rand(zero[0].shape, device=device).half()
+    plan = manager.plan_step([(f"s{i}", 1) for i in range(batch)])
+    fp_tokens = len(plan.fp_slots)
+    read = fp_tokens * (layout.fp_token_bytes + 4) + len(plan.q_pages) * (layout.q_block_bytes + 4)
+    return store, plan, read
 
 
 def timed(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Median milliseconds of `fn` after two warm-up calls (one call on the CPU)."""
-    if device.type != "cuda":
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    for _ in range(2):
-        fn()
+    """Median milliseconds of `fn` after a warm-up call."""
+    fn()
     times = []
     for _ in range(reps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
     return sorted(times)[len(times) // 2]
 
 
-def run_case(case: Case, reps: int) -> dict:
-    heads, kv_heads, head_dim = case.heads
-    store, manager = fill_store(case)
-    dense_bytes, q_bytes = bytes_per_step(case, store.layout, manager)
-    seqs = list(manager.sequences)
-    for seq in seqs:
-        manager.allocate(seq, case.context + 1)
-    step = store.prepare(manager.plan_step([(s, 1) for s in seqs]))
-    bucket, scale, dev = step.buckets[0], head_dim**-0.5, case.device
-    q, k, v = (torch.randn(case.batch, h, head_dim, device=dev, dtype=case.dtype) for h in (heads, kv_heads, kv_heads))
-    dense_shape = (case.batch, kv_heads, case.context + 1, head_dim)
-    dense_k, dense_v = (torch.randn(dense_shape, device=dev, dtype=torch.float16) for _ in "kv")
-    dense_q = q.to(torch.float16).unsqueeze(2)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    row = described(case) | {"bytes_fp16": dense_bytes, "bytes_2bit": q_bytes}
-    row["fp16_ms"] = timed(lambda: sdpa(dense_q, dense_k, dense_v, scale=scale, enable_gqa=True), dev, reps)
-    row["torch_2bit_ms"] = timed(lambda: bucket_attention(q, *store.gather(0, bucket, k, v), bucket, scale), dev, reps)
-    if bucket.decode is not None:
-        from logquant.kernels.decode import StoreLayer, decode_attention
-
-        view, out = StoreLayer.of(store.buffer, 0, store.dtype, store.layout), torch.empty_like(q)
-        row["kernel_ms"] = timed(lambda: decode_attention(view, bucket.decode, q, k, v, scale, out), dev, reps)
-        expected = bucket_attention(q, *store.gather(0, bucket, k, v), bucket, scale)
-        row["kernel_max_abs_diff"] = float((out.float() - expected.float()).abs().max())
+def paged_paths(policy: str, args, batch: int, context: int, device: torch.device, tokens) -> dict[str, float]:
+    fused = "triton" if device.type == "cuda" else "cpu"
+    store, plan, read = fill_store(policy, args, batch, context, device, fused)
+    query, key, value = tokens
+    scale = SHAPES[args.shape][2] ** -0.5
+    bucket = store.prepare(plan, decode_index=False).buckets[0]
+    index = store.prepare(plan, decode_index=True).buckets[0]
+    assert isinstance(index, DecodeIndex)
+    out = torch.empty_like(query)
+    name = "fp16" if policy == "fp16" else "2bit"
+    row = {f"{name}_bytes": read}
+    row[f"{name}_torch_ms"] = timed(lambda: bucket_attention(query, *store.gather(0, bucket, key, value), bucket, scale),
+                                    device, args.reps)  # fmt: skip
+    row[f"{name}_fused_ms"] = timed(lambda: _fused(store, index, tokens, scale, out), device, args.reps)
+    expected = bucket_attention(query, *store.gather(0, bucket, key, value), bucket, scale)
+    row[f"{name}_fused_max_abs_diff"] = float((out.float() - expected.float()).abs().max())
     return row
 
 
-def derived(row: dict) -> dict:
-    """GB/s of each path and its speedup over fp16 SDPA."""
-    extra = {"fp16_gbps": row["bytes_fp16"] / row["fp16_ms"] / 1e6}
-    for path in ("torch_2bit", "kernel"):
+def _fused(store: PagedKVStore, index: DecodeIndex, tokens, scale: float, out: torch.Tensor) -> None:
+    if store.decode_backend == "cpu":
+        store._cpu_decode(store.buffer[0], index, *tokens, scale, out)
+    else:
+        from logquant.kernels.decode import StoreLayer, decode_attention
+
+        decode_attention(StoreLayer.of(store.buffer, 0, store.dtype, store.layout), index, *tokens, scale, out)
+
+
+def run_case(args: argparse.Namespace, batch: int, context: int, device: torch.device) -> dict:
+    heads, kv_heads, head_dim = SHAPES[args.shape]
+    gen = torch.Generator(device=device).manual_seed(batch * 7919 + context)
+    tokens = [torch.randn(batch, h, head_dim, device=device, generator=gen).to(args.dtype) for h in (heads, kv_heads, kv_heads)]
+    dense_dtype = torch.float16 if device.type == "cuda" else args.dtype
+    dense = [torch.randn(batch, kv_heads, context + 1, head_dim, device=device).to(dense_dtype) for _ in "kv"]
+    query = tokens[0].to(dense_dtype).unsqueeze(2)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    row = {"batch": batch, "context": context, "dense_bytes": 2 * dense[0].numel() * dense[0].element_size()}
+    row["dense_ms"] = timed(lambda: sdpa(query, *dense, scale=head_dim**-0.5, enable_gqa=True), device, args.reps)
+    for policy in ("fp16", args.policy):
+        row |= paged_paths(policy, args, batch, context, device, tokens)
+    for path in PATHS:
         if f"{path}_ms" in row:
-            extra[f"{path}_gbps"] = row["bytes_2bit"] / row[f"{path}_ms"] / 1e6
-            extra[f"{path}_x_fp16"] = row["fp16_ms"] / row[f"{path}_ms"]
-    return row | extra
+            row[f"{path}_gbps"] = row[f"{path.split('_')[0]}_bytes"] / row[f"{path}_ms"] / 1e6
+            row[f"{path}_x_fp16_torch"] = row["fp16_torch_ms"] / row[f"{path}_ms"]
+    return row
 
 
 def print_row(row: dict) -> None:
-    if "skipped" in row:
-        print(f"{row['batch']:>5} {row['context']:>7}  skipped: {row['skipped']}")
-        return
-    kernel = "      n/a"
-    if "kernel_ms" in row:
-        kernel = f"{row['kernel_ms']:9.3f} {row['kernel_gbps']:7.1f} {row['kernel_x_fp16']:5.2f}x"
-    print(
-        f"{row['batch']:>5} {row['context']:>7} {row['bytes_fp16'] / 2**20:9.1f} {row['bytes_2bit'] / 2**20:9.1f}"
-        f" {row['fp16_ms']:9.3f} {row['fp16_gbps']:7.1f} {row['torch_2bit_ms']:9.3f} {row['torch_2bit_gbps']:7.1f}"
-        f" {row['torch_2bit_x_fp16']:5.2f}x {kernel}"
-    )
-
-
-def sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    rows = []
-    print(f"{'batch':>5} {'context':>7} {'fp16 MiB':>9} {'2bit MiB':>9} {'fp16 ms':>9} {'GB/s':>7} "
-          f"{'torch ms':>9} {'GB/s':>7} {'x fp16':>6} {'kernel ms':>9} {'GB/s':>7} {'x fp16':>6}")  # fmt: skip
-    for batch in args.batches:
-        for context in args.contexts:
-            case = Case(args.shape, args.policy, args.fp_budget, args.group_size, batch, context, args.dtype, device)
-            dense = batch * (context + 1) * 2 * SHAPES[args.shape][1] * SHAPES[args.shape][2] * 2
-            if dense * 3 > args.max_gib * 2**30:  # dense cache + the torch path's dequantized copy
-                rows.append(described(case) | {"skipped": f"over --max-gib {args.max_gib}"})
-            else:
-                rows.append(derived(run_case(case, args.reps)))
-            print_row(rows[-1])
-    return rows
+    cells = [f"{row['batch']:>5} {row['context']:>6}"]
+    for path in PATHS:
+        if f"{path}_ms" in row:
+            cells.append(f"{row[f'{path}_ms']:8.3f} {row[f'{path}_gbps']:6.1f} {row[f'{path}_x_fp16_torch']:5.2f}x")
+        else:
+            cells.append(f"{'n/a':>23}")
+    print("  ".join(cells), flush=True)
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-    p.add_argument("--batches", type=ints, default=[1, 8, 32, 128, 256])
-    p.add_argument("--contexts", type=ints, default=[1024, 4096, 16384, 32768])
-    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b")
+    cuda = torch.cuda.is_available()
+    p.add_argument("--batches", type=ints, default=[1, 8, 32, 128, 256] if cuda else [1, 8, 32, 64])
+    p.add_argument("--contexts", type=ints, default=[1024, 4096, 16384, 32768] if cuda else [256, 1024, 2048, 4096])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b" if cuda else "smollm2-135m")
     p.add_argument("--policy", choices=["logquant", "kivi"], default="logquant")
     p.add_argument("--fp-budget", type=int, default=192)
     p.add_argument("--group-size", type=int, default=32)
-    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--max-gib", type=float, default=24.0, help="skip cases whose caches need more GPU memory")
-    p.add_argument("--dry-run", action="store_true", help="one tiny case (batch 2, context 96), any device")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16" if cuda else "float32")
+    p.add_argument("--reps", type=int, default=20 if cuda else 5)
+    p.add_argument("--max-gib", type=float, default=24.0 if cuda else 4.0, help="skip cases whose caches need more")
+    p.add_argument("--dry-run", action="store_true", help="one tiny case (batch 2, context 96)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.dry_run:
-        args.batches, args.contexts, args.shape, args.fp_budget, args.group_size = [2], [96], "tiny", 24, 8
+        args.batches, args.contexts, args.shape, args.fp_budget, args.group_size, args.reps = [2], [96], "tiny", 24, 8, 2
     args.dtype = getattr(torch, args.dtype)
     return args
 
@@ -211,16 +160,23 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.dry_run:
-        sys.exit("bench/kernel.py needs CUDA (use --dry-run to check it on the CPU)")
-    if not triton_available():
-        print("triton is not installed: the kernel column is skipped (pip install -e '.[gpu]')")
-    rows = sweep(args, device)
+    print(f"{'batch':>5} {'ctx':>6}  " + "  ".join(f"{p + ' ms  GB/s  x':>23}" for p in PATHS))
+    rows = []
+    for batch in args.batches:
+        for context in args.contexts:
+            _, kv_heads, head_dim = SHAPES[args.shape]
+            dense = batch * (context + 1) * 2 * kv_heads * head_dim * torch.empty((), dtype=args.dtype).element_size()
+            if dense * 3 > args.max_gib * 2**30:  # dense cache + the fp16 store + the torch path's copy
+                rows.append({"batch": batch, "context": context, "skipped": f"over --max-gib {args.max_gib}"})
+                print(f"{batch:>5} {context:>6}  skipped: over --max-gib {args.max_gib}")
+                continue
+            rows.append(run_case(args, batch, context, device))
+            print_row(rows[-1])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        record = {"provenance": provenance(), "device": name, "interpreted": interpreted, "rows": rows}
+        record = {"provenance": provenance(), "device": name, "threads": torch.get_num_threads(),
+                  "shape": args.shape, "dtype": str(args.dtype), "rows": rows}  # fmt: skip
         args.json.write_text(json.dumps(record, indent=2))
 
 

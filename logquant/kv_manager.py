@@ -206,7 +206,6 @@ class _PlanBuilder:
 
     def add(self, seq: SequenceKV, num_new: int) -> None:
         num_old, new_base = seq.num_tokens, len(seq.slot_of)
-        row_of = {pos: i for i, pos in enumerate(seq.slot_of)}
         self.fp_slots += seq.slot_of.values()
         self.q_pages += seq.q_pages
         if self.with_positions:
@@ -215,7 +214,9 @@ class _PlanBuilder:
                 self.q_positions += positions
         self.start_positions.append(num_old)
         demoted_new: set[int] = set()
-        for block in seq.policy_state.append(num_new):
+        blocks = seq.policy_state.append(num_new)
+        row_of = {pos: i for i, pos in enumerate(seq.slot_of)} if blocks else {}  # O(fp tokens): only when demoting
+        for block in blocks:
             assert seq.spare_q_pages, "2-bit pages exhausted: allocate first"
             page = seq.spare_q_pages.pop(0)
             self.block_pages.append(page)

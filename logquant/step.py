@@ -53,6 +53,8 @@ class DecodeIndex:
     write_pages: torch.Tensor  # [num_written] fp pages of the new tokens that stay fp
     write_offsets: torch.Tensor  # [num_written]
     write_sources: torch.Tensor  # [num_written] rows of the compact tensor
+    write_slots: torch.Tensor  # [num_written] int32 their flat fp slots
+    write_rows: torch.Tensor  # [num_written] int32 their rows of the flat batch
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,7 @@ def _decode_index(plan: StepPlan, seqs: list[int], layout: _Layout) -> DecodeInd
     """CSR tensors of a decode bucket, its CPU work items and its writes (compact rows)."""
     fp_ptr, q_ptr, item_ptr, fp_slots, q_pages, src_slots = [0], [0], [0], [], [], []
     block_rows, write_rows = [], []  # >= 0: a cached token's compact row; < 0: ~(its new token's index)
-    block_pages, write_slots = [], []
+    block_pages, write_slots, write_batch_rows = [], [], []
     bt, max_keys = layout.block_tokens, 0
     for b, i in enumerate(seqs):  # sequence b's new token is the bucket's b-th (one per sequence)
         slots = plan.fp_slots[plan.fp_ptr[i] : plan.fp_ptr[i + 1]]
@@ -210,6 +212,7 @@ def _decode_index(plan: StepPlan, seqs: list[int], layout: _Layout) -> DecodeInd
         block_pages += plan.block_pages[plan.block_ptr[i] : plan.block_ptr[i + 1]]
         write_slots += plan.write_slots[plan.write_ptr[i] : plan.write_ptr[i + 1]]
         write_rows += [~b for _ in plan.write_sources[plan.write_ptr[i] : plan.write_ptr[i + 1]]]
+        write_batch_rows += [plan.query_ptr[i] for _ in plan.write_sources[plan.write_ptr[i] : plan.write_ptr[i + 1]]]
     move, rows = layout.to_device, [plan.query_ptr[i] for i in seqs]
     write_at = torch.tensor(write_slots, dtype=torch.long)
     return DecodeIndex(
@@ -222,6 +225,7 @@ def _decode_index(plan: StepPlan, seqs: list[int], layout: _Layout) -> DecodeInd
         block_sources=move(_compact(block_rows, len(src_slots)).view(-1, max(bt, 1))),
         write_pages=move(write_at // layout.fp_page_tokens), write_offsets=move(write_at % layout.fp_page_tokens),
         write_sources=move(_compact(write_rows, len(src_slots))),
+        write_slots=move(write_at.to(torch.int32)), write_rows=move(torch.tensor(write_batch_rows, dtype=torch.int32)),
     )  # fmt: skip
 
 

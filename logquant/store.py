@@ -162,21 +162,24 @@ class PagedKVStore:
         self, layer: int, index: DecodeIndex, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         scaling: float, out: torch.Tensor,
     ) -> None:  # fmt: skip
-        """The decode bucket on the fused kernel, then its writes from a compact tensor: the
-        cached fp tokens demoted in this step, then the new tokens (see `DecodeIndex`)."""
-        h, d = self.layout.num_kv_heads, self.layout.head_dim
+        """The decode bucket on the fused kernel. Blocks demoted in this step are quantized
+        first, from a compact tensor (the demoted cached fp tokens, then the new tokens): they
+        go to fresh pages the kernel does not read. New fp tokens are written last."""
+        rows = None
+        if index.block_pages.numel() or self._cpu_decode is None:
+            h, d = self.layout.num_kv_heads, self.layout.head_dim
+            rows = torch.stack([key[index.new_src], value[index.new_src]], dim=1).to(self.dtype)  # [S, 2, h, d]
+            if index.src_fp_rows.numel():
+                rows = torch.cat([self.fp_rows[layer].index_select(0, index.src_fp_rows).view(-1, 2, h, d), rows])
+            if index.block_pages.numel():
+                self._write_blocks(layer, index.block_pages, index.block_sources, rows)
         if self._cpu_decode is not None:
             self._cpu_decode(self.buffer[layer], index, query, key, value, scaling, out)
-        else:
-            from logquant.kernels.decode import StoreLayer, decode_attention  # imports Triton
+            self._cpu_decode.write(self.buffer[layer], index, key, value)
+            return
+        from logquant.kernels.decode import StoreLayer, decode_attention  # imports Triton
 
-            decode_attention(StoreLayer.of(self.buffer, layer, self.dtype, self.layout), index, query, key, value, scaling, out)
-        new = torch.stack([key[index.new_src], value[index.new_src]], dim=1).to(self.dtype)  # [S, 2, h, d]
-        rows = new
-        if index.src_fp_rows.numel():
-            rows = torch.cat([self.fp_rows[layer].index_select(0, index.src_fp_rows).view(-1, 2, h, d), new])
-        if index.block_pages.numel():
-            self._write_blocks(layer, index.block_pages, index.block_sources, rows)
+        decode_attention(StoreLayer.of(self.buffer, layer, self.dtype, self.layout), index, query, key, value, scaling, out)
         self.fp[layer, index.write_pages, index.write_offsets] = rows[index.write_sources]
 
     def _write_blocks(self, layer: int, pages: torch.Tensor, sources: torch.Tensor, rows: torch.Tensor) -> None:

@@ -75,3 +75,9 @@ class CpuDecode:
                 index.item_ptr, layer_bytes, target, self.layout_args, scaling)  # fmt: skip
         if target is not out:
             out[index.new_src] = target[index.new_src].to(out.dtype)
+
+    def write(self, layer_bytes: torch.Tensor, index: DecodeIndex, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store the bucket's new tokens that stay full precision in their fp slots (after
+        attention: a slot may still hold a token this step demoted)."""
+        key, value = key.to(self.dtype), value.to(self.dtype)
+        torch.ops.logquant_cpu.write_tokens(key, value, index.write_rows, index.write_slots, layer_bytes, self.layout_args)

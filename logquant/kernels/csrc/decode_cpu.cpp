@@ -363,7 +363,7 @@ void decode_attention(const at::Tensor& query, const at::Tensor& new_key, const 
   b.pl = PageLayout{layout[0], layout[1], layout[2], layout[3], layout[4],  layout[5], layout[6],
                     layout[7], layout[8], layout[9], layout[10], layout[11], layout[12]};
   b.kv_heads = kv_heads, b.group = heads / kv_heads, b.dim = dim, b.scaling = static_cast<float>(scaling);
-  const int64_t num_items = num_seqs ? item_ptr[num_seqs].item<int32_t>() : 0;
+  const int64_t num_items = b.item_ptr[num_seqs];
   auto part_out = at::empty({num_items, b.group, dim}, query.options().dtype(at::kFloat));
   auto part_lse = at::empty({num_items, b.group}, query.options().dtype(at::kFloat));
   b.part_out = part_out.data_ptr<float>(), b.part_lse = part_lse.data_ptr<float>();
@@ -373,12 +373,48 @@ void decode_attention(const at::Tensor& query, const at::Tensor& new_key, const 
   else TORCH_CHECK(false, "unsupported dtype ", dtype);
 }
 
+// Store new tokens: key/value rows `rows[i]` of the step ([T, KVH, D], D contiguous) into the
+// fp slot `slots[i]` of `layer` (token layout [2, KVH, D] in the store dtype). Called after
+// attention: a slot may have held a token that this step demoted.
+void write_tokens(const at::Tensor& new_key, const at::Tensor& new_value, const at::Tensor& rows,
+                  const at::Tensor& slots, at::Tensor layer, at::IntArrayRef layout) {
+  check_index(rows, "rows");
+  check_index(slots, "slots");
+  TORCH_CHECK(rows.size(0) == slots.size(0), "one slot per row");
+  TORCH_CHECK(new_key.stride(2) == 1 && new_value.stride(2) == 1 && new_key.scalar_type() == new_value.scalar_type(),
+              "k and v: head_dim contiguous, one dtype");
+  TORCH_CHECK(layer.scalar_type() == at::kByte && layer.is_contiguous() && layout.size() == 13, "layer and layout");
+  const int64_t kv_heads = new_key.size(1), row_bytes = new_key.size(2) * new_key.element_size();
+  const int64_t page_bytes = layout[0], fp_page_tokens = layout[1], n = rows.size(0);
+  const auto* row = rows.data_ptr<int32_t>();
+  const auto* slot = slots.data_ptr<int32_t>();
+  const auto* keys = static_cast<const uint8_t*>(new_key.data_ptr());
+  const auto* values = static_cast<const uint8_t*>(new_value.data_ptr());
+  const int64_t elem = new_key.element_size();
+  uint8_t* base = layer.data_ptr<uint8_t>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      uint8_t* dst = base + slot[i] / fp_page_tokens * page_bytes + slot[i] % fp_page_tokens * 2 * kv_heads * row_bytes;
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        std::memcpy(dst + h * row_bytes, keys + (row[i] * new_key.stride(0) + h * new_key.stride(1)) * elem, row_bytes);
+        std::memcpy(dst + (kv_heads + h) * row_bytes,
+                    values + (row[i] * new_value.stride(0) + h * new_value.stride(1)) * elem, row_bytes);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(logquant_cpu, m) {
   m.def("decode_attention(Tensor query, Tensor new_key, Tensor new_value, Tensor query_rows, Tensor fp_ptr, "
         "Tensor fp_slots, Tensor page_ptr, Tensor pages, Tensor item_ptr, Tensor layer, Tensor(a!) out, "
         "int[] layout, float scaling) -> ()");
+  m.def("write_tokens(Tensor new_key, Tensor new_value, Tensor rows, Tensor slots, Tensor(a!) layer, "
+        "int[] layout) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(logquant_cpu, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(logquant_cpu, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("write_tokens", &write_tokens);
+}
