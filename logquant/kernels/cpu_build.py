@@ -29,7 +29,7 @@ from logquant.models import cache_dir
 
 logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "decode_cpu.cpp"
-HEADERS = (Path(__file__).parent / "csrc" / "simd.h",)
+HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("simd.h", "tiles.h"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 # -fopenmp links libgomp.so.1: the dynamic loader reuses the one libtorch_cpu already loaded
 # (same soname), so at::parallel_for runs on torch's own thread pool, not a second runtime.

@@ -31,80 +31,13 @@
 #include <vector>
 
 #include "simd.h"
+#include "tiles.h"
 
 namespace {
 
 using namespace logquant_cpu;
 
 constexpr int MAX_ROWS = 8;  // query rows of one pass (a wider GQA group takes several passes)
-constexpr int MAX_DIM = 256;  // head dim
-constexpr int MAX_TILE = 32;  // keys per online-softmax tile
-
-struct PageLayout {  // byte offsets of one page's sections; see logquant/layout.py
-  int64_t page_bytes, fp_page_tokens, block_tokens, group_size;
-  int64_t key_codes, value_codes, key_scale, key_zero, value_scale, value_zero;
-  int64_t key_out, key_out_values, key_out_channels;
-};
-
-// One pass: G query rows of a kv head's GQA group (scaled by the softmax scale) and their
-// running softmax, float32. G is a compile-time constant so accumulators live in registers.
-template <int G>
-struct Rows {
-  int dim;
-  float m[G], l[G];
-  alignas(64) float q[G][MAX_DIM];
-  alignas(64) float acc[G][MAX_DIM];
-  float scores[G][MAX_TILE];  // a tile's scores, then its softmax weights
-
-  // Turn scores[:, :n] into weights; rescale the accumulator to the new running max.
-  void weigh(int n) {
-    for (int g = 0; g < G; ++g) {
-      for (int j = n; j < MAX_TILE; ++j) scores[g][j] = NEG_INF;
-      vfloat top = load(scores[g]);
-      for (int j = VL; j < n; j += VL) {
-        vfloat s = load(scores[g] + j);
-        top = s > top ? s : top;
-      }
-      const float m_new = std::max(m[g], hmax(top));
-      const float alpha = m[g] == NEG_INF ? 0.f : std::exp(m[g] - m_new);
-      vfloat sum = {};
-      for (int j = 0; j < n; j += VL) {
-        vfloat p = vexp(load(scores[g] + j) - m_new);
-        p = j + VL <= n ? p : (vfloat{0, 1, 2, 3, 4, 5, 6, 7} + static_cast<float>(j) < static_cast<float>(n) ? p : splat(0.f));
-        store(scores[g] + j, p);
-        sum += p;
-      }
-      l[g] = l[g] * alpha + hsum(sum);
-      m[g] = m_new;
-      if (alpha != 1.f) {
-        for (int c = 0; c < dim; c += VL) store(acc[g] + c, load(acc[g] + c) * alpha);
-      }
-    }
-  }
-};
-
-// A tile of n full-precision tokens: keys[j] and values[j] point at one head's row.
-template <int G, typename T>
-void fp_tile(Rows<G>& r, const T* const* keys, const T* const* values, int n) {
-  for (int j = 0; j < n; ++j) {
-    vfloat s[G] = {};
-    for (int c = 0; c < r.dim; c += VL) {
-      const vfloat k = load(keys[j] + c);
-      for (int g = 0; g < G; ++g) s[g] += load(r.q[g] + c) * k;
-    }
-    for (int g = 0; g < G; ++g) r.scores[g][j] = hsum(s[g]);
-  }
-  r.weigh(n);
-  for (int c = 0; c < r.dim; c += VL) {  // channels outer: the accumulators stay in registers
-    vfloat a[G];
-    for (int g = 0; g < G; ++g) a[g] = load(r.acc[g] + c);
-    for (int j = 0; j < n; ++j) {
-      const vfloat v = load(values[j] + c);
-      for (int g = 0; g < G; ++g) a[g] += v * r.scores[g][j];
-    }
-    for (int g = 0; g < G; ++g) store(r.acc[g] + c, a[g]);
-  }
-}
 
 // Cached full-precision tokens slots[0:n] of one kv head, MAX_TILE at a time.
 template <int G, typename T>
@@ -113,74 +46,26 @@ void attend_fp(Rows<G>& r, const uint8_t* layer, const PageLayout& pl, const int
   const T* keys[MAX_TILE];
   const T* values[MAX_TILE];
   const int64_t token_elems = 2 * kv_heads * r.dim;
+  auto row = [&](int64_t i) {  // token i's key row of this head
+    const int64_t slot = slots[i];
+    const T* page = reinterpret_cast<const T*>(layer + slot / pl.fp_page_tokens * pl.page_bytes);
+    return page + slot % pl.fp_page_tokens * token_elems + kv_head * r.dim;
+  };
+  const int64_t row_bytes = r.dim * static_cast<int64_t>(sizeof(T));
   for (int64_t start = 0; start < n; start += MAX_TILE) {
     const int tile = static_cast<int>(std::min<int64_t>(MAX_TILE, n - start));
     for (int j = 0; j < tile; ++j) {
-      const int64_t slot = slots[start + j];
-      const T* page = reinterpret_cast<const T*>(layer + slot / pl.fp_page_tokens * pl.page_bytes);
-      keys[j] = page + slot % pl.fp_page_tokens * token_elems + kv_head * r.dim;
+      keys[j] = row(start + j);
       values[j] = keys[j] + kv_heads * r.dim;
     }
+    for (int64_t i = start + MAX_TILE; i < std::min(n, start + 2 * MAX_TILE); ++i) {  // the next tile
+      const char* key = reinterpret_cast<const char*>(row(i));
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        __builtin_prefetch(key + b);
+        __builtin_prefetch(key + kv_heads * row_bytes + b);
+      }
+    }
     fp_tile<G, T>(r, keys, values, tile);
-  }
-}
-
-// Scores of tokens t0..t0+n of a 2-bit page: q with the key scale folded in (qs), zero term qz.
-template <int G>
-void page_scores(Rows<G>& r, const float (*qs)[MAX_DIM], const float* qz, const uint8_t* page, const PageLayout& pl,
-                 int64_t t0, int n, int64_t kv_head, int64_t kv_heads) {
-  const int dim = r.dim;
-  for (int j = 0; j < n; ++j) {
-    const uint8_t* codes = page + pl.key_codes + ((t0 + j) * kv_heads + kv_head) * (dim / 4);
-    vfloat s[G] = {};
-    for (int c = 0; c < dim; c += VL) {
-      const vfloat code = unpack2(codes + c / 4);
-      for (int g = 0; g < G; ++g) s[g] += load(qs[g] + c) * code;
-    }
-    for (int g = 0; g < G; ++g) r.scores[g][j] = hsum(s[g]) + qz[g];
-  }
-  for (int o = 0; o < pl.key_out; ++o) {  // 16-bit channels: the exact value replaces the 2-bit one
-    const int ch = page[pl.key_out_channels + kv_head * pl.key_out + o];
-    const float scale = half_at(page + pl.key_scale + 2 * (kv_head * dim + ch));
-    const float zero = half_at(page + pl.key_zero + 2 * (kv_head * dim + ch));
-    for (int j = 0; j < n; ++j) {
-      const int64_t token_head = (t0 + j) * kv_heads + kv_head;
-      const int code = page[pl.key_codes + token_head * (dim / 4) + ch / 4] >> (2 * (ch % 4)) & 3;
-      const float exact = half_at(page + pl.key_out_values + 2 * (token_head * pl.key_out + o));
-      for (int g = 0; g < G; ++g) r.scores[g][j] += r.q[g][ch] * (exact - (code * scale + zero));
-    }
-  }
-}
-
-// acc += sum_j p_j (scale_jg * code_j + zero_jg) over tokens t0..t0+n of a 2-bit page, one
-// value group at a time: coef = p * scale per token, the zero part summed once per group.
-template <int G>
-void page_values(Rows<G>& r, const uint8_t* page, const PageLayout& pl, int64_t t0, int n, int64_t kv_head,
-                 int64_t kv_heads) {
-  const int dim = r.dim;
-  const int64_t groups = dim / pl.group_size;
-  float coef[G][MAX_TILE];
-  for (int64_t grp = 0; grp < groups; ++grp) {
-    float zero_sum[G] = {};
-    for (int j = 0; j < n; ++j) {
-      const int64_t at = 2 * (((t0 + j) * kv_heads + kv_head) * groups + grp);
-      const float scale = half_at(page + pl.value_scale + at), zero = half_at(page + pl.value_zero + at);
-      for (int g = 0; g < G; ++g) {
-        coef[g][j] = r.scores[g][j] * scale;
-        zero_sum[g] += r.scores[g][j] * zero;
-      }
-    }
-    const uint8_t* codes = page + pl.value_codes + (t0 * kv_heads + kv_head) * (dim / 4);
-    const int64_t token_bytes = kv_heads * (dim / 4);
-    for (int64_t c = grp * pl.group_size; c < (grp + 1) * pl.group_size; c += VL) {
-      vfloat a[G];
-      for (int g = 0; g < G; ++g) a[g] = load(r.acc[g] + c) + zero_sum[g];
-      for (int j = 0; j < n; ++j) {
-        const vfloat code = unpack2(codes + j * token_bytes + c / 4);
-        for (int g = 0; g < G; ++g) a[g] += code * coef[g][j];
-      }
-      for (int g = 0; g < G; ++g) store(r.acc[g] + c, a[g]);
-    }
   }
 }
 
@@ -208,9 +93,7 @@ void attend_pages(Rows<G>& r, const uint8_t* layer, const PageLayout& pl, const 
     }
     for (int64_t t0 = 0; t0 < pl.block_tokens; t0 += MAX_TILE) {
       const int tile = static_cast<int>(std::min<int64_t>(MAX_TILE, pl.block_tokens - t0));
-      page_scores<G>(r, qs, qz, page, pl, t0, tile, kv_head, kv_heads);
-      r.weigh(tile);
-      page_values<G>(r, page, pl, t0, tile, kv_head, kv_heads);
+      page_tile<G>(r, qs, qz, page, pl, t0, tile, kv_head, kv_heads);
     }
   }
 }
