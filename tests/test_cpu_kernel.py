@@ -173,3 +173,24 @@ def test_server_with_cpu_backend_and_no_compiler_stops_with_one_line(tmp_path: P
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode != 0
     assert last == "logquant-serve: error: decode backend 'cpu': no C++ compiler (/nonexistent/c++) on PATH"
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("policy", ["fp16", "logquant"])
+def test_engine_greedy_outputs_identical_on_default_model(policy: str, model_and_tokenizer) -> None:
+    """Two ~400-token real-text prompts, 48 greedy tokens: the same ids on both backends
+    (logquant demotes blocks in the prompt and during decoding)."""
+    from logquant.data import essays_text
+    from server.engine import LLM, SamplingParams
+
+    model, tokenizer = model_and_tokenizer
+    text = essays_text()
+    prompts = [tokenizer.encode(text[start : start + 1800])[:400] for start in (0, 50_000)]
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    outputs = {}
+    for backend in ("torch", "cpu"):
+        llm = LLM(model_object=model, tokenizer=tokenizer, policy=policy, decode_backend=backend,
+                  kv_cache_memory="256MiB", fp_budget=96)  # fmt: skip
+        assert llm.engine.store.decode_backend == backend
+        outputs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert outputs["cpu"] == outputs["torch"] and all(len(ids) == 48 for ids in outputs["cpu"])
