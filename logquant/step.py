@@ -25,10 +25,10 @@ import torch
 from logquant.kv_manager import StepPlan
 
 Mover = Callable[[torch.Tensor], torch.Tensor]
-# The CPU kernel splits a sequence's keys into ceil(keys / SPLIT_KEYS) work items per kv head
-# (at most MAX_SPLITS), so one long sequence still uses every core. The split depends on the
-# keys only, never on the thread count: outputs are the same with any number of threads.
-SPLIT_KEYS = 512
+# The CPU kernel splits a sequence's keys into ceil(keys / SPLIT_KEYS) work items (at most
+# MAX_SPLITS), so one long sequence still uses every core. The split depends on the keys only,
+# never on the thread count: outputs are the same with any number of threads.
+SPLIT_KEYS = 256
 MAX_SPLITS = 32
 
 
@@ -45,7 +45,7 @@ class DecodeIndex:
     q_ptr: torch.Tensor  # [S + 1] int32 CSR offsets into q_pages
     q_pages: torch.Tensor  # [n_q] int32 2-bit pages
     max_keys: int  # most keys one sequence attends to (cached fp + 2-bit + new): sizes the splits
-    item_ptr: torch.Tensor  # [S + 1] int32 CPU kernel work items (kv_heads x splits per sequence)
+    item_ptr: torch.Tensor  # [S + 1] int32 CPU kernel work items (splits of the keys) per sequence
     new_src: torch.Tensor  # [S] int64 the same rows as query_rows
     src_fp_rows: torch.Tensor  # [n_src] rows of the store's fp row view
     block_pages: torch.Tensor  # [num_blocks] pages the step's demoted blocks go to
@@ -85,17 +85,17 @@ class StepTensors:
 
 def build_step_tensors(
     plan: StepPlan, block_tokens: int, fp_page_tokens: int, fp_row_of: tuple[int, int], zero_page: int,
-    dtype: torch.dtype, device: torch.device, decode_index: bool = False, kv_heads: int = 1,
+    dtype: torch.dtype, device: torch.device, decode_index: bool = False,
 ) -> StepTensors:  # fmt: skip
     """Index tensors of a step, made on the CPU and moved once (pinned and async on CUDA).
     `fp_row_of`: (rows per page, rows per token) of the store's fp row view; padding reads
     `zero_page`, which is never written, so masked keys and values are zeros, never NaN.
-    `decode_index`: the decode bucket is a `DecodeIndex` (for a fused kernel; `kv_heads`
-    sizes its CPU work items) instead of a padded `Bucket`."""
+    `decode_index`: the decode bucket is a `DecodeIndex` (for a fused kernel) instead of a
+    padded `Bucket`."""
     q_lens = [plan.query_ptr[i + 1] - plan.query_ptr[i] for i in range(plan.num_seqs)]
     groups = [[i for i, n in enumerate(q_lens) if n == 1], [i for i, n in enumerate(q_lens) if n > 1]]
     groups = [g for g in groups if g]
-    layout = _Layout(block_tokens, fp_page_tokens, fp_row_of, zero_page, dtype, _mover(device), kv_heads)
+    layout = _Layout(block_tokens, fp_page_tokens, fp_row_of, zero_page, dtype, _mover(device))
     bucket_of_seq = [(0, 0)] * plan.num_seqs
     for b, seqs in enumerate(groups):
         for row, i in enumerate(seqs):
@@ -116,7 +116,6 @@ class _Layout:
     zero_page: int
     dtype: torch.dtype
     to_device: Mover
-    kv_heads: int
 
     def fp_row(self, slots: torch.Tensor) -> torch.Tensor:
         per_page, per_token = self.fp_row_of
@@ -205,7 +204,7 @@ def _decode_index(plan: StepPlan, seqs: list[int], layout: _Layout) -> DecodeInd
         q_ptr.append(len(q_pages))
         keys = len(slots) + (q_ptr[-1] - q_ptr[-2]) * bt + 1
         max_keys = max(max_keys, keys)
-        item_ptr.append(item_ptr[-1] + layout.kv_heads * min(MAX_SPLITS, -(-keys // SPLIT_KEYS)))
+        item_ptr.append(item_ptr[-1] + min(MAX_SPLITS, -(-keys // SPLIT_KEYS)))
         for r in plan.block_sources[plan.block_ptr[i] * bt : plan.block_ptr[i + 1] * bt]:
             block_rows.append(len(src_slots) if r < len(slots) else ~b)
             src_slots += slots[r : r + 1] if r < len(slots) else []

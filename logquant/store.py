@@ -110,7 +110,7 @@ class PagedKVStore:
         fused = self.decode_backend in ("cpu", "triton") if decode_index is None else decode_index
         return build_step_tensors(
             plan, layout.block_tokens, layout.fp_page_tokens, self.fp_row_of, self.num_pages, self.dtype, self.device,
-            decode_index=fused, kv_heads=layout.num_kv_heads,
+            decode_index=fused,
         )
 
     # ---- one layer of one step -----------------------------------------------------------

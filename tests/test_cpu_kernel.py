@@ -79,7 +79,7 @@ def test_output_is_bitwise_the_same_with_one_and_two_threads(small_splits: None)
 
 
 def test_splits_change_the_work_not_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    """900 keys: one work item per kv head at 1024 keys a split, 57 at 16 (capped at 32)."""
+    """900 keys: one work item at 1024 keys a split, 57 at 16 (capped at 32)."""
     results = []
     for split_keys in (1024, 16):
         monkeypatch.setattr(logquant.step, "SPLIT_KEYS", split_keys)
@@ -88,7 +88,7 @@ def test_splits_change_the_work_not_the_result(monkeypatch: pytest.MonkeyPatch) 
         out = torch.zeros_like(q)
         store._cpu_decode(store.buffer[0], index, q, k, v, 0.125, out)
         results.append((items, out))
-    assert results[0][0] == [2, 2, 2] and results[1][0] == [64, 2, 6]
+    assert results[0][0] == [1, 1, 1] and results[1][0] == [32, 1, 3]
     torch.testing.assert_close(results[0][1], results[1][1], atol=2e-6, rtol=2e-6)
 
 

@@ -4,11 +4,12 @@
 // cached full-precision tokens (token-level flat slots, CSR fp_ptr/fp_slots), its 2-bit pages
 // (CSR page_ptr/pages) and its new token (read from the step's own K/V, never from the store,
 // whose slot may still hold a token demoted in this step). The store is read in place: no
-// gather copy, no dequantized tensor. Work items are (sequence, kv head, split); the number
-// of splits of a sequence depends only on its key count, never on the thread count, so the
-// output is bitwise the same with any number of threads. Each item keeps the GQA group of
-// its kv head together (every K/V byte read once), runs an online softmax in float32 and
-// writes a partial output and log-sum-exp; a second pass merges the splits.
+// gather copy, no dequantized tensor. Work items are (sequence, split of its keys); the number
+// of splits depends only on the key count, never on the thread count, so the output is
+// bitwise the same with any number of threads. An item reads each tile of tokens (or page)
+// once for every kv head while it is in cache, keeps each head's GQA group together (every
+// K/V byte read once), runs an online softmax in float32 per query head and writes a partial
+// output and log-sum-exp; a second pass merges the splits.
 //
 // 2-bit keys: the per-channel scale of a block is folded into q once per page,
 //   q . k = sum_c (q_c * scale_c) * code_c + sum_c q_c * zero_c,
@@ -39,61 +40,65 @@ using namespace logquant_cpu;
 
 constexpr int MAX_ROWS = 8;  // query rows of one pass (a wider GQA group takes several passes)
 
-// Cached full-precision tokens slots[0:n] of one kv head, MAX_TILE at a time.
+// Cached full-precision tokens slots[0:n], MAX_TILE at a time; each tile is read for every kv
+// head while it is in cache (a token's row holds the K of every head, then the V of every head).
 template <int G, typename T>
-void attend_fp(Rows<G>& r, const uint8_t* layer, const PageLayout& pl, const int32_t* slots, int64_t n,
-               int64_t kv_head, int64_t kv_heads) {
-  const T* keys[MAX_TILE];
-  const T* values[MAX_TILE];
-  const int64_t token_elems = 2 * kv_heads * r.dim;
-  auto row = [&](int64_t i) {  // token i's key row of this head
+void attend_fp(std::vector<Rows<G>>& rows, const uint8_t* layer, const PageLayout& pl, const int32_t* slots,
+               int64_t n) {
+  const int64_t kv_heads = static_cast<int64_t>(rows.size()), dim = rows[0].dim;
+  const int64_t token_elems = 2 * kv_heads * dim;
+  auto token = [&](int64_t i) {  // token i's row
     const int64_t slot = slots[i];
     const T* page = reinterpret_cast<const T*>(layer + slot / pl.fp_page_tokens * pl.page_bytes);
-    return page + slot % pl.fp_page_tokens * token_elems + kv_head * r.dim;
+    return page + slot % pl.fp_page_tokens * token_elems;
   };
-  const int64_t row_bytes = r.dim * static_cast<int64_t>(sizeof(T));
+  const T* base[MAX_TILE];
+  const T* keys[MAX_TILE];
+  const T* values[MAX_TILE];
   for (int64_t start = 0; start < n; start += MAX_TILE) {
     const int tile = static_cast<int>(std::min<int64_t>(MAX_TILE, n - start));
-    for (int j = 0; j < tile; ++j) {
-      keys[j] = row(start + j);
-      values[j] = keys[j] + kv_heads * r.dim;
-    }
+    for (int j = 0; j < tile; ++j) base[j] = token(start + j);
     for (int64_t i = start + MAX_TILE; i < std::min(n, start + 2 * MAX_TILE); ++i) {  // the next tile
-      const char* key = reinterpret_cast<const char*>(row(i));
-      for (int64_t b = 0; b < row_bytes; b += 64) {
-        __builtin_prefetch(key + b);
-        __builtin_prefetch(key + kv_heads * row_bytes + b);
-      }
+      const char* row = reinterpret_cast<const char*>(token(i));
+      for (int64_t b = 0; b < token_elems * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(row + b);
     }
-    fp_tile<G, T>(r, keys, values, tile);
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      for (int j = 0; j < tile; ++j) keys[j] = base[j] + h * dim, values[j] = base[j] + (kv_heads + h) * dim;
+      fp_tile<G, T>(rows[h], keys, values, tile);
+    }
   }
 }
 
-// 2-bit pages pages[0:n] of one kv head, one page at a time in tiles of MAX_TILE tokens.
+// 2-bit pages pages[0:n], one page at a time (all kv heads while the page is in cache), in
+// tiles of MAX_TILE tokens. Per page and head: q with the key scale folded in, q . zero.
 template <int G>
-void attend_pages(Rows<G>& r, const uint8_t* layer, const PageLayout& pl, const int32_t* pages, int64_t n,
-                  int64_t kv_head, int64_t kv_heads) {
+void attend_pages(std::vector<Rows<G>>& rows, const uint8_t* layer, const PageLayout& pl, const int32_t* pages,
+                  int64_t n) {
+  const int64_t kv_heads = static_cast<int64_t>(rows.size());
+  const int dim = rows[0].dim;
   alignas(64) float qs[G][MAX_DIM];
+  alignas(64) float scale[MAX_DIM], zero[MAX_DIM];
   float qz[G];
-  const int dim = r.dim;
   for (int64_t i = 0; i < n; ++i) {
     const uint8_t* page = layer + static_cast<int64_t>(pages[i]) * pl.page_bytes;
-    alignas(64) float scale[MAX_DIM], zero[MAX_DIM];
-    for (int c = 0; c < dim; ++c) {
-      scale[c] = half_at(page + pl.key_scale + 2 * (kv_head * dim + c));
-      zero[c] = half_at(page + pl.key_zero + 2 * (kv_head * dim + c));
-    }
-    for (int g = 0; g < G; ++g) {
-      vfloat z = {};
-      for (int c = 0; c < dim; c += VL) {
-        store(qs[g] + c, load(r.q[g] + c) * load(scale + c));
-        z += load(r.q[g] + c) * load(zero + c);
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      Rows<G>& r = rows[h];
+      for (int c = 0; c < dim; ++c) {
+        scale[c] = half_at(page + pl.key_scale + 2 * (h * dim + c));
+        zero[c] = half_at(page + pl.key_zero + 2 * (h * dim + c));
       }
-      qz[g] = hsum(z);
-    }
-    for (int64_t t0 = 0; t0 < pl.block_tokens; t0 += MAX_TILE) {
-      const int tile = static_cast<int>(std::min<int64_t>(MAX_TILE, pl.block_tokens - t0));
-      page_tile<G>(r, qs, qz, page, pl, t0, tile, kv_head, kv_heads);
+      for (int g = 0; g < G; ++g) {
+        vfloat z = {};
+        for (int c = 0; c < dim; c += VL) {
+          store(qs[g] + c, load(r.q[g] + c) * load(scale + c));
+          z += load(r.q[g] + c) * load(zero + c);
+        }
+        qz[g] = hsum(z);
+      }
+      for (int64_t t0 = 0; t0 < pl.block_tokens; t0 += MAX_TILE) {
+        const int tile = static_cast<int>(std::min<int64_t>(MAX_TILE, pl.block_tokens - t0));
+        page_tile<G>(r, qs, qz, page, pl, t0, tile, h, kv_heads);
+      }
     }
   }
 }
@@ -104,10 +109,10 @@ struct Batch {  // one call's arguments, as raw pointers
   const int32_t *query_rows, *fp_ptr, *fp_slots, *page_ptr, *pages, *item_ptr;
   const uint8_t* layer;
   PageLayout pl;
-  int64_t kv_heads, group, dim;
+  int64_t heads, kv_heads, group, dim;
   float scaling;
-  float* part_out;  // [items, group, dim]
-  float* part_lse;  // [items, group]
+  float* part_out;  // [items, heads, dim]
+  float* part_lse;  // [items, heads]
 };
 
 inline std::pair<int64_t, int64_t> split_range(const int32_t* ptr, int64_t seq, int64_t split, int64_t splits) {
@@ -117,76 +122,77 @@ inline std::pair<int64_t, int64_t> split_range(const int32_t* ptr, int64_t seq, 
   return {lo, std::min(end, lo + per)};
 }
 
-// Rows [row0, row0 + G) of the GQA group of one work item: sequence `seq`, kv head, split
-// `split` of `splits`: its new token (split 0), its share of fp tokens and of 2-bit pages.
+// Query rows [row0, row0 + G) of every kv head's GQA group for one work item: sequence `seq`,
+// split `split` of `splits`: its new token (split 0), its share of fp tokens and 2-bit pages.
 template <int G, typename T>
-void run_rows(const Batch& b, int64_t item, int64_t seq, int64_t kv_head, int64_t split, int64_t splits, int row0) {
-  Rows<G> r;
-  r.dim = static_cast<int>(b.dim);
+void run_rows(const Batch& b, int64_t item, int64_t seq, int64_t split, int64_t splits, int row0) {
+  std::vector<Rows<G>> rows(b.kv_heads);
   const int64_t row = b.query_rows[seq];
-  for (int g = 0; g < G; ++g) {
-    const int64_t head = kv_head * b.group + row0 + g;
-    const T* src = static_cast<const T*>(b.query) + row * b.query_stride[0] + head * b.query_stride[1];
-    for (int c = 0; c < r.dim; c += VL) store(r.q[g] + c, load(src + c) * b.scaling);
-    r.m[g] = NEG_INF, r.l[g] = 0.f;
-    std::fill(r.acc[g], r.acc[g] + r.dim, 0.f);
-  }
-  if (split == 0) {  // the new token, read from the step tensors
-    const T* key = static_cast<const T*>(b.new_key) + row * b.key_stride[0] + kv_head * b.key_stride[1];
-    const T* value = static_cast<const T*>(b.new_value) + row * b.value_stride[0] + kv_head * b.value_stride[1];
-    fp_tile<G, T>(r, &key, &value, 1);
+  for (int64_t h = 0; h < b.kv_heads; ++h) {
+    Rows<G>& r = rows[h];
+    r.dim = static_cast<int>(b.dim);
+    for (int g = 0; g < G; ++g) {
+      const int64_t head = h * b.group + row0 + g;
+      const T* src = static_cast<const T*>(b.query) + row * b.query_stride[0] + head * b.query_stride[1];
+      for (int c = 0; c < r.dim; c += VL) store(r.q[g] + c, load(src + c) * b.scaling);
+      r.m[g] = NEG_INF, r.l[g] = 0.f;
+      std::fill(r.acc[g], r.acc[g] + r.dim, 0.f);
+    }
+    if (split == 0) {  // the new token, read from the step tensors
+      const T* key = static_cast<const T*>(b.new_key) + row * b.key_stride[0] + h * b.key_stride[1];
+      const T* value = static_cast<const T*>(b.new_value) + row * b.value_stride[0] + h * b.value_stride[1];
+      fp_tile<G, T>(r, &key, &value, 1);
+    }
   }
   auto [fp_lo, fp_hi] = split_range(b.fp_ptr, seq, split, splits);
-  attend_fp<G, T>(r, b.layer, b.pl, b.fp_slots + fp_lo, fp_hi - fp_lo, kv_head, b.kv_heads);
+  attend_fp<G, T>(rows, b.layer, b.pl, b.fp_slots + fp_lo, fp_hi - fp_lo);
   auto [pg_lo, pg_hi] = split_range(b.page_ptr, seq, split, splits);
-  attend_pages<G>(r, b.layer, b.pl, b.pages + pg_lo, pg_hi - pg_lo, kv_head, b.kv_heads);
-  for (int g = 0; g < G; ++g) {
-    const bool any = r.l[g] > 0.f;
-    const int64_t at = item * b.group + row0 + g;
-    b.part_lse[at] = any ? r.m[g] + std::log(r.l[g]) : NEG_INF;
-    const float inv = any ? 1.f / r.l[g] : 0.f;
-    for (int c = 0; c < r.dim; ++c) b.part_out[at * b.dim + c] = r.acc[g][c] * inv;
+  attend_pages<G>(rows, b.layer, b.pl, b.pages + pg_lo, pg_hi - pg_lo);
+  for (int64_t h = 0; h < b.kv_heads; ++h) {
+    for (int g = 0; g < G; ++g) {
+      const Rows<G>& r = rows[h];
+      const bool any = r.l[g] > 0.f;
+      const int64_t at = item * b.heads + h * b.group + row0 + g;
+      b.part_lse[at] = any ? r.m[g] + std::log(r.l[g]) : NEG_INF;
+      const float inv = any ? 1.f / r.l[g] : 0.f;
+      for (int c = 0; c < r.dim; ++c) b.part_out[at * b.dim + c] = r.acc[g][c] * inv;
+    }
   }
 }
 
 template <typename T>
-void run_item(const Batch& b, int64_t item, int64_t seq, int64_t kv_head, int64_t split, int64_t splits) {
+void run_item(const Batch& b, int64_t item, int64_t seq, int64_t split, int64_t splits) {
   for (int row0 = 0; row0 < b.group; row0 += MAX_ROWS) {
     switch (std::min<int64_t>(MAX_ROWS, b.group - row0)) {
-      case 1: run_rows<1, T>(b, item, seq, kv_head, split, splits, row0); break;
-      case 2: run_rows<2, T>(b, item, seq, kv_head, split, splits, row0); break;
-      case 3: run_rows<3, T>(b, item, seq, kv_head, split, splits, row0); break;
-      case 4: run_rows<4, T>(b, item, seq, kv_head, split, splits, row0); break;
-      case 5: run_rows<5, T>(b, item, seq, kv_head, split, splits, row0); break;
-      case 6: run_rows<6, T>(b, item, seq, kv_head, split, splits, row0); break;
-      case 7: run_rows<7, T>(b, item, seq, kv_head, split, splits, row0); break;
-      default: run_rows<8, T>(b, item, seq, kv_head, split, splits, row0); break;
+      case 1: run_rows<1, T>(b, item, seq, split, splits, row0); break;
+      case 2: run_rows<2, T>(b, item, seq, split, splits, row0); break;
+      case 3: run_rows<3, T>(b, item, seq, split, splits, row0); break;
+      case 4: run_rows<4, T>(b, item, seq, split, splits, row0); break;
+      case 5: run_rows<5, T>(b, item, seq, split, splits, row0); break;
+      case 6: run_rows<6, T>(b, item, seq, split, splits, row0); break;
+      case 7: run_rows<7, T>(b, item, seq, split, splits, row0); break;
+      default: run_rows<8, T>(b, item, seq, split, splits, row0); break;
     }
   }
 }
 
-// Merge the splits of (sequence, kv head) into the output rows, in split order.
+// Merge the splits of (sequence, query head) into its output row, in split order.
 template <typename T>
-void merge(const Batch& b, at::Tensor& out, int64_t seq, int64_t kv_head) {
-  const int64_t first = b.item_ptr[seq] + kv_head * (b.item_ptr[seq + 1] - b.item_ptr[seq]) / b.kv_heads;
-  const int64_t splits = (b.item_ptr[seq + 1] - b.item_ptr[seq]) / b.kv_heads;
-  const int64_t row = b.query_rows[seq];
-  T* dst_base = out.data_ptr<T>() + row * out.stride(0);
-  for (int64_t g = 0; g < b.group; ++g) {
-    float top = NEG_INF;
-    for (int64_t k = 0; k < splits; ++k) top = std::max(top, b.part_lse[(first + k) * b.group + g]);
-    float total = 0.f, acc[MAX_DIM] = {};  // the splits' weighted sum
-    for (int64_t k = 0; k < splits; ++k) {
-      const float lse = b.part_lse[(first + k) * b.group + g];
-      if (lse == NEG_INF) continue;
-      const float w = std::exp(lse - top);
-      total += w;
-      const float* part = b.part_out + ((first + k) * b.group + g) * b.dim;
-      for (int64_t c = 0; c < b.dim; ++c) acc[c] += w * part[c];
-    }
-    T* dst = dst_base + (kv_head * b.group + g) * out.stride(1);
-    for (int64_t c = 0; c < b.dim; ++c) dst[c] = static_cast<T>(total > 0.f ? acc[c] / total : 0.f);
+void merge(const Batch& b, at::Tensor& out, int64_t seq, int64_t head) {
+  const int64_t first = b.item_ptr[seq], splits = b.item_ptr[seq + 1] - first;
+  float top = NEG_INF;
+  for (int64_t k = 0; k < splits; ++k) top = std::max(top, b.part_lse[(first + k) * b.heads + head]);
+  float total = 0.f, acc[MAX_DIM] = {};  // the splits' weighted sum
+  for (int64_t k = 0; k < splits; ++k) {
+    const float lse = b.part_lse[(first + k) * b.heads + head];
+    if (lse == NEG_INF) continue;
+    const float w = std::exp(lse - top);
+    total += w;
+    const float* part = b.part_out + ((first + k) * b.heads + head) * b.dim;
+    for (int64_t c = 0; c < b.dim; ++c) acc[c] += w * part[c];
   }
+  T* dst = out.data_ptr<T>() + b.query_rows[seq] * out.stride(0) + head * out.stride(1);
+  for (int64_t c = 0; c < b.dim; ++c) dst[c] = static_cast<T>(total > 0.f ? acc[c] / total : 0.f);
 }
 
 template <typename T>
@@ -196,13 +202,11 @@ void run(const Batch& b, at::Tensor& out, int64_t num_seqs) {
     int64_t seq = std::upper_bound(b.item_ptr, b.item_ptr + num_seqs + 1, static_cast<int32_t>(begin)) - b.item_ptr - 1;
     for (int64_t item = begin; item < end; ++item) {
       while (item >= b.item_ptr[seq + 1]) ++seq;
-      const int64_t splits = (b.item_ptr[seq + 1] - b.item_ptr[seq]) / b.kv_heads;
-      const int64_t local = item - b.item_ptr[seq];
-      run_item<T>(b, item, seq, local / splits, local % splits, splits);
+      run_item<T>(b, item, seq, item - b.item_ptr[seq], b.item_ptr[seq + 1] - b.item_ptr[seq]);
     }
   });
-  at::parallel_for(0, num_seqs * b.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) merge<T>(b, out, i / b.kv_heads, i % b.kv_heads);
+  at::parallel_for(0, num_seqs * b.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) merge<T>(b, out, i / b.heads, i % b.heads);
   });
 }
 
@@ -211,7 +215,7 @@ void check_index(const at::Tensor& t, const char* name) {
 }
 
 // query [T, H, D], new_key/new_value [T, KVH, D], out [T, H, D]: D contiguous, one dtype.
-// item_ptr [S + 1]: work items of sequence s are item_ptr[s]..item_ptr[s+1] (kv_heads x splits).
+// item_ptr [S + 1]: work items (splits of its keys) of sequence s are item_ptr[s]..item_ptr[s+1].
 // layout: page_bytes, fp_page_tokens, block_tokens, group_size, then the section offsets
 // key_codes, value_codes, key_scale, key_zero, value_scale, value_zero, key_out,
 // key_out_values, key_out_channels.
@@ -245,10 +249,11 @@ void decode_attention(const at::Tensor& query, const at::Tensor& new_key, const 
   b.layer = layer.data_ptr<uint8_t>();
   b.pl = PageLayout{layout[0], layout[1], layout[2], layout[3], layout[4],  layout[5], layout[6],
                     layout[7], layout[8], layout[9], layout[10], layout[11], layout[12]};
-  b.kv_heads = kv_heads, b.group = heads / kv_heads, b.dim = dim, b.scaling = static_cast<float>(scaling);
+  b.heads = heads, b.kv_heads = kv_heads, b.group = heads / kv_heads, b.dim = dim;
+  b.scaling = static_cast<float>(scaling);
   const int64_t num_items = b.item_ptr[num_seqs];
-  auto part_out = at::empty({num_items, b.group, dim}, query.options().dtype(at::kFloat));
-  auto part_lse = at::empty({num_items, b.group}, query.options().dtype(at::kFloat));
+  auto part_out = at::empty({num_items, heads, dim}, query.options().dtype(at::kFloat));
+  auto part_lse = at::empty({num_items, heads}, query.options().dtype(at::kFloat));
   b.part_out = part_out.data_ptr<float>(), b.part_lse = part_lse.data_ptr<float>();
   if (dtype == at::kFloat) run<float>(b, out, num_seqs);
   else if (dtype == at::kBFloat16) run<at::BFloat16>(b, out, num_seqs);

@@ -15,7 +15,7 @@
 namespace logquant_cpu {
 
 constexpr int MAX_DIM = 256;  // head dim
-constexpr int MAX_TILE = 32;  // keys per online-softmax tile
+constexpr int MAX_TILE = 64;  // keys per online-softmax tile
 
 struct PageLayout {  // byte offsets of one page's sections; see logquant/layout.py
   int64_t page_bytes, fp_page_tokens, block_tokens, group_size;
