@@ -70,6 +70,9 @@ class ServerSettings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, requests still running after this long end with a 503"
     )
+    debug_integrity: bool = Field(
+        False, description="check the KV manager's invariants after every step (slow; for debugging)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = Field(False, description="include prompt text in request logs")
     allowed_origins: list[str] = Field(
@@ -130,4 +133,5 @@ class ServerSettings(BaseSettings):
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             decode_backend=self.decode_backend,
+            debug_integrity=self.debug_integrity,
         )
