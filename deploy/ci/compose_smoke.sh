@@ -11,7 +11,8 @@
 #   4. The checks of deploy/ci/smoke_checks.py: /ready, the API with and without a key, every
 #      shipped PromQL expression in Prometheus, drains on `stop` and on `down`; and non-root,
 #      the healthcheck, the C++ toolchain for torch extensions, the image size.
-# --cold removes this script's images and the wheelhouse first (a first run's timing).
+# --cold removes this script's images, the wheelhouse and the Debian packages first, and
+# bypasses pip's cache (a first run's timing).
 set -eEuo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -29,12 +30,14 @@ source deploy/ci/smoke_lib.sh
 trap on_error ERR
 trap 'stack_down; stop_our_dockerd' EXIT
 
-step "docker" ensure_docker
+ensure_docker  # quiet: where Docker cannot run, its one SKIPPED line is all this script prints
+echo "== docker: $DOCKER_VERSIONS${DOCKERD_PID:+ (dockerd started by this script, pid $DOCKERD_PID)}"
 if [[ ${1:-} == --cold ]]; then
   docker rmi "$BASE_IMAGE" "$PROMETHEUS_IMAGE" logquant-serve:latest-cpu >/dev/null 2>&1 || true
   docker image prune -f >/dev/null
   find wheelhouse -name '*.whl' -delete
   rm -rf build/prometheus-debs "$OUT/env" "$OUT/prometheus-context"
+  export PIP_NO_CACHE_DIR=1  # the wheelhouse from the index, not from pip's cache
   echo "== cold start: the images, the wheelhouse and the Debian packages removed"
 fi
 step "base image" ensure_base_image

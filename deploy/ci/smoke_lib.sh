@@ -25,8 +25,8 @@ on_error() {
   fi
 }
 
-skip_docker() {
-  echo "compose smoke SKIPPED: Docker cannot run on this machine: $1"
+skip_docker() {  # the one line CI prints when it cannot run the stack
+  echo "compose smoke test SKIPPED: Docker cannot run on this machine: $1"
   exit 77
 }
 
@@ -45,9 +45,11 @@ ensure_docker() {
     [[ $(id -u) == 0 ]] || skip_docker "no Docker engine runs and starting dockerd needs root"
     dockerd >"$OUT/logs/dockerd.log" 2>&1 &
     DOCKERD_PID=$!
-    for _ in $(seq 60); do docker_ready && break; sleep 1; done
+    for _ in $(seq 60); do
+      docker_ready || ! kill -0 "$DOCKERD_PID" 2>/dev/null && break
+      sleep 1
+    done
     docker_ready || skip_docker "dockerd did not start: $(tail -1 "$OUT/logs/dockerd.log")"
-    echo "   started dockerd (pid $DOCKERD_PID)"
   fi
   if docker compose version >/dev/null 2>&1; then
     COMPOSE_TOOL=(docker compose)
@@ -57,13 +59,14 @@ ensure_docker() {
   fi
   command -v debootstrap >/dev/null || apt_install debootstrap
   pick_python
-  echo "   $(docker version -f 'engine {{.Server.Version}}, client {{.Client.Version}}'); ${COMPOSE_TOOL[*]} $("${COMPOSE_TOOL[@]}" version --short)"
+  # shellcheck disable=SC2034  # printed by compose_smoke.sh
+  DOCKER_VERSIONS="$(docker version -f 'engine {{.Server.Version}}, client {{.Client.Version}}'); ${COMPOSE_TOOL[*]} $("${COMPOSE_TOOL[@]}" version --short)"
 }
 
 stop_our_dockerd() {
   if [[ -n $DOCKERD_PID ]]; then
-    kill "$DOCKERD_PID"
-    wait "$DOCKERD_PID" || true
+    kill "$DOCKERD_PID" 2>/dev/null || true
+    wait "$DOCKERD_PID" 2>/dev/null || true
   fi
 }
 
