@@ -5,7 +5,8 @@
 #      starts dockerd when none runs; exit 77 when Docker cannot run on this machine.
 #   2. Images, with no network in the builds: the Debian base (deploy/docker/base-image.sh), the
 #      wheelhouse (deploy/docker/wheelhouse.sh), the server (Dockerfile, target cpu) and
-#      Prometheus (Debian's package). The GPU target only where the CUDA base image is present.
+#      Prometheus (Debian's package). The GPU target only with SMOKE_GPU=1 (a GPU node with
+#      network access), which also runs the stack below with docker-compose.gpu.yml.
 #   3. The stack as shipped: docker-compose.yml + docker-compose.cpu.yml, .env.example's values
 #      (host ports on 127.0.0.1, the offline images), Grafana left out (no Debian package).
 #   4. The checks of deploy/ci/smoke_checks.py: /ready, the API with and without a key, every
@@ -22,6 +23,12 @@ PROMETHEUS_PORT=${SMOKE_PROMETHEUS_PORT:-19090}
 BASE_IMAGE=logquant-base:bookworm
 PROMETHEUS_IMAGE=logquant-prometheus:bookworm
 CUDA_IMAGE=$(sed -n 's/^ARG BASE_IMAGE=//p' Dockerfile)
+STACK=cpu
+STACK_IMAGE=logquant-serve:latest-cpu
+if [[ -n ${SMOKE_GPU:-} ]]; then  # a GPU node: the GPU image and the GPU stack (needs the network)
+  STACK=gpu
+  STACK_IMAGE=logquant-serve:latest
+fi
 API=http://127.0.0.1:$API_PORT
 SKIPPED=()
 mkdir -p "$OUT/logs"
@@ -44,8 +51,8 @@ step "base image" ensure_base_image
 step "wheelhouse" bash deploy/docker/wheelhouse.sh
 step "server image (cpu)" build_server_image
 step "prometheus image" build_prometheus_image
-step "gpu image" build_gpu_image_if_possible
-step "image checks" check_image
+step "gpu image" build_gpu_image
+step "image checks" check_image "$STACK_IMAGE"
 step "compose files" check_compose_files
 
 write_env_file ""
