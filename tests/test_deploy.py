@@ -16,8 +16,8 @@ from server_util import RunningServer, tiny_core_factory
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy" / "ci"))
-import compose_env  # noqa: E402
-import queries  # noqa: E402
+import compose_env
+import queries
 
 K8S = ROOT / "deploy" / "k8s"
 

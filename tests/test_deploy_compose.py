@@ -16,12 +16,13 @@ import yaml
 from server.cli import parse_settings
 from server.config import ServerSettings
 from server_util import MODEL, RunningServer, tiny_core_factory, wait_for
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy" / "ci"))
-import compose_env  # noqa: E402
-import queries  # noqa: E402
-import smoke_checks  # noqa: E402
-from stream_client import stream  # noqa: E402
+import compose_env
+import queries
+import smoke_checks
+from stream_client import stream
 
 CPU_STACK = (ROOT / "docker-compose.yml", ROOT / "docker-compose.cpu.yml")
 

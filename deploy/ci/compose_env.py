@@ -53,6 +53,6 @@ def service_environment(service: str, env_file: Path, *compose_files: Path) -> d
 
 def compose_tool() -> list[str] | None:
     """The compose plugin, or Debian's docker-compose; None where neither is installed."""
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True, check=False).returncode == 0:
         return ["docker", "compose"]
     return ["docker-compose"] if shutil.which("docker-compose") else None

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 
@@ -58,19 +59,28 @@ def stream(
         return run
     run.status = response.status
     with response:
-        for raw in response:
-            line = raw.decode().strip()
-            if not line.startswith("data:"):
-                continue
-            data = line.removeprefix("data:").strip()
-            run.events.append(data)
-            if data == "[DONE]":
-                run.done = True
-                break
-            read_event(run, json.loads(data), on_token)
-            if stop_after_tokens is not None and run.chunks >= stop_after_tokens:
-                break
+        try:
+            read_events(run, response, stop_after_tokens, on_token)
+        except (OSError, http.client.HTTPException) as exc:  # the connection cut mid-stream
+            run.error = {"transport": repr(exc)}
     return run
+
+
+def read_events(
+    run: Stream, response: Iterable[bytes], stop_after_tokens: int | None, on_token: Callable[[], None] | None
+) -> None:
+    for raw in response:
+        line = raw.decode().strip()
+        if not line.startswith("data:"):
+            continue
+        data = line.removeprefix("data:").strip()
+        run.events.append(data)
+        if data == "[DONE]":
+            run.done = True
+            return
+        read_event(run, json.loads(data), on_token)
+        if stop_after_tokens is not None and run.chunks >= stop_after_tokens:
+            return
 
 
 def read_event(run: Stream, event: dict, on_token: Callable[[], None] | None) -> None:
