@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU wheel of torch (on disk on our machines); the Docker image installs a CUDA build instead.
+# CPU wheel of torch (on disk on our machines). The Docker image: the cpu target takes the CPU
+# build from the wheelhouse or torch's CPU index, the gpu target PyPI's CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install install-dev serve test soak

@@ -18,11 +18,13 @@ class ServerSettings(BaseSettings):
     """
     OpenAI-compatible LLM server with a 2-bit LogQuant KV cache. Every flag can also be set by
     the environment variable shown with it (LOGQUANT_ and the flag's name); flags win.
-    "null" means unset.
+    "null" means unset, and so does an empty variable (LOGQUANT_API_KEY=), as compose passes
+    a blank .env entry.
     """
 
     model_config = SettingsConfigDict(
         env_prefix="LOGQUANT_",
+        env_ignore_empty=True,  # the one rule: an empty LOGQUANT_* variable means unset
         cli_kebab_case=True,
         cli_prog_name="logquant-serve",
         cli_implicit_flags=True,
