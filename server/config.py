@@ -61,6 +61,9 @@ class ServerSettings(BaseSettings):
     max_waiting_requests: int = Field(
         256, ge=1, description="429 beyond this many waiting sequences, counted from acceptance"
     )
+    max_sequences_per_request: int = Field(
+        64, ge=1, description="400 for a request of more sequences (prompts x n); at most --max-waiting-requests"
+    )
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="413 beyond this request size")
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, requests still running after this long end with a 503"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -20,11 +20,11 @@ from logquant.policy import sink_tokens_of
 from server.api.chat import create_chat_completion
 from server.api.completions import create_completion
 from server.api.errors import APIError, error_responses, install_error_handlers
-from server.api.info import info_routes
-from server.api.limits import admit, check_prompt_chars, check_unicode
+from server.api.info import BODY_MODELS, info_routes
 from server.api.middleware import AuthMiddleware, BodyLimitMiddleware
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from server.api.sampling import generation_defaults
+from server.api.intake import accept, add_body_schemas, json_body, read_request
+from server.api.protocol import ChatCompletionRequest, CompletionRequest
+from server.api.sampling import generation_defaults, vocab_width
 from server.api.serving import ServingContext
 from server.config import ServerSettings
 from server.engine.async_engine import AsyncEngine
@@ -115,6 +115,7 @@ def _openapi(app: FastAPI) -> dict:
                 operation.get("responses", {}).pop("422", None)
         for name in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(name, None)
+        add_body_schemas(schema, [ChatCompletionRequest, CompletionRequest, *BODY_MODELS])
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -150,7 +151,8 @@ async def _start_engine(s: ServerSettings, factory: Callable[[], EngineCore]) ->
     fingerprint += (f"-s{sinks}" if sinks else "") + (f"-k{s.key_fp_channels}" if s.key_fp_channels else "")
     fingerprint += f"-b{s.kv_bits}" if s.kv_bits != 2 else ""
     ctx = ServingContext(engine, core.tokenizer, s.model_name, core.max_model_len, s.max_waiting_requests,
-                         fingerprint, s.log_prompts, sampling_defaults=sampling_defaults)  # fmt: skip
+                         fingerprint, vocab_width(core.model, core.tokenizer), s.max_sequences_per_request,
+                         s.log_prompts, sampling_defaults=sampling_defaults)  # fmt: skip
     logger.info("ready: %s (%s, KV %.1f MiB, %d pages)", s.model_name, fingerprint,
                 core.kv_manager.capacity_bytes / 2**20, core.kv_manager.num_pages)  # fmt: skip
     return ctx, metrics
@@ -162,21 +164,6 @@ def _fail(state: AppState, reason: str) -> None:
     logger.error("cannot start: %s", state.fatal_error)
     if state.on_fatal is not None:
         state.on_fatal(state.fatal_error)
-
-
-async def _accept(
-    ctx: ServingContext, req: SamplingFields, prompt_field: str, num_sequences: int, handle: Callable[[], Awaitable]
-):
-    """Checks that need no tokenizer, then room in the waiting queue from this moment until
-    the engine has the request (or it fails), then `handle()`."""
-    body = req.model_dump()
-    check_unicode(body)
-    check_prompt_chars(body, prompt_field, ctx.max_prompt_chars, ctx.max_model_len)
-    admission = admit(ctx.engine, num_sequences, ctx.max_waiting_requests)
-    try:
-        return await handle()
-    finally:
-        admission.release()
 
 
 def _num_prompts(prompt: object) -> int:
@@ -193,20 +180,20 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
             raise APIError(503, loading, code="model_not_ready")
         return state.ctx
 
-    @app.post("/v1/chat/completions", responses=COMPLETION_RESPONSES)
-    async def chat(req: ChatCompletionRequest, raw: Request):
+    @app.post("/v1/chat/completions", responses=COMPLETION_RESPONSES, openapi_extra=json_body(ChatCompletionRequest))
+    async def chat(raw: Request):
         ctx = serving()
-        return await _accept(ctx, req, "messages", req.n, lambda: create_chat_completion(ctx, req, raw))
+        req = await read_request(ctx, raw, ChatCompletionRequest, ("messages",))
+        return await accept(ctx, req.n, lambda: create_chat_completion(ctx, req, raw))
 
-    @app.post("/v1/completions", responses=COMPLETION_RESPONSES)
-    async def completions(req: CompletionRequest, raw: Request):
+    @app.post("/v1/completions", responses=COMPLETION_RESPONSES, openapi_extra=json_body(CompletionRequest))
+    async def completions(raw: Request):
         ctx = serving()
-        num = req.n * _num_prompts(req.prompt)
-        return await _accept(ctx, req, "prompt", num, lambda: create_completion(ctx, req, raw))
+        req = await read_request(ctx, raw, CompletionRequest, ("prompt",))
+        return await accept(ctx, req.n * _num_prompts(req.prompt), lambda: create_completion(ctx, req, raw))
 
     # models, tokenize, detokenize, version (the API key is checked by AuthMiddleware)
-    info = info_routes(serving, [], state.settings.model)
-    app.include_router(info, responses=error_responses(400, 401, 404, 413, 500, 503))
+    app.include_router(info_routes(serving, state.settings.model))
 
     @app.get("/health")
     async def health() -> dict:

@@ -23,9 +23,19 @@ def admit(engine: AsyncEngine, num_sequences: int, max_waiting: int) -> Admissio
     try:
         admission = engine.admit(num_sequences, max_waiting)
     except QueueFullError:
-        raise APIError(429, "Too many requests are waiting; retry later.", headers={"Retry-After": "1"}) from None
+        raise _queue_full() from None
     current_admission.set(admission)
     return admission
+
+
+def refuse_if_full(engine: AsyncEngine, max_waiting: int) -> None:
+    """A 429 before a request's body is read, when not even one more sequence could wait."""
+    if engine.num_waiting >= max_waiting:
+        raise _queue_full()
+
+
+def _queue_full() -> APIError:
+    return APIError(429, "Too many requests are waiting; retry later.", headers={"Retry-After": "1"})
 
 
 def prompt_char_limit(tokenizer: PreTrainedTokenizerBase, max_model_len: int) -> int:
@@ -48,16 +58,32 @@ def text_fields(value: object, path: str = "") -> Iterator[tuple[str, str]]:
 
 
 def check_unicode(body: dict) -> None:
-    """A lone surrogate (JSON allows "\\ud800") is not text any tokenizer can take: a 400."""
-    for path, text in text_fields(body):
+    """A lone surrogate (JSON allows "\\ud800") is not text any tokenizer can take, nor text a
+    response can echo: a 400, in a value or in a field name."""
+    for path, text, is_key in _texts_and_keys(body, ""):
         if text.isascii():
             continue
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
             code_point = f"U+{ord(text[exc.start]):04X}"
-            raise APIError(400, f"{path} is not valid Unicode: it contains the lone surrogate {code_point}.",
-                           param=path) from None  # fmt: skip
+            what = f"a field name in {path or 'the body'}" if is_key else path
+            raise APIError(400, f"{what} is not valid Unicode: it contains the lone surrogate {code_point}.",
+                           param=path or None) from None  # fmt: skip
+
+
+def _texts_and_keys(value: object, path: str) -> Iterator[tuple[str, str, bool]]:
+    """(path, text, is a key) for every string and object key, a key before its value (so
+    that the path of a reported text holds only keys already checked)."""
+    if isinstance(value, str):
+        yield path, value, False
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield path, key, True
+            yield from _texts_and_keys(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _texts_and_keys(item, f"{path}.{i}" if path else str(i))
 
 
 def check_prompt_chars(body: dict, prompt_field: str, max_chars: int, max_model_len: int) -> None:

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from server.api.detokenize import OutputOptions, TextTracker
 from server.api.errors import APIError, error_body
-from server.api.protocol import SamplingFields, StreamOptions, now
+from server.api.protocol import RequestLimits, SamplingFields, StreamOptions, now
 from server.api.limits import current_admission, prompt_char_limit
 from server.engine.async_engine import AsyncEngine, EngineDeadError, EngineShuttingDownError, SequenceDelta
 from server.engine.request import SamplingParams
@@ -36,6 +36,8 @@ class ServingContext:
     max_model_len: int
     max_waiting_requests: int
     fingerprint: str  # names the KV policy, e.g. "logquant-fp192-g32"
+    vocab_width: int  # token ids are in [0, vocab_width): the tokenizer's and the model's
+    max_sequences: int  # per request (prompts x n); never more than max_waiting_requests
     log_prompts: bool = False
     created: int = field(default_factory=now)  # the model card's `created`: when the model loaded
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)  # from the generation config
@@ -45,6 +47,11 @@ class ServingContext:
 
     def __post_init__(self) -> None:
         self.max_prompt_chars = prompt_char_limit(self.tokenizer, self.max_model_len)
+        self.max_sequences = min(self.max_sequences, self.max_waiting_requests)
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(self.max_model_len, self.max_sequences)
 
     async def run_tokenizer(self, fn: Callable[..., T], *args: Any) -> T:
         """Run tokenization or chat templating in the tokenizer thread, not on the event loop."""
