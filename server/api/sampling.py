@@ -115,18 +115,3 @@ def sampling_params(
 
 def _requested_max_tokens(req: SamplingFields) -> int | None:
     return getattr(req, "max_completion_tokens", None) or req.max_tokens
-
-
-def _requested_max_tokens(req: SamplingFields) -> int | None:
-    return getattr(req, "max_completion_tokens", None) or req.max_tokens
-
-
-def _reject_pending(req: SamplingFields) -> None:
-    """Tools and structured outputs are parsed but not wired to the engine yet: a clear 400."""
-    names = ["tools", "tool_choice", "parallel_tool_calls", *StructuredFields.model_fields]
-    given = [name for name in names if getattr(req, name, None) is not None]
-    if given:
-        raise APIError(400, f"{given[0]} is not supported yet", param=given[0])
-    for i, message in enumerate(getattr(req, "messages", [])):
-        if message.tool_calls is not None:
-            raise APIError(400, "tool_calls in messages are not supported yet", param=f"messages.{i}.tool_calls")

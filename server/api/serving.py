@@ -12,17 +12,20 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
-from server.api.detokenize import OutputOptions, TextTracker
+from server.api.detokenize import OutputOptions, TextTracker, TokenTexts
 from server.api.errors import APIError, error_body
 from server.api.protocol import RequestLimits, SamplingFields, StreamOptions, now
 from server.api.limits import current_admission, prompt_char_limit
 from server.engine.async_engine import AsyncEngine, EngineDeadError, EngineShuttingDownError, SequenceDelta
 from server.engine.request import SamplingParams
+
+if TYPE_CHECKING:
+    from server.engine.structured import GrammarState
 
 logger = logging.getLogger("logquant.requests")
 T = TypeVar("T")
@@ -44,9 +47,11 @@ class ServingContext:
     # one thread: tokenization and chat templates run off the event loop, one at a time
     tokenizer_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tokenizer"))
     max_prompt_chars: int = field(init=False)  # longer text cannot fit in max_model_len tokens
+    token_texts: TokenTexts = field(init=False)  # logprob text of each token id, decoded once
 
     def __post_init__(self) -> None:
         self.max_prompt_chars = prompt_char_limit(self.tokenizer, self.max_model_len)
+        self.token_texts = TokenTexts(self.tokenizer)
         self.max_sequences = min(self.max_sequences, self.max_waiting_requests)
 
     @property
@@ -116,10 +121,16 @@ def check_request(ctx: ServingContext, req: SamplingFields, prompts: list[list[i
 
 
 async def choice_events(
-    ctx: ServingContext, request_id: str, prompts: list[list[int]], params: list[SamplingParams], output: OutputOptions
+    ctx: ServingContext,
+    request_id: str,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    output: OutputOptions,
+    grammars: list[GrammarState] | None = None,
 ) -> AsyncIterator[ChoiceEvent]:
-    """Run every prompt (n samples each) and yield choice events as tokens arrive.
-    Closing this iterator aborts whatever is still running."""
+    """Run every prompt (n samples each) and yield choice events as tokens arrive; `grammars`:
+    the matchers of a structured request, n per prompt. Closing this iterator aborts whatever
+    is still running."""
     n = params[0].n
     choices = [Choice(i, TextTracker(ctx.tokenizer, output)) for i in range(len(prompts) * n)]
     queue: asyncio.Queue = asyncio.Queue()
@@ -127,7 +138,8 @@ async def choice_events(
 
     async def pump(i: int) -> None:
         try:
-            async for delta in ctx.engine.generate(f"{request_id}-p{i}", prompts[i], params[i], admission):
+            states = grammars[i * n : (i + 1) * n] if grammars else None
+            async for delta in ctx.engine.generate(f"{request_id}-p{i}", prompts[i], params[i], admission, states):
                 await queue.put((i, delta))
         except Exception as exc:  # forwarded to the consumer, which raises it
             await queue.put((i, exc))

@@ -17,9 +17,13 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from server.engine.core import EngineCore, EngineStats
 from server.engine.request import SamplingParams, Sequence
+
+if TYPE_CHECKING:
+    from server.engine.structured import GrammarState
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +74,7 @@ class _Pending:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
+    grammars: list[GrammarState] | None = None  # one matcher per sample, built off this thread
 
 
 class AsyncEngine:
@@ -123,13 +128,19 @@ class AsyncEngine:
 
     # ---- asyncio side --------------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, admission: Admission | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        admission: Admission | None = None,
+        grammars: list[GrammarState] | None = None,
     ) -> AsyncIterator[SequenceDelta]:
         if self._refusing:
             raise EngineShuttingDownError("the server is shutting down")
         if self._stopping.is_set():
             raise EngineDeadError("the engine is not running")
-        pending = _Pending(request_id, prompt_token_ids, params, asyncio.get_running_loop(), asyncio.Queue())
+        loop = asyncio.get_running_loop()
+        pending = _Pending(request_id, prompt_token_ids, params, loop, asyncio.Queue(), grammars)
         self._commands.put(("add", pending))
         if admission is not None:
             admission.release(params.n)  # now counted by the command queue
@@ -202,7 +213,7 @@ class AsyncEngine:
         """Errors go to that request only and never kill the loop: a ValueError is the
         request's fault (a 400 with its message), anything else is internal (a 500)."""
         try:
-            self.core.add_request(pending.request_id, pending.prompt_token_ids, pending.params)
+            seqs = self.core.add_request(pending.request_id, pending.prompt_token_ids, pending.params)
         except ValueError as exc:
             self._send(pending, exc)
             return
@@ -212,6 +223,8 @@ class AsyncEngine:
             failure.__cause__ = exc
             self._send(pending, failure)
             return
+        for seq, grammar in zip(seqs, pending.grammars or ()):
+            seq.grammar = grammar
         self._streams[pending.request_id] = pending
 
     def _deliver(self, updated: list[Sequence]) -> None:
