@@ -152,3 +152,22 @@ def test_token_ids_are_checked_against_the_model_width(extra: dict, param: str) 
                         timeout=60)  # fmt: skip
     assert r.status_code == 400 and r.json()["error"]["param"] == param and "[0, 256)" in r.json()["error"]["message"]
     assert ok.status_code == 200
+
+
+def test_logged_user_and_prompt_are_clipped(srv, caplog) -> None:
+    import logging
+
+    from server.logs import JsonFormatter
+
+    ctx = srv.app.state.logquant.ctx
+    ctx.log_prompts, ctx.max_log_len = True, 50
+    caplog.set_level(logging.INFO, logger="logquant.requests")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "p" * 400}], "max_tokens": 2, "user": "u" * 10_000}
+    try:
+        assert post(srv, CHAT, json.dumps(body)).status_code == 200
+    finally:
+        ctx.log_prompts, ctx.max_log_len = False, 1000
+    (record,) = [r for r in caplog.records if r.name == "logquant.requests"]
+    line = json.loads(JsonFormatter().format(record))
+    assert line["user"] == "u" * 50 + "... (10000 characters)"
+    assert line["prompt"].startswith('["ppp') and line["prompt"].endswith("... (404 characters)")

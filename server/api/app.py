@@ -27,12 +27,13 @@ from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.sampling import generation_defaults, vocab_width
 from server.api.serving import ServingContext
 from server.config import ServerSettings
-from server.engine.async_engine import AsyncEngine
+from server.engine.async_engine import AsyncEngine, EngineDeadError
 from server.engine.core import EngineCore
 from server.engine.request import SamplingParams
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+WATCHDOG_INTERVAL = 1.0  # seconds between the watchdog's looks at the engine (at most)
 SSE_EVENT = {  # one server-sent event (OpenAPI's generic text/event-stream item)
     "type": "object", "required": ["data"],
     "properties": {"data": {"type": "string", "description": "a JSON chunk or error object; last, [DONE]"},
@@ -52,7 +53,8 @@ class AppState:
     ctx: ServingContext | None = None
     metrics: Metrics | None = None
     load_failed: bool = False
-    fatal_error: str | None = None  # one line: why the server cannot start
+    engine_failure: str | None = None  # why a loaded engine stopped serving (the watchdog)
+    fatal_error: str | None = None  # one line: why the server cannot start or go on
     on_fatal: Callable[[str], None] | None = None  # told `fatal_error` (the CLI stops the server)
     draining: bool = False
     loop: asyncio.AbstractEventLoop | None = None
@@ -96,7 +98,7 @@ def create_app(
     app.state.logquant = state
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.timeout_request_body)
     if settings.api_key is not None:
         app.add_middleware(AuthMiddleware, api_key=settings.api_key)
     if settings.allowed_origins:  # outermost: preflight requests are answered without a key
@@ -121,13 +123,30 @@ def _openapi(app: FastAPI) -> dict:
 
 
 async def _load(state: AppState, factory: Callable[[], EngineCore]) -> None:
+    """Load and start the engine, then watch it for as long as the server runs."""
     try:
         state.ctx, state.metrics = await _start_engine(state.settings, factory)
     except (ValueError, MemoryError, OSError) as exc:  # the settings do not fit the model or the machine
         _fail(state, str(exc))
+        return
     except Exception as exc:
         logger.exception("model failed to load")
         _fail(state, f"the model failed to load: {type(exc).__name__}: {exc}")
+        return
+    await _watch(state, state.ctx.engine)
+
+
+async def _watch(state: AppState, engine: AsyncEngine) -> None:
+    """The watchdog: once the engine cannot serve (its thread died, or a step outlived
+    --step-timeout), /health and /ready say 503, every waiting request ends with a 503
+    `engine_dead`, and the server stops with exit code 1 so that it is restarted."""
+    interval = min(WATCHDOG_INTERVAL, state.settings.step_timeout / 4)
+    while (reason := engine.failure()) is None:
+        await asyncio.sleep(interval)
+    logger.critical("engine failure: %s; failing its requests and stopping", reason)
+    state.engine_failure = reason
+    engine.fail_all_requests(EngineDeadError("the engine is not running"))
+    _fail(state, reason)
 
 
 async def _start_engine(s: ServerSettings, factory: Callable[[], EngineCore]) -> tuple[ServingContext, Metrics]:
@@ -139,7 +158,7 @@ async def _start_engine(s: ServerSettings, factory: Callable[[], EngineCore]) ->
                   "sink_tokens": str(sinks), "key_fp_channels": str(s.key_fp_channels), "kv_bits": str(s.kv_bits),
                   "dtype": str(core.dtype).removeprefix("torch."), "device": str(core.device)}  # fmt: skip
     metrics = Metrics(s.model_name, core.max_model_len, cache_info)
-    engine = AsyncEngine(core, on_step=metrics.on_step)
+    engine = AsyncEngine(core, metrics.on_step, s.stream_buffer_tokens, s.stream_stall_timeout, s.step_timeout)
     engine.start()
     try:
         async for _ in engine.generate("warmup", [0, 1, 2], SamplingParams(max_tokens=2, temperature=0)):
@@ -152,7 +171,7 @@ async def _start_engine(s: ServerSettings, factory: Callable[[], EngineCore]) ->
     fingerprint += f"-b{s.kv_bits}" if s.kv_bits != 2 else ""
     ctx = ServingContext(engine, core.tokenizer, s.model_name, core.max_model_len, s.max_waiting_requests,
                          fingerprint, vocab_width(core.model, core.tokenizer), s.max_sequences_per_request,
-                         s.log_prompts, sampling_defaults=sampling_defaults)  # fmt: skip
+                         s.max_response_bytes, s.log_prompts, s.max_log_len, sampling_defaults=sampling_defaults)  # fmt: skip
     logger.info("ready: %s (%s, KV %.1f MiB, %d pages)", s.model_name, fingerprint,
                 core.kv_manager.capacity_bytes / 2**20, core.kv_manager.num_pages)  # fmt: skip
     return ctx, metrics
@@ -173,6 +192,8 @@ def _num_prompts(prompt: object) -> int:
 
 def _add_routes(app: FastAPI, state: AppState) -> None:
     def serving() -> ServingContext:
+        if state.engine_failure is not None:
+            raise APIError(503, "The engine stopped; the server is restarting.", code="engine_dead")
         if state.draining:
             raise APIError(503, "The server is shutting down.", code="server_shutting_down")
         if state.ctx is None:
@@ -195,8 +216,11 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
     # models, tokenize, detokenize, version (the API key is checked by AuthMiddleware)
     app.include_router(info_routes(serving, state.settings.model))
 
-    @app.get("/health")
+    @app.get("/health", responses=error_responses(503))
     async def health() -> dict:
+        """Liveness: 200 while the model loads and serves; 503 once the engine has failed."""
+        if state.engine_failure is not None:
+            raise APIError(503, "The engine stopped; the server is restarting.", code="engine_dead")
         return {"status": "ok"}
 
     @app.get("/ready", responses=error_responses(503))

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.chat_template import render_chat
 from server.api.errors import APIError
+from server.api.limits import check_response_size
 from server.api.protocol import ChatCompletionRequest, new_id, now
 from server.api.sampling import check_stream_options, output_options, sampling_params
 from server.api.serving import (
@@ -50,6 +51,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     prompt = await ctx.run_tokenizer(render_chat, ctx.tokenizer, req.messages, True, False, plan.tools)
     (max_tokens,) = check_request(ctx, req, [prompt])
     params = sampling_params(ctx, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, spec)
+    if not req.stream:
+        check_response_size([params], ctx.mean_token_chars, ctx.max_response_bytes)
     request_id = new_id("chatcmpl")
     events = choice_events(ctx, request_id, [prompt], [params], output_options(req), grammars)
     head = {"id": request_id, "created": now(), "model": ctx.model_name, "system_fingerprint": ctx.fingerprint}

@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.errors import APIError
+from server.api.limits import check_response_size
 from server.api.protocol import CompletionRequest, new_id, now
 from server.api.sampling import check_stream_options, check_token_ids, output_options, sampling_params
 from server.api.serving import (
@@ -65,6 +66,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     num = len(prompts) * req.n
     spec, grammars = await compile_constraint(ctx, constraint, num) if constraint else (None, None)
     params = [sampling_params(ctx, req, limit, req.logprobs, spec) for limit in limits]
+    if not req.stream:
+        check_response_size(params, ctx.mean_token_chars, ctx.max_response_bytes)
     request_id = new_id("cmpl")
     events = choice_events(ctx, request_id, prompts, params, output_options(req), grammars)
     texts = await ctx.run_tokenizer(ctx.tokenizer.batch_decode, prompts) if req.echo else [""] * len(prompts)

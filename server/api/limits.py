@@ -1,20 +1,28 @@
-"""Limits applied when a request is accepted, before any tokenization: room in the waiting
-queue (`--max-waiting-requests`), valid Unicode, and a prompt length bound by characters."""
+"""Limits applied to a request: room in the waiting queue (`--max-waiting-requests`), valid
+Unicode and a prompt length bound by characters (before any tokenization), the estimated size
+of a non-streaming response (`--max-response-bytes`), and the length of what is logged."""
 
 from __future__ import annotations
 
 import contextvars
 from collections.abc import Iterator
 
+import json
+
 from transformers import PreTrainedTokenizerBase
 
 from server.api.errors import APIError
 from server.engine.async_engine import Admission, AsyncEngine, QueueFullError
+from server.engine.request import SamplingParams
 
 # The current HTTP request's room in the waiting queue, set by the route before tokenization.
 # `choice_events` hands it to the engine; the tasks it runs in inherit this context.
 current_admission: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("admission", default=None)
 CHARS_PER_TOKEN_SLACK = 2  # normalizers may merge characters (e.g. NFC): allow twice the longest token
+# JSON of one logprob entry beyond its token's text: {"token": "", "logprob": -0.123456789,
+# "bytes": []} and separators; the bytes list takes about 4 characters per byte.
+LOGPROB_ENTRY_BYTES = 64
+BYTES_LIST_PER_CHAR = 4
 
 
 def admit(engine: AsyncEngine, num_sequences: int, max_waiting: int) -> Admission:
@@ -43,6 +51,40 @@ def prompt_char_limit(tokenizer: PreTrainedTokenizerBase, max_model_len: int) ->
     characters than its vocabulary entry has (bytes for byte-level BPE), times a slack."""
     longest = max(map(len, tokenizer.get_vocab()), default=1)
     return max_model_len * longest * CHARS_PER_TOKEN_SLACK
+
+
+def mean_token_chars(tokenizer: PreTrainedTokenizerBase) -> float:
+    """The mean length of the vocabulary's entries (bytes, for byte-level BPE)."""
+    vocab = tokenizer.get_vocab()
+    return sum(map(len, vocab)) / max(len(vocab), 1)
+
+
+def check_response_size(params: list[SamplingParams], token_chars: float, max_bytes: int) -> None:
+    """A 400 up front for a non-streaming request whose response could exceed `max_bytes`:
+    every sample at max_tokens, each token of the mean length, with its logprob entries."""
+    estimate = sum(_response_bytes(p, token_chars) for p in params)
+    if estimate > max_bytes:
+        raise APIError(
+            400,
+            f"The response to this request could take about {estimate / 2**20:.0f} MiB, more than this server's "
+            f"{max_bytes / 2**20:.0f} MiB for a response that is not streamed. Set stream to true, or lower "
+            "max_tokens, n or the number of logprobs.",
+            param="stream",
+        )
+
+
+def _response_bytes(params: SamplingParams, token_chars: float) -> int:
+    per_token = token_chars
+    if params.logprobs is not None:
+        per_entry = LOGPROB_ENTRY_BYTES + (1 + BYTES_LIST_PER_CHAR) * token_chars
+        per_token += (params.logprobs + 1) * per_entry
+    return int(params.n * params.max_tokens * per_token)
+
+
+def clipped(value: object, max_chars: int) -> str:
+    """A value for a log line: its text (JSON for lists), at most `max_chars` characters."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= max_chars else f"{text[:max_chars]}... ({len(text)} characters)"
 
 
 def text_fields(value: object, path: str = "") -> Iterator[tuple[str, str]]:

@@ -148,6 +148,7 @@ class SamplingParams:
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PAUSED = "paused"  # running, but its client is not reading: not scheduled, pages kept
     FINISHED = "finished"
 
 
