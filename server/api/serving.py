@@ -91,7 +91,6 @@ class Choice:
 
     index: int
     tracker: TextTracker
-    logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
 
     def on_delta(self, delta: SequenceDelta) -> ChoiceEvent | None:
@@ -99,7 +98,6 @@ class Choice:
             return None  # stopped on a stop string; the engine is aborting the rest
         text = self.tracker.add(delta.token_id, stop_token=delta.finish_reason == "stop")
         entry = [{"token_id": delta.token_id, **delta.logprob}] if delta.logprob else []
-        self.logprobs += entry
         if self.tracker.stopped:
             self.finish_reason = "stop"
         elif delta.finish_reason is not None:

@@ -264,12 +264,15 @@ class AsyncEngine:
             if seq.finish_reason == "error":  # only this request fails; the step's others go on
                 self._fail_request(seq.request_id, stream, seq.error)
                 continue
-            logprob = seq.output_logprobs[-1] if seq.params.logprobs is not None else None
+            # the delta carries the token's logprobs; the sequence keeps none (memory per request)
+            logprob = seq.output_logprobs.pop() if seq.params.logprobs is not None else None
             self._send(stream, SequenceDelta(seq.index, seq.output_token_ids[-1], logprob, seq.finish_reason, seq))
             stream.sent += 1
             if seq.is_finished:
                 finished[seq.request_id] = stream
             elif stream.over_limit():  # (again, if preemption put a paused sequence back to work)
+                if stream.paused_since is None:
+                    logger.debug("request %s paused: %d deltas unread", stream.request_id, stream.unread)
                 stream.set_paused(self.core.scheduler, stream.paused_since or time.monotonic())
                 self._paused[stream.request_id] = stream
         for stream in finished.values():  # after the loop: samples may finish in the same step
