@@ -27,7 +27,8 @@ from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.sampling import generation_defaults, vocab_width
 from server.api.serving import ServingContext
 from server.config import ServerSettings
-from server.engine.async_engine import AsyncEngine, EngineDeadError
+from server.engine.async_engine import AsyncEngine
+from server.engine.streams import EngineDeadError
 from server.engine.core import EngineCore
 from server.engine.request import SamplingParams
 from server.metrics import Metrics

@@ -12,7 +12,8 @@ import json
 from transformers import PreTrainedTokenizerBase
 
 from server.api.errors import APIError
-from server.engine.async_engine import Admission, AsyncEngine, QueueFullError
+from server.engine.async_engine import AsyncEngine
+from server.engine.streams import Admission, QueueFullError
 from server.engine.request import SamplingParams
 
 # The current HTTP request's room in the waiting queue, set by the route before tokenization.

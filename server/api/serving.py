@@ -21,13 +21,8 @@ from server.api.detokenize import OutputOptions, TextTracker, TokenTexts
 from server.api.errors import APIError, error_body
 from server.api.protocol import RequestLimits, SamplingFields, StreamOptions, now
 from server.api.limits import clipped, current_admission, mean_token_chars, prompt_char_limit
-from server.engine.async_engine import (
-    AsyncEngine,
-    EngineDeadError,
-    EngineShuttingDownError,
-    SequenceDelta,
-    StreamStalledError,
-)
+from server.engine.async_engine import AsyncEngine
+from server.engine.streams import EngineDeadError, EngineShuttingDownError, SequenceDelta, StreamStalledError
 from server.engine.request import SamplingParams
 
 if TYPE_CHECKING:

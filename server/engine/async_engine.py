@@ -1,8 +1,8 @@
 """AsyncEngine: the asyncio front of one engine loop running in a background thread.
 
 `generate()` submits a request and yields `SequenceDelta`s as tokens arrive; closing the
-iterator early (client gone) aborts the request and frees its pages at once. Commands
-(add, abort) go to the engine thread through a queue, so only that thread touches the core.
+iterator early (client gone) aborts the request and frees its pages at once. Commands (add,
+abort, wake) go to the engine thread through a queue, so only that thread touches the core.
 
 Admission: `admit()` reserves room in the waiting queue from the moment the server accepts a
 request (while it is still being tokenized); `generate()` turns the reservation into a queued
@@ -28,22 +28,12 @@ from typing import TYPE_CHECKING
 
 from server.engine.core import EngineCore, EngineStats
 from server.engine.request import SamplingParams, Sequence
-from server.engine.streams import (
-    Admission,
-    EngineDeadError,
-    EngineShuttingDownError,
-    EngineStepError,
-    QueueFullError,
-    RequestStream,
-    SequenceDelta,
-    StreamStalledError,
-)
+from server.engine.streams import (Admission, EngineDeadError, EngineShuttingDownError, EngineStepError,
+                                   QueueFullError, RequestStream, SequenceDelta, StreamStalledError)  # fmt: skip
 
 if TYPE_CHECKING:
     from server.engine.structured import GrammarState
 
-__all__ = ["Admission", "AsyncEngine", "EngineDeadError", "EngineShuttingDownError", "EngineStepError",
-           "QueueFullError", "SequenceDelta", "StreamStalledError"]  # fmt: skip
 logger = logging.getLogger(__name__)
 IDLE_WAIT_SECONDS = 0.5  # the engine thread waits this long for a command when it has nothing to run
 
