@@ -28,13 +28,14 @@ from server.api.sampling import generation_defaults, vocab_width
 from server.api.serving import ServingContext
 from server.config import ServerSettings
 from server.engine.async_engine import AsyncEngine
-from server.engine.streams import EngineDeadError
 from server.engine.core import EngineCore
 from server.engine.request import SamplingParams
+from server.engine.streams import EngineDeadError
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 WATCHDOG_INTERVAL = 1.0  # seconds between the watchdog's looks at the engine (at most)
+ENGINE_STOPPED = "The engine stopped; the server is restarting."
 SSE_EVENT = {  # one server-sent event (OpenAPI's generic text/event-stream item)
     "type": "object", "required": ["data"],
     "properties": {"data": {"type": "string", "description": "a JSON chunk or error object; last, [DONE]"},
@@ -194,7 +195,7 @@ def _num_prompts(prompt: object) -> int:
 def _add_routes(app: FastAPI, state: AppState) -> None:
     def serving() -> ServingContext:
         if state.engine_failure is not None:
-            raise APIError(503, "The engine stopped; the server is restarting.", code="engine_dead")
+            raise APIError(503, ENGINE_STOPPED, code="engine_dead")
         if state.draining:
             raise APIError(503, "The server is shutting down.", code="server_shutting_down")
         if state.ctx is None:
@@ -221,7 +222,7 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
     async def health() -> dict:
         """Liveness: 200 while the model loads and serves; 503 once the engine has failed."""
         if state.engine_failure is not None:
-            raise APIError(503, "The engine stopped; the server is restarting.", code="engine_dead")
+            raise APIError(503, ENGINE_STOPPED, code="engine_dead")
         return {"status": "ok"}
 
     @app.get("/ready", responses=error_responses(503))

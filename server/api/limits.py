@@ -5,16 +5,15 @@ of a non-streaming response (`--max-response-bytes`), and the length of what is 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator
-
 import json
+from collections.abc import Iterator
 
 from transformers import PreTrainedTokenizerBase
 
 from server.api.errors import APIError
 from server.engine.async_engine import AsyncEngine
-from server.engine.streams import Admission, QueueFullError
 from server.engine.request import SamplingParams
+from server.engine.streams import Admission, QueueFullError
 
 # The current HTTP request's room in the waiting queue, set by the route before tokenization.
 # `choice_events` hands it to the engine; the tasks it runs in inherit this context.

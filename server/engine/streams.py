@@ -96,8 +96,9 @@ class RequestStream:
     def set_paused(self, scheduler: Scheduler, paused_since: float | None) -> None:
         """Pause the request's running sequences (the scheduler skips them; they keep their
         pages), or let its paused ones run again."""
-        old, new = (SequenceStatus.RUNNING, SequenceStatus.PAUSED) if paused_since else (
-            SequenceStatus.PAUSED, SequenceStatus.RUNNING)  # fmt: skip
+        pausing = paused_since is not None
+        old = SequenceStatus.RUNNING if pausing else SequenceStatus.PAUSED
+        new = SequenceStatus.PAUSED if pausing else SequenceStatus.RUNNING
         for i in range(self.params.n):
             seq = scheduler.sequences.get(f"{self.request_id}-{i}")
             if seq is not None and seq.status is old:
