@@ -1,11 +1,18 @@
 """Soak test: mixed load against our server for a while, then check that nothing leaked.
 
-Workers send short and long prompts, streaming or not; some requests are cancelled midway
-and some are garbage (bad JSON, unknown fields or model, a lone surrogate, an oversized body).
+Workers send short and long prompts, streaming or not; some requests are cancelled midway,
+some are garbage (bad JSON, unknown fields or model, a lone surrogate, an oversized body) and
+some are hostile (bench/hostile.py: huge token-id bodies, surrogates on /tokenize and in field
+names, too many sequences, too large a response, clients that stop reading or send headers
+slowly, long stop-token and logit-bias lists, grammars, /tokenize and /detokenize floods).
+Meanwhile a well-behaved client streams long completions, and /health is timed every 50 ms.
 Every `--sample-every` seconds the server's RSS and KV usage are sampled. At the end the
 server must go idle with no sequence running or waiting and no KV page in use; there must be
-no 5xx, and every answer must have the status its kind expects (valid: 200, or 429 when the
-queue is full; garbage: 4xx). Writes JSON (with command, commit and machine) and a PNG.
+no 5xx, every answer must have the status its kind expects (valid: 200, or 429 when the
+queue is full; garbage and hostile: their 4xx), /health's p99 must stay under
+`--max-health-p99` and the steady stream's tokens must keep flowing (no gap over
+`--max-token-gap`). `--mix hostile` sends only the hostile kinds. Writes JSON (with command,
+commit and machine) and a PNG.
 
     python bench/soak.py --duration 1800 --json results/soak.json --plot results/soak.png
     python bench/soak.py --duration 60 --model path/to/tiny --long-words 200   # as CI runs it
@@ -29,6 +36,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).parent))
+from hostile import EXPECTED as HOSTILE_EXPECTED  # noqa: E402
+from hostile import KINDS as HOSTILE_KINDS  # noqa: E402
+from hostile import HealthProbe, Hostile, steady_stream  # noqa: E402
 from loadgen import WORDS  # noqa: E402
 from logquant.provenance import provenance  # noqa: E402
 from serve import free_port, wait_ready  # noqa: E402
@@ -36,7 +46,7 @@ from serve import free_port, wait_ready  # noqa: E402
 # kind -> weight; "garbage:*" kinds must be refused with a 4xx
 KINDS = {"short": 30, "short_stream": 25, "long_stream": 10, "completion": 10, "cancel_stream": 10,
          "cancel_wait": 5, "garbage:json": 3, "garbage:field": 3, "garbage:model": 2, "garbage:surrogate": 1,
-         "garbage:too_big": 1}  # fmt: skip
+         "garbage:too_big": 1, **HOSTILE_KINDS}  # fmt: skip
 METRICS = {"kv_usage": "logquant:kv_cache_usage_perc", "running": "logquant:num_requests_running",
            "waiting": "logquant:num_requests_waiting"}  # fmt: skip
 
@@ -46,6 +56,8 @@ class Soak:
         self.url, self.model, self.args = url, model, args
         self.outcomes: dict[str, Counter] = defaultdict(Counter)
         self.unexpected: list[str] = []
+        self.hostile = Hostile(url, model, args.slow_reader_seconds, args.timeout_request_header + 5)
+        self.kinds = HOSTILE_KINDS if args.mix == "hostile" else KINDS
 
     def text(self, rng: random.Random, words: int) -> str:
         return " ".join(rng.choices(WORDS, k=words))
@@ -59,6 +71,8 @@ class Soak:
         "error_event" for a stream that ended in an error event."""
         if kind.startswith("garbage:"):
             outcome = await self.garbage(client, kind, rng)
+        elif kind.startswith("hostile:"):
+            outcome = await self.hostile.run(client, kind, rng)
         elif kind in ("short", "completion"):
             body = self.chat(rng, rng.randint(5, 40), stream=False)
             if kind == "completion":
@@ -114,17 +128,25 @@ class Soak:
         self.outcomes[kind][outcome] += 1
         if kind.startswith("garbage:"):
             allowed = {"400", "404", "413"}
+        elif kind.startswith("hostile:"):
+            allowed = HOSTILE_EXPECTED[kind]
         else:
             allowed = {"200", "429"} | ({"cancelled"} if kind.startswith("cancel") else set())
         if outcome not in allowed:
             self.unexpected.append(f"{kind}: {outcome}")
 
-    async def worker(self, seed: int, deadline: float) -> None:
-        rng = random.Random(seed)
-        kinds, weights = list(KINDS), list(KINDS.values())
+    async def worker(self, index: int, deadline: float) -> None:
+        """Requests of random kinds by weight; with --mix hostile the workers take the kinds in
+        turn instead (worker i: kinds i, i + concurrency, ...), so that every kind runs early."""
+        rng = random.Random(self.args.seed + index)
+        kinds, weights = list(self.kinds), list(self.kinds.values())
+        turn = index
         async with httpx.AsyncClient(base_url=self.url, timeout=300) as client:
             while time.monotonic() < deadline:
-                kind = rng.choices(kinds, weights)[0]
+                if self.args.mix == "hostile":
+                    kind, turn = kinds[turn % len(kinds)], turn + self.args.concurrency
+                else:
+                    kind = rng.choices(kinds, weights)[0]
                 try:
                     await self.one(client, kind, rng)
                 except httpx.HTTPError as exc:
@@ -151,13 +173,19 @@ async def sample_forever(url: str, pid: int, every: float, samples: list[dict], 
         await asyncio.sleep(every)
 
 
-async def run(url: str, pid: int, args: argparse.Namespace) -> tuple[Soak, list[dict]]:
+async def run(url: str, pid: int, args: argparse.Namespace) -> tuple[Soak, list[dict], dict]:
+    """The workers and the steady stream until the deadline, with /health timed all along."""
     soak, samples, start = Soak(url, args.served_name, args), [], time.monotonic()
     sampler = asyncio.create_task(sample_forever(url, pid, args.sample_every, samples, start))
-    deadline = start + args.duration
-    await asyncio.gather(*(soak.worker(args.seed + i, deadline) for i in range(args.concurrency)))
+    deadline, gaps = start + args.duration, []
+    with HealthProbe(url) as health:
+        broken, *_ = await asyncio.gather(steady_stream(url, args.served_name, deadline, args.steady_tokens, gaps),
+                                          *(soak.worker(i, deadline) for i in range(args.concurrency)))
     sampler.cancel()
-    return soak, samples
+    ordered = sorted(gaps) or [float("inf")]
+    steady = {"broken_streams": broken, "chunks": len(gaps) + 1, "max_gap_s": round(ordered[-1], 3),
+              "p99_gap_s": round(ordered[int(0.99 * (len(ordered) - 1))], 3)}  # fmt: skip
+    return soak, samples, {"health": health.summary(), "steady_stream": steady}
 
 
 def wait_idle(url: str, limit: float = 120.0) -> dict[str, float]:
@@ -188,13 +216,18 @@ def plot(samples: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def report(args: argparse.Namespace, soak: Soak, samples: list[dict], final: dict, final_rss: float) -> dict:
+def report(
+    args: argparse.Namespace, soak: Soak, samples: list[dict], probes: dict, final: dict, final_rss: float
+) -> dict:
     first_rss = samples[0]["rss_mib"] if samples else final_rss
+    health, steady = probes["health"], probes["steady_stream"]
     checks = {
         "no_5xx": not any(o[0] == "5" or o == "error_event" for counts in soak.outcomes.values() for o in counts),
         "expected_statuses": not soak.unexpected,
         "idle_after": (final["running"], final["waiting"], final["kv_usage"]) == (0, 0, 0),
         "rss_growth_ok": final_rss <= first_rss * (1 + args.max_rss_growth),
+        "health_p99_ok": health["count"] > 0 and not health["non_200"] and health["p99_s"] < args.max_health_p99,
+        "steady_stream_flowing": steady["broken_streams"] == 0 and steady["max_gap_s"] < args.max_token_gap,
     }
     return {
         **provenance(args.model),
@@ -205,6 +238,7 @@ def report(args: argparse.Namespace, soak: Soak, samples: list[dict], final: dic
         "rss_mib": {"first_sample": first_rss, "final": round(final_rss, 1),
                     "max": round(max([s["rss_mib"] for s in samples] + [final_rss]), 1)},  # fmt: skip
         "final_state": final,
+        **probes,
         "samples": samples,
         "checks": checks,
         "ok": all(checks.values()),
@@ -221,8 +255,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64, help="largest max_tokens of a request")
     p.add_argument("--long-words", type=int, default=1200, help="words in a long prompt")
     p.add_argument("--sample-every", type=float, default=15.0, help="seconds between RSS/KV samples")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20)
     p.add_argument("--max-rss-growth", type=float, default=0.25, help="allowed RSS growth over the first sample")
+    p.add_argument("--mix", choices=("all", "hostile"), default="all", help="hostile: only the hostile kinds")
+    p.add_argument("--steady-tokens", type=int, default=200, help="tokens per stream of the well-behaved client")
+    p.add_argument("--max-token-gap", type=float, default=2.0, help="seconds the steady stream may wait for a chunk")
+    p.add_argument("--max-health-p99", type=float, default=0.25, help="seconds: /health's p99 must stay below")
+    p.add_argument("--stream-stall-timeout", type=float, default=5.0, help="the server's setting")
+    p.add_argument("--timeout-request-header", type=float, default=5.0, help="the server's setting")
+    p.add_argument("--slow-reader-seconds", type=float, default=20.0, help="how long a slow reader reads nothing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=Path("results/soak.json"))
     p.add_argument("--plot", type=Path, default=Path("results/soak.png"))
@@ -236,23 +277,26 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "--model", args.model, "--served-model-name", args.served_name,
            "--policy", args.policy, "--kv-cache-memory", args.kv_cache_memory, "--port", str(port),
-           "--max-body-bytes", str(args.max_body_bytes), "--log-level", "warning"]  # fmt: skip
+           "--max-body-bytes", str(args.max_body_bytes), "--log-level", "warning",
+           "--stream-stall-timeout", str(args.stream_stall_timeout),
+           "--timeout-request-header", str(args.timeout_request_header)]  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     server_log = args.json.with_suffix(".server.log").open("w")  # its JSON log lines, for the 5xx tracebacks
     server = subprocess.Popen(cmd, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=server_log, stderr=server_log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(f"{url}/ready", server)
-        soak, samples = asyncio.run(run(url, server.pid, args))
+        soak, samples, probes = asyncio.run(run(url, server.pid, args))
         final, final_rss = wait_idle(url), rss_mib(server.pid)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(120)
         server_log.close()
-    result = report(args, soak, samples, final, final_rss)
+    result = report(args, soak, samples, probes, final, final_rss)
     args.json.write_text(json.dumps(result, indent=1))
     plot(samples, args.plot)
-    print(json.dumps({k: result[k] for k in ("total_requests", "requests", "rss_mib", "final_state", "checks")}))
+    print(json.dumps({k: result[k] for k in ("total_requests", "requests", "rss_mib", "final_state", "health",
+                                             "steady_stream", "checks")}))  # fmt: skip
     for line in result["unexpected"]:
         print("unexpected:", line, file=sys.stderr)
     return 0 if result["ok"] else 1

@@ -6,7 +6,6 @@ at parse time when no model is needed to tell, else as soon as the model load fa
 
 from __future__ import annotations
 
-import math
 import signal
 import sys
 from types import FrameType
@@ -18,8 +17,7 @@ from pydantic_settings import CliApp
 from server import logs
 from server.api.app import AppState, create_app
 from server.config import ServerSettings
-
-DRAIN_MARGIN_SECONDS = 5  # uvicorn's own cut-off comes this long after ours
+from server.connection import uvicorn_config
 
 
 def parse_settings(argv: list[str] | None = None) -> ServerSettings:
@@ -57,14 +55,7 @@ def build_server(settings: ServerSettings, **app_args: object) -> DrainingServer
         server.should_exit = True
 
     app = create_app(settings, on_fatal=stop, **app_args)  # type: ignore[arg-type]
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds) + DRAIN_MARGIN_SECONDS,
-    )
-    server = DrainingServer(config, app.state.logquant)
+    server = DrainingServer(uvicorn_config(app, settings), app.state.logquant)
     return server
 
 

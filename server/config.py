@@ -62,13 +62,36 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=2, description="null: the model's context length")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    limit_concurrency: int | None = Field(
+        512, ge=1, description="uvicorn: 503 for requests beyond this many open connections and tasks; null: none"
+    )
+    timeout_keep_alive: int = Field(5, ge=1, description="seconds an idle keep-alive connection stays open")
+    timeout_request_header: float = Field(
+        20.0, gt=0, description="seconds to send a request's headers, from connecting or from the previous response"
+    )
+    timeout_request_body: float = Field(60.0, gt=0, description="seconds to send a request's body (408 after)")
     api_key: str | None = Field(
         None, description="require 'Authorization: Bearer KEY' on every route but /health, /ready, /metrics, /version"
     )
     max_waiting_requests: int = Field(
         256, ge=1, description="429 beyond this many waiting sequences, counted from acceptance"
     )
+    max_sequences_per_request: int = Field(
+        64, ge=1, description="400 for a request of more sequences (prompts x n); at most --max-waiting-requests"
+    )
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="413 beyond this request size")
+    max_response_bytes: int = Field(
+        32 * 2**20, ge=1024, description="400 for a non-streaming request whose response could be larger (an estimate)"
+    )
+    stream_buffer_tokens: int = Field(
+        32, ge=1, description="tokens per sample generated ahead of a streaming client before its request pauses"
+    )
+    stream_stall_timeout: float = Field(
+        60.0, gt=0, description="a stream paused this long (its client reads nothing) is aborted"
+    )
+    step_timeout: float = Field(
+        120.0, gt=0, description="an engine step running longer, or a dead engine thread: 503s and exit 1"
+    )
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="on SIGTERM, requests still running after this long end with a 503"
     )
@@ -77,6 +100,7 @@ class ServerSettings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = Field(False, description="include prompt text in request logs")
+    max_log_len: int = Field(1000, ge=0, description="characters of a prompt or user field written to a log line")
     allowed_origins: list[str] = Field(
         default_factory=list, description="CORS: origins browsers may call from, e.g. https://app.example; [] is off"
     )

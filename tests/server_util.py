@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import uvicorn
 
 from server.api.app import create_app
 from server.config import ServerSettings
+from server.connection import uvicorn_config
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from tiny import byte_tokenizer, tiny_model
@@ -34,13 +36,25 @@ def openai_client(server: RunningServer, api_key: str = "unused", timeout: float
 
 
 class RunningServer:
-    def __init__(self, factory: Callable[[], EngineCore], **settings: object) -> None:
-        defaults = dict(model=MODEL, policy="logquant", fp_budget=24, group_size=8, port=0)
+    """The app under uvicorn as the CLI configures it (limits, timeouts), on 127.0.0.1.
+    `send_buffer`: SO_SNDBUF of the listening socket, inherited by its connections (a small
+    one makes a client that stops reading push back at once); `on_fatal` as for create_app."""
+
+    def __init__(
+        self,
+        factory: Callable[[], EngineCore],
+        send_buffer: int | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+        **settings: object,
+    ) -> None:
+        defaults = dict(model=MODEL, policy="logquant", fp_budget=24, group_size=8, port=0, log_level="warning")
         self.settings = ServerSettings(**{**defaults, **settings})
-        self.app = create_app(self.settings, factory)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=5)
+        self.app = create_app(self.settings, factory, on_fatal=on_fatal)
+        config = uvicorn_config(self.app, self.settings)
+        config.timeout_graceful_shutdown = 5
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        sockets = [_listening_socket(send_buffer)] if send_buffer is not None else None
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": sockets}, daemon=True)
 
     def __enter__(self) -> RunningServer:
         self.thread.start()
@@ -68,6 +82,14 @@ class RunningServer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"waited {limit}s for {what}")
             time.sleep(0.02)
+
+
+def _listening_socket(send_buffer: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 def wait_for(condition: Callable[[], bool], what: str, limit: float = 20.0) -> None:

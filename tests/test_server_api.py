@@ -2,12 +2,14 @@
 
 import asyncio
 import json
+import threading
 
 import httpx
 import openai
 import pytest
 
-from server_util import MODEL, RunningServer, tiny_core_factory
+from server_util import MODEL, RunningServer, tiny_core_factory, wait_for
+from test_reliability_server import block_steps
 
 MESSAGES = [{"role": "user", "content": "Tell me a story about a fox."}]
 
@@ -210,6 +212,19 @@ def test_body_too_large_413(srv) -> None:
 
 
 def test_queue_limit_429(srv) -> None:
-    r = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "n": 9})
+    """n 9 can never wait with --max-waiting-requests 8: a 400; once 8 sequences wait, a 429."""
+    url, body = f"{srv.url}/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
+    never = httpx.post(url, json={**body, "n": 9})
+    assert never.status_code == 400 and error_of(never)["param"] == "n"
+    gate, engine = block_steps(srv.core), srv.app.state.logquant.ctx.engine
+    worker = threading.Thread(target=lambda: httpx.post(url, json={**body, "n": 8}, timeout=60))
+    try:
+        worker.start()
+        wait_for(lambda: engine.num_waiting == 8, "8 sequences waiting")
+        r = httpx.post(url, json=body)
+    finally:
+        gate.set()
+        del srv.core.step
+        worker.join(60)
     assert r.status_code == 429 and r.headers["retry-after"] == "1"
     assert error_of(r)["type"] == "rate_limit_error"

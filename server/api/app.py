@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -20,19 +20,22 @@ from logquant.policy import sink_tokens_of
 from server.api.chat import create_chat_completion
 from server.api.completions import create_completion
 from server.api.errors import APIError, error_responses, install_error_handlers
-from server.api.info import info_routes
-from server.api.limits import admit, check_prompt_chars, check_unicode
+from server.api.info import BODY_MODELS, info_routes
 from server.api.middleware import AuthMiddleware, BodyLimitMiddleware
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from server.api.sampling import generation_defaults
+from server.api.intake import accept, add_body_schemas, json_body, read_request
+from server.api.protocol import ChatCompletionRequest, CompletionRequest
+from server.api.sampling import generation_defaults, vocab_width
 from server.api.serving import ServingContext
 from server.config import ServerSettings
 from server.engine.async_engine import AsyncEngine
 from server.engine.core import EngineCore
 from server.engine.request import SamplingParams
+from server.engine.streams import EngineDeadError
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+WATCHDOG_INTERVAL = 1.0  # seconds between the watchdog's looks at the engine (at most)
+ENGINE_STOPPED = "The engine stopped; the server is restarting."
 SSE_EVENT = {  # one server-sent event (OpenAPI's generic text/event-stream item)
     "type": "object", "required": ["data"],
     "properties": {"data": {"type": "string", "description": "a JSON chunk or error object; last, [DONE]"},
@@ -52,7 +55,8 @@ class AppState:
     ctx: ServingContext | None = None
     metrics: Metrics | None = None
     load_failed: bool = False
-    fatal_error: str | None = None  # one line: why the server cannot start
+    engine_failure: str | None = None  # why a loaded engine stopped serving (the watchdog)
+    fatal_error: str | None = None  # one line: why the server cannot start or go on
     on_fatal: Callable[[str], None] | None = None  # told `fatal_error` (the CLI stops the server)
     draining: bool = False
     loop: asyncio.AbstractEventLoop | None = None
@@ -96,7 +100,7 @@ def create_app(
     app.state.logquant = state
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.timeout_request_body)
     if settings.api_key is not None:
         app.add_middleware(AuthMiddleware, api_key=settings.api_key)
     if settings.allowed_origins:  # outermost: preflight requests are answered without a key
@@ -115,18 +119,36 @@ def _openapi(app: FastAPI) -> dict:
                 operation.get("responses", {}).pop("422", None)
         for name in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(name, None)
+        add_body_schemas(schema, [ChatCompletionRequest, CompletionRequest, *BODY_MODELS])
         app.openapi_schema = schema
     return app.openapi_schema
 
 
 async def _load(state: AppState, factory: Callable[[], EngineCore]) -> None:
+    """Load and start the engine, then watch it for as long as the server runs."""
     try:
         state.ctx, state.metrics = await _start_engine(state.settings, factory)
     except (ValueError, MemoryError, OSError) as exc:  # the settings do not fit the model or the machine
         _fail(state, str(exc))
+        return
     except Exception as exc:
         logger.exception("model failed to load")
         _fail(state, f"the model failed to load: {type(exc).__name__}: {exc}")
+        return
+    await _watch(state, state.ctx.engine)
+
+
+async def _watch(state: AppState, engine: AsyncEngine) -> None:
+    """The watchdog: once the engine cannot serve (its thread died, or a step outlived
+    --step-timeout), /health and /ready say 503, every waiting request ends with a 503
+    `engine_dead`, and the server stops with exit code 1 so that it is restarted."""
+    interval = min(WATCHDOG_INTERVAL, state.settings.step_timeout / 4)
+    while (reason := engine.failure()) is None:
+        await asyncio.sleep(interval)
+    logger.critical("engine failure: %s; failing its requests and stopping", reason)
+    state.engine_failure = reason
+    engine.fail_all_requests(EngineDeadError("the engine is not running"))
+    _fail(state, reason)
 
 
 async def _start_engine(s: ServerSettings, factory: Callable[[], EngineCore]) -> tuple[ServingContext, Metrics]:
@@ -138,7 +160,7 @@ async def _start_engine(s: ServerSettings, factory: Callable[[], EngineCore]) ->
                   "sink_tokens": str(sinks), "key_fp_channels": str(s.key_fp_channels), "kv_bits": str(s.kv_bits),
                   "dtype": str(core.dtype).removeprefix("torch."), "device": str(core.device)}  # fmt: skip
     metrics = Metrics(s.model_name, core.max_model_len, cache_info)
-    engine = AsyncEngine(core, on_step=metrics.on_step)
+    engine = AsyncEngine(core, metrics.on_step, s.stream_buffer_tokens, s.stream_stall_timeout, s.step_timeout)
     engine.start()
     try:
         async for _ in engine.generate("warmup", [0, 1, 2], SamplingParams(max_tokens=2, temperature=0)):
@@ -150,7 +172,8 @@ async def _start_engine(s: ServerSettings, factory: Callable[[], EngineCore]) ->
     fingerprint += (f"-s{sinks}" if sinks else "") + (f"-k{s.key_fp_channels}" if s.key_fp_channels else "")
     fingerprint += f"-b{s.kv_bits}" if s.kv_bits != 2 else ""
     ctx = ServingContext(engine, core.tokenizer, s.model_name, core.max_model_len, s.max_waiting_requests,
-                         fingerprint, s.log_prompts, sampling_defaults=sampling_defaults)  # fmt: skip
+                         fingerprint, vocab_width(core.model, core.tokenizer), s.max_sequences_per_request,
+                         s.max_response_bytes, s.log_prompts, s.max_log_len, sampling_defaults=sampling_defaults)  # fmt: skip
     logger.info("ready: %s (%s, KV %.1f MiB, %d pages)", s.model_name, fingerprint,
                 core.kv_manager.capacity_bytes / 2**20, core.kv_manager.num_pages)  # fmt: skip
     return ctx, metrics
@@ -164,21 +187,6 @@ def _fail(state: AppState, reason: str) -> None:
         state.on_fatal(state.fatal_error)
 
 
-async def _accept(
-    ctx: ServingContext, req: SamplingFields, prompt_field: str, num_sequences: int, handle: Callable[[], Awaitable]
-):
-    """Checks that need no tokenizer, then room in the waiting queue from this moment until
-    the engine has the request (or it fails), then `handle()`."""
-    body = req.model_dump()
-    check_unicode(body)
-    check_prompt_chars(body, prompt_field, ctx.max_prompt_chars, ctx.max_model_len)
-    admission = admit(ctx.engine, num_sequences, ctx.max_waiting_requests)
-    try:
-        return await handle()
-    finally:
-        admission.release()
-
-
 def _num_prompts(prompt: object) -> int:
     """A completions prompt: one text or token-id list, or a list of them."""
     return len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else 1
@@ -186,6 +194,8 @@ def _num_prompts(prompt: object) -> int:
 
 def _add_routes(app: FastAPI, state: AppState) -> None:
     def serving() -> ServingContext:
+        if state.engine_failure is not None:
+            raise APIError(503, ENGINE_STOPPED, code="engine_dead")
         if state.draining:
             raise APIError(503, "The server is shutting down.", code="server_shutting_down")
         if state.ctx is None:
@@ -193,23 +203,26 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
             raise APIError(503, loading, code="model_not_ready")
         return state.ctx
 
-    @app.post("/v1/chat/completions", responses=COMPLETION_RESPONSES)
-    async def chat(req: ChatCompletionRequest, raw: Request):
+    @app.post("/v1/chat/completions", responses=COMPLETION_RESPONSES, openapi_extra=json_body(ChatCompletionRequest))
+    async def chat(raw: Request):
         ctx = serving()
-        return await _accept(ctx, req, "messages", req.n, lambda: create_chat_completion(ctx, req, raw))
+        req = await read_request(ctx, raw, ChatCompletionRequest, ("messages",))
+        return await accept(ctx, req.n, lambda: create_chat_completion(ctx, req, raw))
 
-    @app.post("/v1/completions", responses=COMPLETION_RESPONSES)
-    async def completions(req: CompletionRequest, raw: Request):
+    @app.post("/v1/completions", responses=COMPLETION_RESPONSES, openapi_extra=json_body(CompletionRequest))
+    async def completions(raw: Request):
         ctx = serving()
-        num = req.n * _num_prompts(req.prompt)
-        return await _accept(ctx, req, "prompt", num, lambda: create_completion(ctx, req, raw))
+        req = await read_request(ctx, raw, CompletionRequest, ("prompt",))
+        return await accept(ctx, req.n * _num_prompts(req.prompt), lambda: create_completion(ctx, req, raw))
 
     # models, tokenize, detokenize, version (the API key is checked by AuthMiddleware)
-    info = info_routes(serving, [], state.settings.model)
-    app.include_router(info, responses=error_responses(400, 401, 404, 413, 500, 503))
+    app.include_router(info_routes(serving, state.settings.model))
 
-    @app.get("/health")
+    @app.get("/health", responses=error_responses(503))
     async def health() -> dict:
+        """Liveness: 200 while the model loads and serves; 503 once the engine has failed."""
+        if state.engine_failure is not None:
+            raise APIError(503, ENGINE_STOPPED, code="engine_dead")
         return {"status": "ok"}
 
     @app.get("/ready", responses=error_responses(503))

@@ -9,8 +9,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.api.chat_template import render_chat
-from server.api.detokenize import token_bytes, token_text
 from server.api.errors import APIError
+from server.api.limits import check_response_size
 from server.api.protocol import ChatCompletionRequest, new_id, now
 from server.api.sampling import check_stream_options, output_options, sampling_params
 from server.api.serving import (
@@ -30,9 +30,10 @@ from server.api.tools import ToolPlan, assistant_message, plan_tools
 
 
 def logprob_entries(ctx: ServingContext, entries: list[dict]) -> list[dict]:
+    texts = ctx.token_texts
+
     def one(token_id: int, logprob: float) -> dict:
-        text = token_text(ctx.tokenizer, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(token_bytes(ctx.tokenizer, token_id))}
+        return {"token": texts.text(token_id), "logprob": logprob, "bytes": list(texts.bytes(token_id))}
 
     return [
         {**one(e["token_id"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]} for e in entries
@@ -46,12 +47,14 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     plan = await ctx.run_tokenizer(plan_tools, req, ctx.tokenizer)  # may render the template once
     constraint = _constraint(req, plan)
-    spec = await compile_constraint(ctx, constraint) if constraint else None
+    spec, grammars = await compile_constraint(ctx, constraint, req.n) if constraint else (None, None)
     prompt = await ctx.run_tokenizer(render_chat, ctx.tokenizer, req.messages, True, False, plan.tools)
     (max_tokens,) = check_request(ctx, req, [prompt])
     params = sampling_params(ctx, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, spec)
+    if not req.stream:
+        check_response_size([params], ctx.mean_token_chars, ctx.max_response_bytes)
     request_id = new_id("chatcmpl")
-    events = choice_events(ctx, request_id, [prompt], [params], output_options(req))
+    events = choice_events(ctx, request_id, [prompt], [params], output_options(req), grammars)
     head = {"id": request_id, "created": now(), "model": ctx.model_name, "system_fingerprint": ctx.fingerprint}
     if req.stream:
         body = _stream(ctx, req, plan, head, prompt, await admitted(raw, events), started)

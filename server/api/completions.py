@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.api.detokenize import token_text
 from server.api.errors import APIError
+from server.api.limits import check_response_size
 from server.api.protocol import CompletionRequest, new_id, now
 from server.api.sampling import check_stream_options, check_token_ids, output_options, sampling_params
 from server.api.serving import (
@@ -41,7 +41,8 @@ def tokenize_prompts(ctx: ServingContext, req: CompletionRequest) -> list[list[i
 
 
 def legacy_logprobs(ctx: ServingContext, entries: list[dict], offset: int) -> dict:
-    tokens = [token_text(ctx.tokenizer, e["token_id"]) for e in entries]
+    text = ctx.token_texts.text
+    tokens = [text(e["token_id"]) for e in entries]
     offsets = []
     for token in tokens:
         offsets.append(offset)
@@ -49,7 +50,7 @@ def legacy_logprobs(ctx: ServingContext, entries: list[dict], offset: int) -> di
     return {
         "tokens": tokens,
         "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [{token_text(ctx.tokenizer, t): lp for t, lp in e["top"]} for e in entries],
+        "top_logprobs": [{text(t): lp for t, lp in e["top"]} for e in entries],
         "text_offset": offsets,
     }
 
@@ -62,10 +63,13 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     prompts = await ctx.run_tokenizer(tokenize_prompts, ctx, req)
     limits = check_request(ctx, req, prompts)
     constraint = request_constraint(req)
-    spec = await compile_constraint(ctx, constraint) if constraint else None
+    num = len(prompts) * req.n
+    spec, grammars = await compile_constraint(ctx, constraint, num) if constraint else (None, None)
     params = [sampling_params(ctx, req, limit, req.logprobs, spec) for limit in limits]
+    if not req.stream:
+        check_response_size(params, ctx.mean_token_chars, ctx.max_response_bytes)
     request_id = new_id("cmpl")
-    events = choice_events(ctx, request_id, prompts, params, output_options(req))
+    events = choice_events(ctx, request_id, prompts, params, output_options(req), grammars)
     texts = await ctx.run_tokenizer(ctx.tokenizer.batch_decode, prompts) if req.echo else [""] * len(prompts)
     echo = [text for text in texts for _ in range(req.n)]
     head = {"id": request_id, "object": "text_completion", "created": now(), "model": ctx.model_name,
@@ -73,7 +77,6 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     if req.stream:
         body = _stream(ctx, req, head, prompts, echo, await admitted(raw, events), started)
         return StreamingResponse(body, media_type="text/event-stream")
-    num = len(prompts) * req.n
     texts, entries, finish, generated = await until_disconnect(raw, collect_choices(events, num))
     choices = [
         {

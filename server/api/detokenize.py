@@ -166,6 +166,28 @@ def decode_tokens(
     return (" " if options.spaces_between_special_tokens else "").join(pieces)
 
 
+class TokenTexts:
+    """Each token's logprob text and bytes, decoded once per token id and kept (at most one
+    entry per vocabulary id): rendering top logprobs costs lookups, not decodes."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+        self._bytes: dict[int, bytes] = {}
+
+    def text(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = token_text(self.tokenizer, token_id)
+        return text
+
+    def bytes(self, token_id: int) -> bytes:
+        raw = self._bytes.get(token_id)
+        if raw is None:
+            raw = self._bytes[token_id] = token_bytes(self.tokenizer, token_id)
+        return raw
+
+
 def token_text(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
     """A token as text for logprobs: decoded, or the raw token string where it is part of a
     multi-byte character (so distinct tokens keep distinct keys)."""

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import importlib.metadata
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
-from pydantic import Field
+from fastapi import APIRouter, Request
+from pydantic import Field, ValidationInfo, ValidatorFunctionWrapHandler, field_validator
 
 from server.api.chat_template import render_chat
-from server.api.errors import APIError
-from server.api.protocol import Bool, ChatMessage, Int, Strict, Tool
+from server.api.errors import APIError, error_responses
+from server.api.intake import accept, json_body, read_request
+from server.api.protocol import MAX_TOOLS, Bool, ChatMessage, Int, Strict, Tool, limits_of
 from server.api.sampling import check_token_ids
 from server.api.serving import ServingContext
 from server.api.tools import template_renders_tools
 
 OWNER = "logquant-serve"
+# /detokenize takes any sequence of this model and /tokenize's ids of prompts somewhat too long
+DETOKENIZE_CONTEXTS = 4
 
 
 class TokenizeRequest(Strict):
@@ -30,7 +33,7 @@ class TokenizeRequest(Strict):
     add_generation_prompt: Bool = True
     continue_final_message: Bool = False
     return_token_strs: Bool = False
-    tools: list[Tool] | None = None  # rendered where the chat template renders tools
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None  # rendered where the template does
 
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -44,6 +47,21 @@ class TokenizeRequest(Strict):
 class DetokenizeRequest(Strict):
     model: str | None = None
     tokens: list[Annotated[Int, Field(ge=0)]]
+
+    @field_validator("tokens", mode="wrap")
+    @classmethod
+    def _bounded(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        """At most DETOKENIZE_CONTEXTS contexts' worth of ids, refused before they are
+        validated: decoding holds the GIL (~0.3 us an id), so this bounds the pause it causes."""
+        limits = limits_of(info)
+        if limits is not None and isinstance(value, list) and len(value) > DETOKENIZE_CONTEXTS * limits.max_model_len:
+            cap = DETOKENIZE_CONTEXTS * limits.max_model_len
+            raise ValueError(f"at most {cap} token ids ({DETOKENIZE_CONTEXTS} x the context length) at once")
+        return handler(value)
+
+
+BODY_MODELS = [TokenizeRequest, DetokenizeRequest]  # read by the routes themselves (see intake)
+TOKENIZER_ERRORS = error_responses(400, 401, 404, 413, 429, 500, 503)
 
 
 def model_card(ctx: ServingContext, root: str) -> dict:
@@ -72,32 +90,37 @@ def _tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:
     return body
 
 
-def info_routes(serving: Callable[[], ServingContext], guarded: list, model_root: str) -> APIRouter:
-    """The routes above; `serving` gives the loaded model (or raises a 503), `guarded` are the
-    auth dependencies, `model_root` is the model path that `root` reports."""
-    router = APIRouter()
+def info_routes(serving: Callable[[], ServingContext], model_root: str) -> APIRouter:
+    """The routes above; `serving` gives the loaded model (or raises a 503), `model_root` is the
+    model path that `root` reports. The API key is checked by AuthMiddleware. Tokenizing and
+    detokenizing are admitted like one waiting sequence, with the completion routes' checks."""
+    router = APIRouter(responses=error_responses(400, 401, 404, 413, 500, 503))
 
-    @router.get("/v1/models", dependencies=guarded)
+    @router.get("/v1/models")
     async def list_models() -> dict:
         return {"object": "list", "data": [model_card(serving(), model_root)]}
 
-    @router.get("/v1/models/{model_id:path}", dependencies=guarded)
+    @router.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> dict:
         ctx = serving()
         check_model(ctx, model_id)
         return model_card(ctx, model_root)
 
-    @router.post("/tokenize", dependencies=guarded)
-    async def tokenize(req: TokenizeRequest, ctx=Depends(serving)) -> dict:
+    @router.post("/tokenize", responses=TOKENIZER_ERRORS, openapi_extra=json_body(TokenizeRequest))
+    async def tokenize(raw: Request) -> dict:
+        ctx = serving()
+        req = await read_request(ctx, raw, TokenizeRequest, ("prompt", "messages"))
         check_model(ctx, req.model)
         req.check()
-        return await ctx.run_tokenizer(_tokenize, ctx, req)
+        return await accept(ctx, 1, lambda: ctx.run_tokenizer(_tokenize, ctx, req))
 
-    @router.post("/detokenize", dependencies=guarded)
-    async def detokenize(req: DetokenizeRequest, ctx=Depends(serving)) -> dict:
+    @router.post("/detokenize", responses=TOKENIZER_ERRORS, openapi_extra=json_body(DetokenizeRequest))
+    async def detokenize(raw: Request) -> dict:
+        ctx = serving()
+        req = await read_request(ctx, raw, DetokenizeRequest, ())
         check_model(ctx, req.model)
         check_token_ids(ctx, req.tokens, "tokens")
-        return {"prompt": await ctx.run_tokenizer(ctx.tokenizer.decode, req.tokens)}
+        return {"prompt": await accept(ctx, 1, lambda: ctx.run_tokenizer(ctx.tokenizer.decode, req.tokens))}
 
     @router.get("/version")
     async def version() -> dict:

@@ -1,8 +1,9 @@
-"""ASGI middleware that runs before a request body is read: the API key check and the body
-size limit. Both answer in OpenAI's error shape."""
+"""ASGI middleware that runs before a request body is read: the API key check, and the body's
+size limit and deadline. Both answer in OpenAI's error shape."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from fastapi import HTTPException
@@ -41,10 +42,11 @@ class AuthMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over `max_bytes`, by Content-Length or by counting a chunked body."""
+    """413 for bodies over `max_bytes`, by Content-Length or by counting a chunked body; 408
+    for a body that has not fully arrived `timeout` seconds after its headers."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float) -> None:
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,13 +55,19 @@ class BodyLimitMiddleware:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             message = f"Request body is larger than {self.max_bytes} bytes."
             return await JSONResponse(error_body(413, message), 413)(scope, receive, send)
-        received = 0
+        received, complete, deadline = 0, False, asyncio.get_running_loop().time() + self.timeout
 
-        async def counting_receive():
-            nonlocal received
-            message = await receive()
+        async def counting_receive():  # FastAPI re-raises HTTPExceptions from body reading
+            nonlocal received, complete
+            if complete:  # past the body: waiting for a disconnect has no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                raise HTTPException(408, f"The request body did not arrive within {self.timeout:g} s.") from None
             received += len(message.get("body", b""))
-            if received > self.max_bytes:  # FastAPI re-raises HTTPExceptions from body reading
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            if received > self.max_bytes:
                 raise HTTPException(413, f"Request body is larger than {self.max_bytes} bytes.")
             return message
 

@@ -5,21 +5,30 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
 )
 from pydantic import Strict as StrictType
+from pydantic_core import PydanticCustomError
+
+from server.api.errors import CONTEXT_LENGTH_EXCEEDED
 
 MAX_INT = 2**31 - 1
+# List caps of the schema (see README, Reliability): OpenAI's where it has one.
 MAX_STOP_STRINGS = 4  # OpenAI's limit, and vLLM's default (VLLM_MAX_STOP_STRINGS)
+MAX_TOOLS = 128  # OpenAI's limit on tools (and functions)
+MAX_LOGIT_BIAS_ENTRIES = 1024  # OpenAI's limit ("at most 1024 properties")
+MAX_STOP_TOKEN_IDS = MAX_LOGIT_BIAS_ENTRIES  # vLLM's extra has none: the same bound as the other token-id map
 # Strict scalars: JSON numbers and booleans only ("4" or true is not an int, 1 is not a bool).
 # A float field takes a JSON integer (1 is 1.0), as JSON has one number type.
 Int = Annotated[int, StrictType()]
@@ -29,6 +38,38 @@ Bool = Annotated[bool, StrictType()]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of the loaded model, given to validation as pydantic's context:
+    token-id lists longer than the context and more prompts than sequences per request fail
+    before their elements are validated."""
+
+    max_model_len: int
+    max_sequences: int  # prompts x n
+
+
+def limits_of(info: ValidationInfo) -> RequestLimits | None:
+    return info.context if isinstance(info.context, RequestLimits) else None
+
+
+def check_token_count(count: int, limits: RequestLimits | None) -> None:
+    if limits is not None and count > limits.max_model_len:
+        raise PydanticCustomError(
+            CONTEXT_LENGTH_EXCEEDED,
+            "This model's maximum context length is {limit} tokens; the request has {count} token ids.",
+            {"limit": limits.max_model_len, "count": count},
+        )
+
+
+def check_sequence_count(count: int, limits: RequestLimits | None) -> None:
+    if limits is not None and count > limits.max_sequences:
+        raise ValueError(sequence_cap_message(count, limits.max_sequences))
+
+
+def sequence_cap_message(count: int, cap: int) -> str:
+    return f"This request asks for {count} sequences (prompts x n); the server runs at most {cap} sequences per request."
 
 
 Name = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
@@ -175,17 +216,21 @@ class SamplingFields(StructuredFields):
     min_p: Annotated[Float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[Float, Field(gt=0, le=10)] | None = None
     ignore_eos: Bool = False
-    stop_token_ids: list[Int] | None = None
+    stop_token_ids: Annotated[list[Int], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     include_stop_str_in_output: Bool = False
     skip_special_tokens: Bool = True
     spaces_between_special_tokens: Bool = True
-    logit_bias: dict[TokenIdKey, Annotated[Float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: Annotated[
+        dict[TokenIdKey, Annotated[Float, Field(ge=-100, le=100)]], Field(max_length=MAX_LOGIT_BIAS_ENTRIES)
+    ] | None = None
     min_tokens: Annotated[Int, Field(ge=0, le=MAX_INT)] = 0
 
     @field_validator("stop", mode="wrap")
     @classmethod
     def _check_stop(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> list[str] | None:
         message = f"stop must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings"
+        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+            raise ValueError(message)  # before its elements are validated
         try:
             value = handler(value)
         except ValidationError:
@@ -201,7 +246,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[Int, Field(ge=1, le=MAX_INT)] | None = None
     logprobs: Bool = False
     top_logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None  # default: "auto" with tools, else "none"
     parallel_tool_calls: Bool | None = None
 
@@ -213,15 +258,38 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt", mode="wrap")
     @classmethod
-    def _check_prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-        if isinstance(value, list) and (len(value) == 0 or any(item == [] for item in value)):
+    def _check_prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        """The union by its shape (pydantic's smart union of long id lists holds the GIL for
+        seconds), with the list lengths checked before the elements."""
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError(PROMPT_SHAPE)
+        limits = limits_of(info)
+        if value and isinstance(value[0], (str, list)):  # several prompts
+            check_sequence_count(len(value), limits)
+        else:  # one prompt of token ids
+            check_token_count(len(value), limits)
+        if not value or any(item == [] for item in value):
             raise ValueError("prompt must not be empty")
-        try:
-            return handler(value)
-        except ValidationError:  # one message for the union, reported on `prompt` itself
-            raise ValueError(
-                "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
-            ) from None
+        if isinstance(value[0], str):
+            return _validated(_TEXTS, value)
+        if isinstance(value[0], list):
+            for ids in value:
+                check_token_count(len(ids) if isinstance(ids, list) else 1, limits)
+            return _validated(_TOKEN_ID_LISTS, value)
+        return _validated(_TOKEN_IDS, value)
+
+
+PROMPT_SHAPE = "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
+_TEXTS, _TOKEN_IDS, _TOKEN_ID_LISTS = TypeAdapter(list[str]), TypeAdapter(list[Int]), TypeAdapter(list[list[Int]])
+
+
+def _validated(adapter: TypeAdapter, value: list) -> list:
+    try:
+        return adapter.validate_python(value)
+    except ValidationError:  # one message for the union, reported on `prompt` itself
+        raise ValueError(PROMPT_SHAPE) from None
 
 
 def new_id(prefix: str) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 
-from transformers import GenerationConfig, PreTrainedModel
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from server.api.detokenize import OutputOptions
 from server.api.errors import APIError
@@ -38,8 +39,19 @@ def generation_defaults(model: PreTrainedModel, source: str) -> dict[str, float 
     return defaults
 
 
+def vocab_width(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many token ids are valid: the tokenizer's, the embedding's and the logits' sizes,
+    whichever is smallest (models often pad their embedding; a few have fewer rows)."""
+    sizes = [len(tokenizer), model.config.get_text_config(decoder=True).vocab_size]
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    sizes += [embedding.num_embeddings] if isinstance(embedding, torch.nn.Embedding) else []
+    sizes += [head.out_features] if isinstance(head, torch.nn.Linear) else []
+    return min(sizes)
+
+
 def check_token_ids(ctx: ServingContext, ids: list[int], param: str) -> None:
-    vocab = len(ctx.tokenizer)
+    """Ids must index the tokenizer and the model's embedding and logits (`vocab_width`)."""
+    vocab = ctx.vocab_width
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
         raise APIError(400, f"token id {bad[0]} is not in the vocabulary [0, {vocab})", param=param)
@@ -103,18 +115,3 @@ def sampling_params(
 
 def _requested_max_tokens(req: SamplingFields) -> int | None:
     return getattr(req, "max_completion_tokens", None) or req.max_tokens
-
-
-def _requested_max_tokens(req: SamplingFields) -> int | None:
-    return getattr(req, "max_completion_tokens", None) or req.max_tokens
-
-
-def _reject_pending(req: SamplingFields) -> None:
-    """Tools and structured outputs are parsed but not wired to the engine yet: a clear 400."""
-    names = ["tools", "tool_choice", "parallel_tool_calls", *StructuredFields.model_fields]
-    given = [name for name in names if getattr(req, name, None) is not None]
-    if given:
-        raise APIError(400, f"{given[0]} is not supported yet", param=given[0])
-    for i, message in enumerate(getattr(req, "messages", [])):
-        if message.tool_calls is not None:
-            raise APIError(400, "tool_calls in messages are not supported yet", param=f"messages.{i}.tool_calls")

@@ -12,20 +12,27 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
-from server.api.detokenize import OutputOptions, TextTracker
+from server.api.detokenize import OutputOptions, TextTracker, TokenTexts
 from server.api.errors import APIError, error_body
-from server.api.protocol import SamplingFields, StreamOptions, now
-from server.api.limits import current_admission, prompt_char_limit
-from server.engine.async_engine import AsyncEngine, EngineDeadError, EngineShuttingDownError, SequenceDelta
+from server.api.protocol import RequestLimits, SamplingFields, StreamOptions, now
+from server.api.limits import clipped, current_admission, mean_token_chars, prompt_char_limit
+from server.engine.async_engine import AsyncEngine
+from server.engine.streams import EngineDeadError, EngineShuttingDownError, SequenceDelta, StreamStalledError
 from server.engine.request import SamplingParams
+
+if TYPE_CHECKING:
+    from server.engine.structured import GrammarState
 
 logger = logging.getLogger("logquant.requests")
 T = TypeVar("T")
+# Deltas per sample a prompt's pump may put ahead of the consumer; past that it stops taking
+# from the engine, which then pauses the request (see server.engine.streams).
+MERGED_QUEUE_PER_SAMPLE = 4
 
 
 @dataclass
@@ -36,15 +43,28 @@ class ServingContext:
     max_model_len: int
     max_waiting_requests: int
     fingerprint: str  # names the KV policy, e.g. "logquant-fp192-g32"
+    vocab_width: int  # token ids are in [0, vocab_width): the tokenizer's and the model's
+    max_sequences: int  # per request (prompts x n); never more than max_waiting_requests
+    max_response_bytes: int = 32 * 2**20  # non-streaming responses estimated larger are refused
     log_prompts: bool = False
+    max_log_len: int = 1000  # characters of a logged prompt or user field
     created: int = field(default_factory=now)  # the model card's `created`: when the model loaded
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)  # from the generation config
     # one thread: tokenization and chat templates run off the event loop, one at a time
     tokenizer_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tokenizer"))
     max_prompt_chars: int = field(init=False)  # longer text cannot fit in max_model_len tokens
+    token_texts: TokenTexts = field(init=False)  # logprob text of each token id, decoded once
+    mean_token_chars: float = field(init=False)  # for estimates of a response's size
 
     def __post_init__(self) -> None:
         self.max_prompt_chars = prompt_char_limit(self.tokenizer, self.max_model_len)
+        self.mean_token_chars = mean_token_chars(self.tokenizer)
+        self.token_texts = TokenTexts(self.tokenizer)
+        self.max_sequences = min(self.max_sequences, self.max_waiting_requests)
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(self.max_model_len, self.max_sequences)
 
     async def run_tokenizer(self, fn: Callable[..., T], *args: Any) -> T:
         """Run tokenization or chat templating in the tokenizer thread, not on the event loop."""
@@ -66,7 +86,6 @@ class Choice:
 
     index: int
     tracker: TextTracker
-    logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
 
     def on_delta(self, delta: SequenceDelta) -> ChoiceEvent | None:
@@ -74,7 +93,6 @@ class Choice:
             return None  # stopped on a stop string; the engine is aborting the rest
         text = self.tracker.add(delta.token_id, stop_token=delta.finish_reason == "stop")
         entry = [{"token_id": delta.token_id, **delta.logprob}] if delta.logprob else []
-        self.logprobs += entry
         if self.tracker.stopped:
             self.finish_reason = "stop"
         elif delta.finish_reason is not None:
@@ -109,18 +127,25 @@ def check_request(ctx: ServingContext, req: SamplingFields, prompts: list[list[i
 
 
 async def choice_events(
-    ctx: ServingContext, request_id: str, prompts: list[list[int]], params: list[SamplingParams], output: OutputOptions
+    ctx: ServingContext,
+    request_id: str,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    output: OutputOptions,
+    grammars: list[GrammarState] | None = None,
 ) -> AsyncIterator[ChoiceEvent]:
-    """Run every prompt (n samples each) and yield choice events as tokens arrive.
-    Closing this iterator aborts whatever is still running."""
+    """Run every prompt (n samples each) and yield choice events as tokens arrive; `grammars`:
+    the matchers of a structured request, n per prompt. Closing this iterator aborts whatever
+    is still running."""
     n = params[0].n
     choices = [Choice(i, TextTracker(ctx.tokenizer, output)) for i in range(len(prompts) * n)]
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=MERGED_QUEUE_PER_SAMPLE * n)  # bounded: backpressure
     admission = current_admission.get()
 
     async def pump(i: int) -> None:
         try:
-            async for delta in ctx.engine.generate(f"{request_id}-p{i}", prompts[i], params[i], admission):
+            states = grammars[i * n : (i + 1) * n] if grammars else None
+            async for delta in ctx.engine.generate(f"{request_id}-p{i}", prompts[i], params[i], admission, states):
                 await queue.put((i, delta))
         except Exception as exc:  # forwarded to the consumer, which raises it
             await queue.put((i, exc))
@@ -171,6 +196,8 @@ def _as_api_error(exc: Exception, request_id: str) -> APIError:
         return APIError(503, "The server is shutting down; retry on another instance.", code="server_shutting_down")
     if isinstance(exc, EngineDeadError):
         return APIError(503, "The engine is not running.", code="engine_dead")
+    if isinstance(exc, StreamStalledError):
+        return APIError(408, "The client read nothing for too long; the request was aborted.", code="stream_stalled")
     if isinstance(exc, ValueError):  # raised by the engine on admission for this request
         return APIError(400, str(exc))
     logger.error("request %s failed", request_id, exc_info=exc)
@@ -193,8 +220,14 @@ async def until_disconnect(raw: Request, work: Awaitable[T]) -> T:
 
 
 def log_request(ctx: ServingContext, request_id: str, kind: str, started: float, **fields: object) -> None:
+    """One log line per request; the prompt (with --log-prompts) and user at most --max-log-len characters."""
     record = {"request_id": request_id, "endpoint": kind, "duration_s": round(time.monotonic() - started, 4)}
-    record.update({k: v for k, v in fields.items() if k != "prompt" or ctx.log_prompts})
+    for key, value in fields.items():
+        if key in ("prompt", "user"):
+            if value is not None and (key == "user" or ctx.log_prompts):
+                record[key] = clipped(value, ctx.max_log_len)
+        else:
+            record[key] = value
     logger.info("request done", extra={"fields": record})
 
 

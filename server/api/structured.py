@@ -1,6 +1,6 @@
 """A request's output constraint: `response_format`, vLLM's `structured_outputs` and `guided_*`
 fields, or a forced tool call, as one StructuredSpec, compiled off the event loop (an invalid
-schema, regex or grammar is a 400 naming the field)."""
+schema, regex or grammar is a 400 naming the field) with one grammar matcher per sequence."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from server.api.errors import APIError
 from server.api.protocol import SamplingFields, StructuredOutputs
 from server.api.serving import ServingContext
 from server.engine.request import SamplingParamsError, StructuredSpec
-from server.engine.structured import StructuredSpecError, compile_structured
+from server.engine.structured import GrammarState, StructuredSpecError, grammar_states
 
 Constraint = tuple[StructuredSpec, str]  # the spec and the request field that set it
 
@@ -28,14 +28,17 @@ def tool_constraint(schema: dict) -> Constraint:
     return _build(lambda: StructuredSpec.json_schema(schema), "tools")
 
 
-async def compile_constraint(ctx: ServingContext, constraint: Constraint) -> StructuredSpec:
-    """Compile in a worker thread (cached by spec), so the engine loop only hits the cache."""
+async def compile_constraint(
+    ctx: ServingContext, constraint: Constraint, num_sequences: int
+) -> tuple[StructuredSpec, list[GrammarState]]:
+    """Compile (cached by spec) and build a matcher for each of the request's sequences in a
+    worker thread: the engine thread only hits the cache and fills masks."""
     spec, field = constraint
     try:
-        await asyncio.to_thread(compile_structured, spec, ctx.tokenizer)
+        states = await asyncio.to_thread(grammar_states, spec, ctx.tokenizer, num_sequences)
     except StructuredSpecError as exc:
         raise APIError(400, f"{field}: {exc}", param=field) from exc
-    return spec
+    return spec, states
 
 
 def _build(make: object, field: str) -> Constraint:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import math
 import time
@@ -92,6 +93,14 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0  # EOS and stop_token_ids are masked until this many output tokens
     structured: StructuredSpec | None = None
+    # What the engine derives from these settings once per request (the sampler's logit-bias
+    # tensors, ...), so that a step's work does not grow with a request's lists. Not a setting.
+    derived: dict[object, object] = field(default_factory=dict, repr=False, compare=False)
+
+    @functools.cached_property
+    def stop_token_set(self) -> frozenset[int]:
+        """stop_token_ids without duplicates, for O(1) checks per token."""
+        return frozenset(self.stop_token_ids)
 
     def validate(self) -> None:
         self._validate_ranges()
@@ -139,6 +148,7 @@ class SamplingParams:
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PAUSED = "paused"  # running, but its client is not reading: not scheduled, pages kept
     FINISHED = "finished"
 
 
@@ -193,7 +203,7 @@ class Sequence:
     def check_stop(self, max_model_len: int) -> str | None:
         """Finish reason after the latest token, or None to continue."""
         last = self.output_token_ids[-1]
-        if last in self.params.stop_token_ids:
+        if last in self.params.stop_token_set:
             return "stop"
         if not self.params.ignore_eos and last in self.eos_token_ids:
             return "stop"

@@ -17,7 +17,6 @@ nothing syncs per row (top-p checks once per candidate size whether every row's 
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -25,10 +24,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from server.engine.processors import apply_logit_bias, apply_min_tokens, apply_penalties, has_count_penalty
 from server.engine.request import SamplingParams, Sequence
 
-FLOAT_MAX = torch.finfo(torch.float32).max
-FLOAT_TINY = torch.finfo(torch.float32).tiny
 LOGPROB_FLOOR = -9999.0
 # top-k/top-p look for the nucleus among this many best tokens first (a sort of the whole
 # vocabulary costs ~5 ms a row on CPU); a row whose nucleus is larger falls back to the next size.
@@ -65,78 +63,21 @@ def process_logits(
     if not any(_modifies_logits(seq) for seq in seqs):
         return logits
     out = apply_penalties(logits, seqs)
-    _apply_logit_bias(out, seqs)
+    apply_logit_bias(out, seqs)
     if any(seq.params.structured is not None for seq in seqs):
         from server.engine.structured import apply_grammar_masks  # llguidance loads on first use
 
         apply_grammar_masks(out, seqs, tokenizer)
-    _apply_min_tokens(out, seqs)
+    apply_min_tokens(out, seqs)
     return out
 
 
 def _modifies_logits(seq: Sequence) -> bool:
     p = seq.params
     return bool(
-        p.repetition_penalty != 1.0 or _has_count_penalty(p) or p.logit_bias or p.structured is not None
+        p.repetition_penalty != 1.0 or has_count_penalty(p) or p.logit_bias or p.structured is not None
         or len(seq.output_token_ids) < p.min_tokens
     )  # fmt: skip
-
-
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Repetition penalty (HF rule, over prompt and output), then presence and frequency
-    penalties (OpenAI rule, over the output). Returns a new tensor. Works on the (row, token)
-    pairs that occur, not on whole rows."""
-    out = logits.clone()
-    vocab, device = out.shape[1], out.device
-    rows = [i for i, seq in enumerate(seqs) if seq.params.repetition_penalty != 1.0]
-    if rows:
-        row, token, _ = _occurrences(rows, [seqs[i].token_ids() for i in rows], vocab, device)
-        penalty = torch.tensor([seqs[i].params.repetition_penalty for i in rows], device=device)
-        penalty = penalty.clamp(min=FLOAT_TINY)[torch.searchsorted(torch.tensor(rows, device=device), row)]
-        picked = out[row, token]
-        penalized = torch.where(picked > 0, picked / penalty, picked * penalty).clamp(-FLOAT_MAX, FLOAT_MAX)
-        out[row, token] = torch.where(picked.isfinite(), penalized, picked)  # finite stays finite
-    rows = [i for i, seq in enumerate(seqs) if _has_count_penalty(seq.params) and seq.output_token_ids]
-    if rows:
-        row, token, count = _occurrences(rows, [seqs[i].output_token_ids for i in rows], vocab, device)
-        local = torch.searchsorted(torch.tensor(rows, device=device), row)
-        frequency = torch.tensor([seqs[i].params.frequency_penalty for i in rows], device=device)[local]
-        presence = torch.tensor([seqs[i].params.presence_penalty for i in rows], device=device)[local]
-        out[row, token] -= frequency * count + presence
-    return out
-
-
-def _has_count_penalty(params: SamplingParams) -> bool:
-    return params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-
-
-def _apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    entries = [(i, token, bias) for i, seq in enumerate(seqs) for token, bias in seq.params.logit_bias.items()]
-    if not entries:
-        return
-    rows, tokens, biases = zip(*entries)
-    device = logits.device
-    index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
-    logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
-    logits.clamp_(max=FLOAT_MAX)
-
-
-def _apply_min_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    """Mask EOS (unless ignore_eos) and stop_token_ids until min_tokens output tokens, unless
-    that would leave a row without any candidate (a finished grammar allows only EOS)."""
-    entries = []
-    for i, seq in enumerate(seqs):
-        if len(seq.output_token_ids) < seq.params.min_tokens:
-            eos = () if seq.params.ignore_eos else seq.eos_token_ids
-            entries += [(i, token) for token in {*eos, *seq.params.stop_token_ids}]
-    if not entries:
-        return
-    rows, tokens = zip(*entries)
-    device = logits.device
-    blocked = logits.index_put((torch.tensor(rows, device=device), torch.tensor(tokens, device=device)),
-                               torch.tensor(float("-inf"), device=device))  # fmt: skip
-    has_candidate = (blocked > float("-inf")).any(dim=-1, keepdim=True)
-    logits.copy_(torch.where(has_candidate, blocked, logits))
 
 
 def choose_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -280,18 +221,6 @@ def _results(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> l
     for i, (chosen, top) in zip(rows, token_logprobs(raw[index], tokens[index], counts)):
         results[i] = SampleResult(token_ids[i], chosen, top)
     return results
-
-
-def _occurrences(
-    rows: list[int], id_lists: list[list[int]], vocab: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The distinct (row, token) pairs of `id_lists` (row: rows[i] for list i, ascending) and
-    how often each occurs, sorted by row."""
-    lengths = torch.tensor([len(ids) for ids in id_lists], device=device)
-    row = torch.repeat_interleave(torch.tensor(rows, device=device), lengths)
-    token = torch.tensor(list(itertools.chain.from_iterable(id_lists)), dtype=torch.long, device=device)
-    keys, count = torch.unique(row * vocab + token, return_counts=True)
-    return keys // vocab, keys % vocab, count.float()
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:

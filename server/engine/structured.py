@@ -2,8 +2,10 @@
 sequence, and mask the logits of constrained rows inside the batched sampler.
 
 - `compile_structured(spec, tokenizer)` validates and compiles a spec (cached by tokenizer and
-  spec); it raises `StructuredSpecError` (a ValueError) for an invalid one. The API calls it off
-  the event loop before submitting, so the engine loop only ever hits the cache.
+  spec, the cache bounded by the size of the texts it holds); it raises `StructuredSpecError` (a
+  ValueError) for an invalid one. The API calls it off the event loop before submitting, and
+  builds each sequence's matcher there too (`grammar_states`): the engine thread only hits the
+  cache and fills the masks of all constrained rows in one batched llguidance call.
 - A sequence's `GrammarState` follows the sequence's *output tokens* rather than the sampler's
   picks: before each mask it consumes the tokens appended since the last one. Recompute after
   preemption does not re-sample output tokens, and a step whose results are dropped (abort,
@@ -17,11 +19,11 @@ dependencies against xgrammar's, which pulls triton (286 MB) on Linux.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import llguidance
@@ -38,7 +40,7 @@ logger = logging.getLogger(__name__)
 # JSON without free whitespace (a model could otherwise emit newlines forever), with the
 # separators of `json.dumps`.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-CACHE_SIZE = 512
+CACHE_CHARS = 64 * 2**20  # compiled specs kept, by the characters of their spec and grammar text
 
 
 class StructuredSpecError(ValueError):
@@ -55,23 +57,62 @@ class CompiledGrammar:
     grammar: str  # llguidance's grammar text
     compiler: GrammarCompiler
 
+    @property
+    def chars(self) -> int:
+        return len(self.spec.spec) + len(self.grammar)
+
+
+class CompileCache:
+    """Least recently used compiled specs, at most `max_chars` characters of text in all (one
+    schema can be megabytes, so a count of entries bounds nothing). Thread-safe."""
+
+    def __init__(self, max_chars: int) -> None:
+        self.max_chars, self.chars = max_chars, 0
+        self._entries: OrderedDict[StructuredSpec, CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, spec: StructuredSpec) -> CompiledGrammar | None:
+        with self._lock:
+            compiled = self._entries.get(spec)
+            if compiled is not None:
+                self._entries.move_to_end(spec)
+            return compiled
+
+    def put(self, compiled: CompiledGrammar) -> None:
+        """Keep `compiled` (unless it alone is over the bound), dropping the oldest entries."""
+        with self._lock:
+            if compiled.chars > self.max_chars or compiled.spec in self._entries:
+                return
+            self._entries[compiled.spec] = compiled
+            self.chars += compiled.chars
+            while self.chars > self.max_chars:
+                _, dropped = self._entries.popitem(last=False)
+                self.chars -= dropped.chars
+
 
 class GrammarCompiler:
     """One tokenizer's llguidance tokenizer and its cache of compiled specs."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, cache_chars: int = CACHE_CHARS) -> None:
         if not tokenizer.is_fast:
             raise StructuredSpecError("structured outputs need a fast (Rust) tokenizer", "tokenizer")
         self.vocab_size = len(tokenizer)
         self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size)  # ~0.5 s, once
-        self.compile = functools.lru_cache(maxsize=CACHE_SIZE)(self._compile)
+        self.cache = CompileCache(cache_chars)
 
-    def _compile(self, spec: StructuredSpec) -> CompiledGrammar:
-        grammar = _llguidance_grammar(spec)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.ll_tokenizer)
-        if is_error:
-            raise StructuredSpecError(f"invalid {spec.kind}: {messages[0].strip()}", spec.kind)
-        return CompiledGrammar(spec, grammar, self)
+    def compile(self, spec: StructuredSpec) -> CompiledGrammar:
+        compiled = self.cache.get(spec)
+        if compiled is None:
+            grammar = _llguidance_grammar(spec)
+            is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.ll_tokenizer)
+            if is_error:
+                raise StructuredSpecError(f"invalid {spec.kind}: {messages[0].strip()}", spec.kind)
+            compiled = CompiledGrammar(spec, grammar, self)
+            self.cache.put(compiled)
+        return compiled
 
 
 _compilers: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, GrammarCompiler] = weakref.WeakKeyDictionary()
@@ -90,6 +131,13 @@ def compile_structured(spec: StructuredSpec, tokenizer: PreTrainedTokenizerBase)
     """Validate and compile `spec` for `tokenizer` (cached). Blocking: call it off the event loop.
     Raises StructuredSpecError for an invalid spec."""
     return compiler_for(tokenizer).compile(spec)
+
+
+def grammar_states(spec: StructuredSpec, tokenizer: PreTrainedTokenizerBase, count: int) -> list[GrammarState]:
+    """`count` fresh matchers for `spec`, one per sequence (blocking: call it off the event loop
+    and off the engine thread). Raises StructuredSpecError for an invalid spec."""
+    compiled = compile_structured(spec, tokenizer)
+    return [GrammarState(compiled) for _ in range(count)]
 
 
 def _llguidance_grammar(spec: StructuredSpec) -> str:
@@ -132,50 +180,67 @@ class GrammarState:
         self.matcher = llguidance.LLMatcher(compiled.compiler.ll_tokenizer, compiled.grammar, log_level=0)
         self.num_followed = 0
         self.finished = False  # complete (or broken): only stop tokens from now on
+        self.stop_ids: list[int] = []  # the sequence's EOS and stop tokens inside the logits
+        self._stop_set: frozenset[int] | None = None  # the same, set on the first `follow`
 
-    def follow(self, output_token_ids: list[int], stop_ids: set[int]) -> None:
-        for token in output_token_ids[self.num_followed :]:
+    def follow(self, seq: Sequence, vocab: int) -> None:
+        """Consume the output tokens appended since the last call."""
+        if self._stop_set is None:
+            self._stop_set = frozenset(t for t in seq.params.stop_token_set.union(seq.eos_token_ids) if t < vocab)
+            self.stop_ids = sorted(self._stop_set)
+        for token in seq.output_token_ids[self.num_followed :]:
             if self.finished:
                 break
-            if token in stop_ids and self.matcher.is_accepting():
+            if token in self._stop_set and self.matcher.is_accepting():
                 self.finished = True  # a stop token ends the output; it is no part of the grammar
             elif not self.matcher.consume_token(token):
                 logger.warning("grammar matcher rejected token %d: %s", token, self.matcher.get_error())
                 self.finished = True
-        self.num_followed = len(output_token_ids)
+        self.num_followed = len(seq.output_token_ids)
         self.finished = self.finished or self.matcher.is_stopped()
 
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, row)
+
+_executor: llguidance.LLExecutor | None = None
+
+
+def mask_executor() -> llguidance.LLExecutor:
+    """llguidance's thread pool for batched masks, made on first use (by the engine thread)."""
+    global _executor
+    if _executor is None:
+        _executor = llguidance.LLExecutor()
+    return _executor
 
 
 def apply_grammar_masks(
     logits: torch.Tensor, seqs: list[Sequence], tokenizer: PreTrainedTokenizerBase | None
 ) -> None:
-    """Set the logits of tokens the grammar forbids to -inf, in place, for rows with a spec."""
+    """Set the logits of tokens the grammar forbids to -inf, in place, for rows with a spec.
+    The masks of every constrained row are filled by one call of llguidance's executor."""
     rows = [i for i, seq in enumerate(seqs) if seq.params.structured is not None]
     if tokenizer is None:
         raise RuntimeError("a structured-output sequence reached the sampler without the tokenizer")
     compiler = compiler_for(tokenizer)
     vocab = logits.shape[1]
+    states = [_followed_state(seqs[i], compiler, vocab) for i in rows]
     bitmask = torch.zeros(llguidance.torch.get_bitmask_shape(len(rows), compiler.vocab_size), dtype=torch.int32)
-    states, stops = [], []
-    for row, i in enumerate(rows):
-        seq = seqs[i]
-        if seq.grammar is None:
-            seq.grammar = GrammarState(compiler.compile(seq.params.structured))
-        stop_ids = {t for t in (*seq.eos_token_ids, *seq.params.stop_token_ids) if t < vocab}
-        seq.grammar.follow(seq.output_token_ids, stop_ids)
-        if not seq.grammar.finished:
-            seq.grammar.fill_bitmask(bitmask, row)
-        states.append(seq.grammar)
-        stops.append(sorted(stop_ids))
+    live = [(state.matcher, row) for row, state in enumerate(states) if not state.finished]
+    if live:
+        llguidance.torch.fill_next_token_bitmask_par(mask_executor(), live, bitmask)
     allowed = _unpack(bitmask, vocab)
-    for row, (state, stop_ids) in enumerate(zip(states, stops)):
+    for row, state in enumerate(states):
         if state.finished or state.matcher.is_accepting():
-            allowed[row, stop_ids] = True
+            allowed[row, state.stop_ids] = True
     index = torch.tensor(rows, device=logits.device)
     logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
+def _followed_state(seq: Sequence, compiler: GrammarCompiler, vocab: int) -> GrammarState:
+    """The sequence's matcher, up to date with its output. The server builds it with the
+    request (`grammar_states`); only sequences added without one (the offline LLM) get it here."""
+    if seq.grammar is None:
+        seq.grammar = GrammarState(compiler.compile(seq.params.structured))  # type: ignore[arg-type]
+    seq.grammar.follow(seq, vocab)
+    return seq.grammar
 
 
 def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
