@@ -58,7 +58,7 @@ def make_store(
     manager = KVManager(layout, num_pages)
     random.Random(seed).shuffle(manager.pool._free)  # shuffled page ids
     store = PagedKVStore(layout, num_pages, case.dtype, device, decode_backend=backend)
-    store.buffer[:, :num_pages] = 255  # never-written bytes read as NaN
+    store.buffer[:num_pages] = 255  # never-written bytes read as NaN
     return store, manager
 
 
@@ -97,7 +97,7 @@ def run_steps(
         for seq, n in chunks.items():
             manager.allocate(seq, (manager.num_tokens(seq) if seq in manager.sequences else 0) + n)
         step = store.prepare(manager.plan_step(list(chunks.items())))
-        kernel_demotions += sum(b.block_pages.numel() for b in step.buckets if isinstance(b, DecodeIndex))
+        kernel_demotions += sum(b.block_pages.numel() for b in step.groups[0].buckets if isinstance(b, DecodeIndex))
         total = sum(chunks.values())
         for layer in range(LAYERS):
             q, k, v = (torch.randn(total, h, case.head_dim, generator=gen) for h in case.head_counts)
@@ -138,6 +138,6 @@ def decode_bucket(
     step = store.prepare(manager.plan_step([(seq, 1) for seq in lengths]), decode_index=True)
     total = len(lengths)
     q, k, v = (torch.randn(total, h, case.head_dim, generator=gen).to(device) for h in case.head_counts)
-    index = step.buckets[0]
+    index = step.groups[0].buckets[0]
     assert isinstance(index, DecodeIndex)
     return store, index, (q, k, v)

@@ -115,7 +115,7 @@ def test_splits_without_work_write_minus_infinity_and_reduce_exactly() -> None:
 
     case = Case("logquant", 12, 4, 1)
     store, bucket, (q, k, v) = decode_bucket(case, {"short": 1, "long": 50})
-    view = StoreLayer.of(store.buffer, 0, store.dtype, store.layout)
+    view = StoreLayer.of(store.layer_bytes(0), store.dtype, store.layout.groups[0])
     _, lse = decode_partials(view, bucket, q, k, v, D**-0.5, num_splits=8, block_n=16)
     pages = (bucket.q_ptr[1:] - bucket.q_ptr[:-1]).tolist()
     fp = (bucket.fp_ptr[1:] - bucket.fp_ptr[:-1]).tolist()
@@ -136,7 +136,7 @@ def test_kernel_reads_strided_query_and_writes_only_its_rows() -> None:
 
     case = Case("kivi", 16, 4, 2)
     store, bucket, (q, k, v) = decode_bucket(case, {"a": 20, "b": 3}, seed=1)
-    view = StoreLayer.of(store.buffer, 1, store.dtype, store.layout)
+    view = StoreLayer.of(store.layer_bytes(1), store.dtype, store.layout.groups[0])
     dense = torch.zeros(2, 3, 4, D, device=DEVICE)
     decode_attention(view, bucket, q, k, v, D**-0.5, dense[:, 1])
     strided = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in (q, k, v)]
