@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from logquant import chat_templates
 from logquant.attention_spec import attention_spec
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def gemma3_model_dir() -> Path:
         return target
     gguf = assemble_gemma3_gguf(cache_dir() / "gguf" / _GEMMA_GGUF)
     try:
-        return ensure_converted(gguf, GEMMA3_270M)
+        return ensure_converted(gguf, GEMMA3_270M, chat_template=chat_templates.GEMMA3, end_of_turn=chat_templates.END_OF_TURN)
     finally:
         gguf.unlink(missing_ok=True)  # the safetensors copy is the cache
 
@@ -135,8 +136,10 @@ def resolve_model(name_or_path: str) -> ModelSource:
     return ModelSource(Path(name_or_path))  # hub name: works only where a hub is reachable
 
 
-def ensure_converted(gguf_path: Path, name: str) -> Path:
-    """Dequantize a GGUF model once into `cache_dir()/name` as safetensors; return that directory."""
+def ensure_converted(gguf_path: Path, name: str, chat_template: str | None = None, end_of_turn: str | None = None) -> Path:
+    """Dequantize a GGUF model once into `cache_dir()/name` as safetensors; return that directory.
+    `chat_template` (for a GGUF file without one) is saved with the tokenizer, and the token
+    `end_of_turn` joins the generation config's end-of-sequence ids."""
     target = cache_dir() / "models" / name
     if _is_converted(target):
         return target
@@ -145,6 +148,12 @@ def ensure_converted(gguf_path: Path, name: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file_name)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file_name, dtype=torch.float32)
     _drop_gguf_quantization(model)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if end_of_turn is not None:
+        eos = model.generation_config.eos_token_id
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+        model.generation_config.eos_token_id = ids + [tokenizer.convert_tokens_to_ids(end_of_turn)]
     tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -66,8 +66,10 @@ def run_cases(
 @torch.inference_mode()
 def prefill(model: PreTrainedModel, case: PasskeyCase) -> DynamicCache:
     """The context's keys and values. Prefill attends at full precision under every policy,
-    so one prefill serves all of them (`answer` stores it into each policy's cache)."""
-    cache = DynamicCache(config=model.config)
+    so one prefill serves all of them (`answer` stores it into each policy's cache). Every
+    layer keeps every token here (no config: sliding-window layers too, so each cache gets the
+    whole context and keeps its own window of it); the model's masks still apply the windows."""
+    cache = DynamicCache()
     feed(model, cache, case.context_ids)
     return cache
 
