@@ -1,13 +1,14 @@
 """Byte layout and cost model of the paged KV store (pure Python, no tensors).
 
-Layers are split into KV groups (vLLM's hybrid allocator): the full-attention layers form one
-group that keeps the cache policy's full-precision and 2-bit tokens; each distinct sliding
-window W forms a group that keeps only the newest W - 1 tokens, at full precision. All groups
-share one page pool: a page id is `page_bytes_all_layers` bytes (the same for every group),
-split evenly between the layers of the group that owns it, so group g's page holds
-`page_bytes` bytes in each of its layers at byte offset (index of the layer in g) * page_bytes.
+Layers are split into KV groups (vLLM's hybrid allocator): full-attention layers keep the
+cache policy's full-precision and 2-bit tokens; sliding-window layers (W positions) keep only
+the newest W - 1 tokens, at full precision. All groups share one page pool: a page id is
+`page_bytes_all_layers` bytes, one `page_bytes` page in each layer of the group that owns it,
+at byte offset (index of the layer in the group) * page_bytes.
 
-A page of a full-attention layer holds either full-precision tokens (`fp_page_tokens` tokens
+Layers of one kind are split into groups of equal size (vLLM's hybrid allocator), so that
+every page id has the same size and no byte is left over: Gemma 3 270M's 3 full-attention
+and 15 window layers make 6 groups of 3 layers. A page of a full-attention layer holds either full-precision tokens (`fp_page_tokens` tokens
 of K and V) or one demoted block of `block_tokens` 2-bit tokens:
 
     key codes   [block_tokens, kv_heads, head_dim * bits / 8]  uint8 (packed along head_dim)
@@ -19,12 +20,13 @@ of K and V) or one demoted block of `block_tokens` 2-bit tokens:
 
 For policies that demote, a full-attention layer's page is one block (sections aligned to 16
 bytes), so a page is never wasted on the 2-bit tier; full-precision pages then hold as many
-tokens as fit. For `fp16`, it holds `DEFAULT_FP_PAGE_TOKENS` tokens. A window group's layers
-take an equal share of the page id (at least one token each).
+tokens as fit. For `fp16`, it holds `DEFAULT_FP_PAGE_TOKENS` tokens. A window layer's page
+is the same size and holds full-precision tokens only.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -173,26 +175,32 @@ class KVLayout:
     def windows(self) -> tuple[int | None, ...]:
         return self.layer_windows or (None,) * self.num_layers
 
-    def _min_page_bytes(self, window: int | None, full_group: bool) -> int:
-        """The smallest page one layer of a group may have."""
-        if window is not None:  # one token; a model of window layers only pages like fp16
-            return _align(self.fp_token_bytes * (1 if full_group else DEFAULT_FP_PAGE_TOKENS))
-        if self.block_tokens == 0:
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page in one layer, in every group: one 2-bit block for a policy that
+        demotes (so the 2-bit tier wastes nothing), else `DEFAULT_FP_PAGE_TOKENS` tokens. A
+        window layer's page holds as many full-precision tokens as a full-attention layer's."""
+        has_full = None in self.windows
+        if self.block_tokens == 0 or not has_full:
             return _align(DEFAULT_FP_PAGE_TOKENS * self.fp_token_bytes)
         return _align(max(self.q_block_bytes, self.fp_token_bytes))
 
     @cached_property
     def groups(self) -> tuple[KVGroup, ...]:
-        """The full-attention group first (if any), then one group per window, ascending."""
-        keys = sorted(set(self.windows), key=lambda w: -1 if w is None else w)
-        layers = {w: tuple(i for i, lw in enumerate(self.windows) if lw == w) for w in keys}
-        has_full = None in layers
-        stride = max(len(layers[w]) * self._min_page_bytes(w, has_full) for w in keys)
+        """Layers of one kind (full attention, or one window size) in groups of equal size,
+        the gcd of the kinds' layer counts, as vLLM's hybrid allocator does: a page id holds
+        one page in each layer of its group, so every group's pages are the same size with
+        nothing left over. Full-attention groups first, then windows ascending."""
+        kinds = sorted(set(self.windows), key=lambda w: -1 if w is None else w)
+        layers = {w: [i for i, lw in enumerate(self.windows) if lw == w] for w in kinds}
+        size = math.gcd(*(len(v) for v in layers.values()))
         fmt = {name: getattr(self, name) for name in PageFormat.__dataclass_fields__}
         return tuple(
-            KVGroup(**(fmt | {"policy": self.policy if w is None else WindowPolicy(w)}), window=w, layers=layers[w],
-                    page_bytes=stride // len(layers[w]) // ALIGN * ALIGN, page_stride=stride)
-            for w in keys
+            KVGroup(**(fmt | {"policy": self.policy if w is None else WindowPolicy(w)}), window=w,
+                    layers=tuple(layers[w][start : start + size]), page_bytes=self.page_bytes,
+                    page_stride=size * self.page_bytes)
+            for w in kinds
+            for start in range(0, len(layers[w]), size)
         )  # fmt: skip
 
     @cached_property

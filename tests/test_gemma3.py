@@ -48,7 +48,7 @@ def test_engine_fp16_equals_generate_over_1500_tokens(gemma) -> None:
     try:
         llm = LLM(model_object=model, tokenizer=tok, policy="fp16", kv_cache_memory="256MiB", debug_integrity=True,
                   max_num_batched_tokens=CHUNK, max_num_seqs=1)  # fmt: skip
-        assert [g.window for g in llm.engine.layout.groups] == [None, 512]
+        assert [g.window for g in llm.engine.layout.groups] == [None] + [512] * 5  # 6 groups of 3 layers
         (result,) = llm.generate([ids], SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
     finally:
         model.set_attn_implementation(previous)
