@@ -43,6 +43,15 @@ def test_kernel_matches_oracle(policy: str, budget: int, ratio: int, head_dim: i
     assert demoted > 0 or policy == "fp16"
 
 
+@pytest.mark.parametrize("policy,budget", [("logquant", 12), ("fp16", 0)])
+def test_kernel_reads_a_window_group(policy: str, budget: int, small_splits: None) -> None:
+    """Layers 0 and 2 in a 9-token sliding window, 1 and 3 full attention: two KV groups of two
+    layers (a layer's pages are a page id apart, twice its page); each layer's kernel reads its
+    group's index."""
+    case = Case(policy, budget, 8, 2, head_dim=64, windows=(9, None, 9, None))
+    assert run_steps(case, CPU_STEPS, seed=2, backend="cpu") > 0 or policy == "fp16"
+
+
 @pytest.mark.parametrize("policy,budget", [("kivi", 16), ("logquant", 12)])
 def test_kernel_reads_16_bit_key_outlier_channels(policy: str, budget: int, small_splits: None) -> None:
     case = Case(policy, budget, 8, 2, head_dim=64, key_fp_channels=3)

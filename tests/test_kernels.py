@@ -78,6 +78,18 @@ KERNEL_CASES = [(p, b, r) for p, b in [("kivi", 16), ("logquant", 12)] for r in 
 
 
 @runs_kernels
+@pytest.mark.parametrize("policy,budget", [("logquant", 12), ("fp16", 0)])
+def test_kernel_reads_a_window_group(policy: str, budget: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers 0 and 2 in a 9-token sliding window, 1 and 3 full attention (two KV groups of two
+    layers, pages a page id apart): decodes on the kernel with each group's index; prefills on
+    the torch path with the window's band mask."""
+    import logquant.kernels.decode as decode
+
+    monkeypatch.setattr(decode, "choose_splits", lambda *args: 2)
+    assert run_steps(Case(policy, budget, 4, 2, windows=(9, None, 9, None)), STEPS, seed=3) > 0 or policy == "fp16"
+
+
+@runs_kernels
 @pytest.mark.parametrize("policy,budget,ratio", KERNEL_CASES)
 def test_kernel_steps_match_reference(policy: str, budget: int, ratio: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decodes on the kernel (3 splits, fp tiles of 16 tokens) beside prefill chunks on the

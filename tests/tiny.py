@@ -21,6 +21,7 @@ ARCHS = {
     "qwen3": dict(model_type="qwen3", head_dim=32),
     "mistral": dict(model_type="mistral"),
     "phi3": dict(model_type="phi3", pad_token_id=0),
+    "gemma": dict(model_type="gemma", head_dim=32),
 }
 # Models with sliding-window layers (and Gemma 2's softcap, gpt-oss's sinks); 2 layers each.
 WINDOW_ARCHS = {
