@@ -158,3 +158,17 @@ def test_unsupported_models_are_refused_in_one_line(model_type: str, fields: dic
         attention_spec(AutoConfig.for_model(model_type, **fields))
     message = str(refused.value)
     assert message.startswith(f"model type {model_type!r} is not supported: {feature}") and "\n" not in message
+
+
+def test_server_refuses_an_unsupported_model_at_start_up(tmp_path) -> None:
+    """From the config alone, before any weight loads: exit 1 and one line on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    AutoConfig.for_model("deepseek_v3", num_hidden_layers=2).save_pretrained(tmp_path)
+    env = {**os.environ, "LOGQUANT_PORT": "0", "LOGQUANT_DEVICE": "cpu", "LOGQUANT_MODEL": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "server.cli"], env=env, capture_output=True, text=True, timeout=180)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1
+    assert last == "logquant-serve: error: model type 'deepseek_v3' is not supported: multi-latent attention (MLA)"

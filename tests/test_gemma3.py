@@ -96,3 +96,24 @@ def test_served_path_matches_logquant_cache(gemma, spec: str, tolerance: float |
     assert ppl[1] == pytest.approx(ppl[0], rel=0.01), ppl
     if tolerance is not None:
         torch.testing.assert_close(engine, cache, atol=tolerance, rtol=0)
+
+
+def test_served_by_name_through_the_api() -> None:
+    """`--model gemma-3-270m`: the server loads it by name and answers chat (Gemma 3's
+    template) and completions; its KV layout has the window groups."""
+    from server.engine.config import EngineConfig
+    from server.engine.core import EngineCore
+    from server_util import RunningServer, openai_client
+
+    def factory() -> EngineCore:
+        config = EngineConfig(model=GEMMA3_270M, policy="logquant", kv_cache_memory=256 << 20, device="cpu", max_model_len=4096)
+        return EngineCore.from_config(config)
+
+    with RunningServer(factory, model=GEMMA3_270M, fp_budget=192, group_size=32) as server:
+        client = openai_client(server.wait_ready(), timeout=300)
+        assert [g.window for g in server.core.layout.groups] == [None] + [512] * 5
+        chat = client.chat.completions.create(model=GEMMA3_270M, max_tokens=8, temperature=0,
+                                              messages=[{"role": "user", "content": "Name a colour."}])  # fmt: skip
+        text = client.completions.create(model=GEMMA3_270M, prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert chat.choices[0].message.content and chat.usage.prompt_tokens > 5
+    assert text.choices[0].text.startswith(" the capital of") and text.usage.completion_tokens == 6
