@@ -4,7 +4,10 @@ KV manager with sequences of each context length until no page is left.
     python bench/capacity.py --kv-cache-memory 8GiB --json results/capacity.json
 
 No weights are needed: the model shapes are written here (SmolLM2-135M, the default model,
-and Llama-3.1-8B from its config.json values). The full-precision tier is 16-bit.
+Llama-3.1-8B and Gemma-3-270M from their config.json values). The full-precision tier is
+16-bit. Gemma 3's 15 sliding-window layers (512 positions) form their own KV group, which
+holds the newest 511 tokens of a sequence whatever its length; "Gemma-3-270M, every layer
+full" is the same shape without KV groups (every layer kept every token, as before them).
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from logquant.provenance import provenance
 from server.engine.config import parse_bytes
 from logquant.kv_manager import KVManager
 
-SHAPES = {  # num_hidden_layers, num_key_value_heads, head_dim
-    "SmolLM2-135M": (30, 3, 64),
-    "Llama-3.1-8B": (32, 8, 128),
+GEMMA3_WINDOWS = tuple(None if (i + 1) % 6 == 0 else 512 for i in range(18))  # 5 sliding : 1 full
+SHAPES = {  # num_hidden_layers, num_key_value_heads, head_dim, per-layer windows (() = all full)
+    "SmolLM2-135M": (30, 3, 64, ()),
+    "Llama-3.1-8B": (32, 8, 128, ()),
+    "Gemma-3-270M": (18, 1, 256, GEMMA3_WINDOWS),
+    "Gemma-3-270M without KV groups": (18, 1, 256, ()),
 }
 POLICIES = ("fp16", "kivi", "logquant")
 
@@ -38,11 +44,12 @@ def max_sequences(layout: KVLayout, kv_budget_bytes: int, context_length: int) -
 
 
 def run(shape: str, kv_budget_bytes: int, lengths: list[int], fp_budget: int, group_size: int) -> dict:
-    layers, kv_heads, head_dim = SHAPES[shape]
+    layers, kv_heads, head_dim, windows = SHAPES[shape]
     table: dict[str, dict[int, int]] = {}
     bytes_per_token: dict[str, float] = {}
     for name in POLICIES:
-        layout = KVLayout(layers, kv_heads, head_dim, make_policy(name, fp_budget, group_size), 2, group_size)
+        layout = KVLayout(layers, kv_heads, head_dim, make_policy(name, fp_budget, group_size), 2, group_size,
+                          layer_windows=windows)  # fmt: skip
         table[name] = {n: max_sequences(layout, kv_budget_bytes, n) for n in lengths}
         bytes_per_token[name] = layout.bytes_for(lengths[-1]) / lengths[-1]
     return {"sequences": table, "bytes_per_token_at_longest": bytes_per_token}
@@ -81,7 +88,8 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {"provenance": provenance(), "args": vars(args) | {"json": str(args.json)},
-                  "results": {s: r["sequences"] for s, r in results.items()}}  # fmt: skip
+                  "results": {s: r["sequences"] for s, r in results.items()},
+                  "bytes_per_token_at_longest": {s: r["bytes_per_token_at_longest"] for s, r in results.items()}}  # fmt: skip
         args.json.write_text(json.dumps(record, indent=2))
 
 

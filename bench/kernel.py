@@ -52,14 +52,16 @@ def fill_store(policy: str, args: argparse.Namespace, batch: int, context: int, 
         manager.allocate(f"s{i}", context + 1)
         manager.plan_step([(f"s{i}", context)])
     store.buffer.random_(0, 256)  # codes; then fp tokens and scales with sane values
-    store.fp[0] = torch.randn(store.fp[0].shape, device=device).to(args.dtype)
+    store.fp[0].copy_(torch.randn(store.fp[0].shape, device=device).to(args.dtype))
     if layout.block_tokens:
-        for scale, zero in ((store.key_scale, store.key_zero), (store.value_scale, store.value_zero)):
-            scale[0] = torch.rand(scale[0].shape, device=device).half() * 0.5 + 0.01
-            zero[0] = -torch.rand(zero[0].shape, device=device).half()
+        sections = store.layer_sections[0]
+        for scale, zero in ((sections["key_scale"], sections["key_zero"]), (sections["value_scale"], sections["value_zero"])):
+            scale.copy_(torch.rand(scale.shape, device=device).half() * 0.5 + 0.01)
+            zero.copy_(-torch.rand(zero.shape, device=device).half())
     plan = manager.plan_step([(f"s{i}", 1) for i in range(batch)])
-    fp_tokens = len(plan.fp_slots)
-    read = fp_tokens * (layout.fp_token_bytes + 4) + len(plan.q_pages) * (layout.q_block_bytes + 4)
+    (group_plan,) = plan.groups
+    fp_tokens = len(group_plan.fp_slots)
+    read = fp_tokens * (layout.fp_token_bytes + 4) + len(group_plan.q_pages) * (layout.q_block_bytes + 4)
     return store, plan, read
 
 
@@ -83,8 +85,8 @@ def paged_paths(policy: str, args, batch: int, context: int, device: torch.devic
     store, plan, read = fill_store(policy, args, batch, context, device, fused)
     query, key, value = tokens
     scale = SHAPES[args.shape][2] ** -0.5
-    bucket = store.prepare(plan, decode_index=False).buckets[0]
-    index = store.prepare(plan, decode_index=True).buckets[0]
+    bucket = store.prepare(plan, decode_index=False).groups[0].buckets[0]
+    index = store.prepare(plan, decode_index=True).groups[0].buckets[0]
     assert isinstance(index, DecodeIndex)
     out = torch.empty_like(query)
     name = "fp16" if policy == "fp16" else "2bit"
@@ -99,11 +101,11 @@ def paged_paths(policy: str, args, batch: int, context: int, device: torch.devic
 
 def _fused(store: PagedKVStore, index: DecodeIndex, tokens, scale: float, out: torch.Tensor) -> None:
     if store.decode_backend == "cpu":
-        store._cpu_decode(store.buffer[0], index, *tokens, scale, out)
+        store._cpu_decode[0](store.layer_bytes(0), index, *tokens, scale, out)
     else:
         from logquant.kernels.decode import StoreLayer, decode_attention
 
-        decode_attention(StoreLayer.of(store.buffer, 0, store.dtype, store.layout), index, *tokens, scale, out)
+        decode_attention(StoreLayer.of(store.layer_bytes(0), store.dtype, store.layout.groups[0]), index, *tokens, scale, out)
 
 
 def run_case(args: argparse.Namespace, batch: int, context: int, device: torch.device) -> dict:

@@ -10,6 +10,9 @@
 - coverage_vs_budget.png          (eval coverage: equal-budget columns)
 - pareto_ppl_vs_bytes.png         (eval ppl: perplexity against KV bytes per token, Pareto front)
 - passkey_vs_bytes.png            (eval passkey: accuracy against KV bytes per token, per length)
+
+The accuracy plots of a model other than the default one are named after it, e.g.
+pareto_ppl_vs_bytes_gemma-3-270m.png (one Pareto plot per model).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from logquant.eval.configs import parse_spec  # noqa: E402
+from logquant.models import DEFAULT_MODEL  # noqa: E402
 
 COLORS = {"fp16": "tab:gray", "kivi": "tab:blue", "logquant": "tab:red"}
 
@@ -56,6 +60,16 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
             front.append((x, y))
             best = y
     return front
+
+
+def model_of(data: dict) -> str:
+    return data.get("provenance", {}).get("model", {}).get("name", DEFAULT_MODEL)
+
+
+def named(stem: str, data: dict) -> str:
+    """`stem.png` for the default model, `stem_<model>.png` for any other."""
+    model = model_of(data)
+    return f"{stem}.png" if model == DEFAULT_MODEL else f"{stem}_{Path(model).name}.png"
 
 
 def plot_serve(data: dict, out: Path) -> Path:
@@ -111,9 +125,9 @@ def plot_pareto(data: dict, out: Path) -> Path:
     ax.step([x for x, _ in front], [y for _, y in front], "k-", where="post", alpha=0.3, label="Pareto front")
     length = data["args"]["length"]
     ax.set(xscale="log", xlabel=f"KV bytes per token at {length} tokens (16-bit tier, all layers)",
-           ylabel=f"perplexity ({length} tokens, one at a time)", title="Perplexity against KV memory")  # fmt: skip
+           ylabel=f"perplexity ({length} tokens, one at a time)", title=f"Perplexity against KV memory: {model_of(data)}")  # fmt: skip
     ax.legend(fontsize=8)
-    return save(fig, out / "pareto_ppl_vs_bytes.png")
+    return save(fig, out / named("pareto_ppl_vs_bytes", data))
 
 
 def plot_passkey(data: dict, out: Path) -> Path:
@@ -128,9 +142,10 @@ def plot_passkey(data: dict, out: Path) -> Path:
         for series, points in sorted(by_series.items()):
             points.sort()
             ax.plot([x for x, _ in points], [y for _, y in points], "o-", color=COLORS.get(series.split()[0]), label=series)
-        ax.set(xscale="log", ylim=(-0.05, 1.05), xlabel="KV bytes per token", ylabel="passkey accuracy", title=f"{n} tokens")
+        ax.set(xscale="log", ylim=(-0.05, 1.05), xlabel="KV bytes per token", ylabel="passkey accuracy",
+               title=f"{model_of(data)}, {n} tokens")  # fmt: skip
         ax.legend(fontsize=8)
-    return save(fig, out / "passkey_vs_bytes.png")
+    return save(fig, out / named("passkey_vs_bytes", data))
 
 
 def save(fig: plt.Figure, path: Path) -> Path:
@@ -161,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.ppl:
         records = [json.loads(path.read_text()) for path in args.ppl]
         assert len({r["args"]["length"] for r in records}) == 1, "ppl files of different lengths"
-        plot_pareto({"args": records[0]["args"], "results": {k: v for r in records for k, v in r["results"].items()}}, args.out)
+        assert len({model_of(r) for r in records}) == 1, "ppl files of different models: one plot per model"
+        merged = {k: v for r in records for k, v in r["results"].items()}
+        plot_pareto({"args": records[0]["args"], "provenance": records[0].get("provenance", {}), "results": merged}, args.out)
 
 
 if __name__ == "__main__":

@@ -49,10 +49,13 @@ def bucket_attention(
     kv_q: tuple[torch.Tensor, torch.Tensor] | None,  # keys, values [S, L_q, kv_heads, head_dim] (2-bit, dequantized)
     bucket,  # logquant.step.Bucket
     scaling: float,
+    softcap: float | None = None,  # logits -> tanh(logits / softcap) * softcap (Gemma 2)
+    sinks: torch.Tensor | None = None,  # [num_heads] learned sink logits (gpt-oss)
 ) -> torch.Tensor:  # [len(bucket.out_rows), num_heads, head_dim]
     """Attention of one bucket of sequences: one call over the fp part and one over the 2-bit
     part, merged by their log-sum-exp. GQA is folded into the query rows (a KV head's group of
-    query heads is a block of rows), so K/V are never repeated."""
+    query heads is a block of rows), so K/V are never repeated. A sink logit s joins each
+    head's softmax denominator only, which scales the output by sigmoid(lse - s)."""
     s, q_len = bucket.query_rows.shape
     num_heads, head_dim = query.shape[1:]
     kv_heads = kv_fp.shape[3]
@@ -61,13 +64,17 @@ def bucket_attention(
     q = q.permute(0, 2, 1, 3, 4).reshape(s, kv_heads, q_len * group, head_dim)  # rows: (token, head)
     fp_mask = bucket.fp_mask if group == 1 or q_len == 1 else bucket.fp_mask.repeat_interleave(group, dim=1)
     k_fp, v_fp = kv_fp[:, :, 0], kv_fp[:, :, 1]
-    out, lse = _attention_lse(q, k_fp, v_fp, fp_mask.unsqueeze(1), scaling)  # [s, kvh, rows, d], [s, kvh, rows]
+    out, lse = _attention_lse(q, k_fp, v_fp, fp_mask.unsqueeze(1), scaling, softcap)  # [s, kvh, rows, d], [s, kvh, rows]
     if kv_q is not None:
-        out_q, lse_q = _attention_lse(q, *kv_q, bucket.q_mask.unsqueeze(1), scaling)
+        out_q, lse_q = _attention_lse(q, *kv_q, bucket.q_mask.unsqueeze(1), scaling, softcap)
         lse_q = lse_q.masked_fill(~bucket.has_q.view(s, 1, 1), float("-inf"))  # no 2-bit tokens: weight 0
         top = torch.maximum(lse, lse_q)
         w_fp, w_q = torch.exp(lse - top).unsqueeze(-1), torch.exp(lse_q - top).unsqueeze(-1)
         out = (out * w_fp + out_q * w_q) / (w_fp + w_q)
+        lse = top + torch.log(w_fp + w_q).squeeze(-1)
+    if sinks is not None:
+        sink = sinks.float().view(1, kv_heads, 1, group).expand(1, kv_heads, q_len, group).reshape(1, kv_heads, -1)
+        out = out * torch.sigmoid(lse - sink).unsqueeze(-1)
     out = out.view(s, kv_heads, q_len, group, head_dim).permute(0, 2, 1, 3, 4).reshape(s * q_len, num_heads, head_dim)
     return out[bucket.out_sources].to(query.dtype)
 
@@ -78,17 +85,22 @@ def _attention_lse(
     values: torch.Tensor,  # [S, L, kv_heads, d]
     mask: torch.Tensor,  # [S, 1, rows or 1, L] additive
     scaling: float,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [S, kv_heads, rows, d] float32, [S, kv_heads, rows] float32
     """Softmax attention and its log-sum-exp (fully masked rows give 0 and any lse: the caller
-    weighs them out). On the CPU, PyTorch's flash kernel returns both in one pass."""
+    weighs them out). On the CPU, PyTorch's flash kernel returns both in one pass (it has no
+    softcap: with one, the scores are computed here)."""
     k, v = keys.transpose(1, 2), values.transpose(1, 2)  # [S, kv_heads, L, d]
     mask = mask.expand(-1, -1, q.shape[2], -1)
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and softcap is None:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k.to(q.dtype), v.to(q.dtype), 0.0, False, attn_mask=mask.to(q.dtype), scale=scaling
         )
         return out.float(), lse.float()
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling + mask.float()
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + mask.float()
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num_(0.0)
     return torch.matmul(probs, v.float()), lse

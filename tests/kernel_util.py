@@ -36,6 +36,11 @@ class Case:
     group_size: int = GROUP_SIZE
     key_fp_channels: int = 0
     sink_tokens: int = 0  # the schedules below are sized so that decode steps demote blocks
+    windows: tuple[int | None, ...] = ()  # per layer: a sliding window (its own KV group), or None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.windows) or LAYERS
 
     @property
     def head_counts(self) -> tuple[int, int, int]:
@@ -46,8 +51,8 @@ class Case:
         policy = make_policy(self.policy, self.budget, group_size=self.group_size, sink_tokens=self.sink_tokens)
         size = torch.empty((), dtype=self.dtype).element_size()
         return KVLayout(
-            LAYERS, self.kv_heads, self.head_dim, policy, dtype_bytes=size, group_size=self.group_size,
-            key_fp_channels=self.key_fp_channels,
+            self.num_layers, self.kv_heads, self.head_dim, policy, dtype_bytes=size, group_size=self.group_size,
+            key_fp_channels=self.key_fp_channels, layer_windows=self.windows,
         )  # fmt: skip
 
 
@@ -58,7 +63,7 @@ def make_store(
     manager = KVManager(layout, num_pages)
     random.Random(seed).shuffle(manager.pool._free)  # shuffled page ids
     store = PagedKVStore(layout, num_pages, case.dtype, device, decode_backend=backend)
-    store.buffer[:, :num_pages] = 255  # never-written bytes read as NaN
+    store.buffer[:num_pages] = 255  # never-written bytes read as NaN
     return store, manager
 
 
@@ -82,6 +87,22 @@ def stored_reference(case: Case, keys: torch.Tensor, values: torch.Tensor) -> tu
     return torch.cat(ks), torch.cat(vs)
 
 
+def window_reference(
+    q: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor, window: int,
+    case: Case,
+) -> torch.Tensor:  # fmt: skip
+    """A sliding-window layer: query i of the chunk sees the `window` newest positions up to its
+    own, all at full precision."""
+    keys = torch.cat([old_k.to(case.dtype).float(), new_k])
+    values = torch.cat([old_v.to(case.dtype).float(), new_v])
+    base = old_k.shape[0]
+    rows = [
+        attend(q[i : i + 1], keys[max(0, base + i + 1 - window) : base + i + 1], values[max(0, base + i + 1 - window) : base + i + 1], case.head_dim**-0.5)
+        for i in range(q.shape[0])
+    ]
+    return torch.cat(rows)
+
+
 def run_steps(
     case: Case, steps: list[dict[str, int]], seed: int, backend: str | None = "triton", num_pages: int = 300,
     device: torch.device | str = "cpu",
@@ -97,22 +118,25 @@ def run_steps(
         for seq, n in chunks.items():
             manager.allocate(seq, (manager.num_tokens(seq) if seq in manager.sequences else 0) + n)
         step = store.prepare(manager.plan_step(list(chunks.items())))
-        kernel_demotions += sum(b.block_pages.numel() for b in step.buckets if isinstance(b, DecodeIndex))
+        kernel_demotions += sum(b.block_pages.numel() for b in step.groups[0].buckets if isinstance(b, DecodeIndex))
         total = sum(chunks.values())
-        for layer in range(LAYERS):
+        for layer in range(case.num_layers):
             q, k, v = (torch.randn(total, h, case.head_dim, generator=gen) for h in case.head_counts)
             on_device = (t.to(case.dtype).to(device) for t in (q, k, v))
             out = store.forward(layer, step, *on_device, scaling=case.head_dim**-0.5)
             assert out.dtype == case.dtype and out.isfinite().all()
-            row = 0
+            row, window = 0, case.windows[layer] if case.windows else None
             for seq, n in chunks.items():
                 empty = torch.empty(0, case.kv_heads, case.head_dim)
                 old_k, old_v = history.get((seq, layer), (empty, empty))
-                ref_k, ref_v = stored_reference(case, old_k, old_v)
                 new = slice(row, row + n)
                 new_k, new_v = (t[new].to(case.dtype).float() for t in (k, v))
-                keys, values = torch.cat([ref_k, new_k]), torch.cat([ref_v, new_v])
-                expected = attend(q[new].to(case.dtype).float(), keys, values, case.head_dim**-0.5)
+                if window is None:
+                    ref_k, ref_v = stored_reference(case, old_k, old_v)
+                    keys, values = torch.cat([ref_k, new_k]), torch.cat([ref_v, new_v])
+                    expected = attend(q[new].to(case.dtype).float(), keys, values, case.head_dim**-0.5)
+                else:
+                    expected = window_reference(q[new].to(case.dtype).float(), old_k, old_v, new_k, new_v, window, case)
                 torch.testing.assert_close(out[new].float().cpu(), expected, atol=tol, rtol=tol)
                 history[(seq, layer)] = (torch.cat([old_k, k[new]]), torch.cat([old_v, v[new]]))
                 row += n
@@ -130,7 +154,7 @@ def decode_bucket(
     for seq, n in lengths.items():
         manager.allocate(seq, n)
         step = store.prepare(manager.plan_step([(seq, n)]))
-        for layer in range(LAYERS):
+        for layer in range(case.num_layers):
             q, k, v = (torch.randn(n, h, case.head_dim, generator=gen).to(device) for h in case.head_counts)
             store.forward(layer, step, q, k, v, case.head_dim**-0.5)
     for seq, n in lengths.items():
@@ -138,6 +162,6 @@ def decode_bucket(
     step = store.prepare(manager.plan_step([(seq, 1) for seq in lengths]), decode_index=True)
     total = len(lengths)
     q, k, v = (torch.randn(total, h, case.head_dim, generator=gen).to(device) for h in case.head_counts)
-    index = step.buckets[0]
+    index = step.groups[0].buckets[0]
     assert isinstance(index, DecodeIndex)
     return store, index, (q, k, v)

@@ -43,6 +43,15 @@ def test_kernel_matches_oracle(policy: str, budget: int, ratio: int, head_dim: i
     assert demoted > 0 or policy == "fp16"
 
 
+@pytest.mark.parametrize("policy,budget", [("logquant", 12), ("fp16", 0)])
+def test_kernel_reads_a_window_group(policy: str, budget: int, small_splits: None) -> None:
+    """Layers 0 and 2 in a 9-token sliding window, 1 and 3 full attention: two KV groups of two
+    layers (a layer's pages are a page id apart, twice its page); each layer's kernel reads its
+    group's index."""
+    case = Case(policy, budget, 8, 2, head_dim=64, windows=(9, None, 9, None))
+    assert run_steps(case, CPU_STEPS, seed=2, backend="cpu") > 0 or policy == "fp16"
+
+
 @pytest.mark.parametrize("policy,budget", [("kivi", 16), ("logquant", 12)])
 def test_kernel_reads_16_bit_key_outlier_channels(policy: str, budget: int, small_splits: None) -> None:
     case = Case(policy, budget, 8, 2, head_dim=64, key_fp_channels=3)
@@ -71,7 +80,7 @@ def test_output_is_bitwise_the_same_with_one_and_two_threads(small_splits: None)
         for n in (1, 2):
             torch.set_num_threads(n)
             out = torch.zeros_like(q)
-            store._cpu_decode(store.buffer[0], index, q, k, v, 0.125, out)
+            store._cpu_decode[0](store.layer_bytes(0), index, q, k, v, 0.125, out)
             outputs.append(out)
     finally:
         torch.set_num_threads(threads)
@@ -86,7 +95,7 @@ def test_splits_change_the_work_not_the_result(monkeypatch: pytest.MonkeyPatch) 
         store, index, (q, k, v) = long_bucket()
         items = torch.diff(index.item_ptr).tolist()
         out = torch.zeros_like(q)
-        store._cpu_decode(store.buffer[0], index, q, k, v, 0.125, out)
+        store._cpu_decode[0](store.layer_bytes(0), index, q, k, v, 0.125, out)
         results.append((items, out))
     assert results[0][0] == [1, 1, 1] and results[1][0] == [32, 1, 3]
     torch.testing.assert_close(results[0][1], results[1][1], atol=2e-6, rtol=2e-6)
@@ -105,7 +114,7 @@ def test_store_forward_cpu_equals_torch_over_steps(policy: str, budget: int) -> 
             for seq, n in chunks.items():
                 manager.allocate(seq, (manager.num_tokens(seq) if seq in manager.sequences else 0) + n)
             step = store.prepare(manager.plan_step(list(chunks.items())))
-            assert any(isinstance(b, DecodeIndex) for b in step.buckets) == (backend == "cpu" and 1 in chunks.values())
+            assert any(isinstance(b, DecodeIndex) for b in step.groups[0].buckets) == (backend == "cpu" and 1 in chunks.values())
             outs[backend] = [store.forward(layer, step, *tokens, scaling=0.125) for layer in range(2)]
         for cpu_out, torch_out in zip(outs["cpu"], outs["torch"]):
             torch.testing.assert_close(cpu_out, torch_out, atol=1e-5, rtol=1e-5)

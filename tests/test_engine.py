@@ -53,7 +53,7 @@ def test_fp16_engine_equals_generate_with_chunking_and_staggered_arrivals() -> N
 
 
 def test_fp16_engine_equals_generate_under_preemption() -> None:
-    layout_page = make_engine().layout.page_bytes * 2
+    layout_page = make_engine().layout.page_bytes_all_layers
     engine = make_engine(kv=10 * layout_page, budget=64)  # 10 pages of 16 tokens for 4 sequences
     outputs = run_staggered(engine, 40)
     assert engine.scheduler.num_preemptions > 0
@@ -86,7 +86,7 @@ def test_quantized_outputs_unchanged_by_preemption(policy: str) -> None:
     roomy = make_engine(policy, budget=64, fp_budget=24)
     expected = run_staggered(roomy, 40)
     assert roomy.scheduler.num_preemptions == 0
-    page = roomy.layout.page_bytes * 2
+    page = roomy.layout.page_bytes_all_layers
     tight = make_engine(policy, kv=roomy.layout.pages_for(100) * 2 * page, budget=64, fp_budget=24)
     assert run_staggered(tight, 40) == expected
     assert tight.scheduler.num_preemptions > 0

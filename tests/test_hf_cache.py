@@ -42,7 +42,8 @@ def test_quantized_policies_generate_and_stay_close(arch: str, policy: str) -> N
     total = cache.layers[0].get_seq_length()
     assert total == out.shape[1] - 1 == cache.shared.num_tokens()
     manager = cache.shared.manager
-    for row in manager.sequences.values():
+    for seq in manager.sequences.values():
+        (row,) = seq.groups
         assert len(row.q_pages) > 0, "the sequence is long enough that blocks were demoted"
         assert len(row.slot_of) <= cache.policy.max_fp_tokens and len(row.slot_of) + len(row.q_pages) * cache.policy.block_tokens == total
     manager.check_integrity()

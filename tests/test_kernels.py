@@ -78,6 +78,18 @@ KERNEL_CASES = [(p, b, r) for p, b in [("kivi", 16), ("logquant", 12)] for r in 
 
 
 @runs_kernels
+@pytest.mark.parametrize("policy,budget", [("logquant", 12), ("fp16", 0)])
+def test_kernel_reads_a_window_group(policy: str, budget: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers 0 and 2 in a 9-token sliding window, 1 and 3 full attention (two KV groups of two
+    layers, pages a page id apart): decodes on the kernel with each group's index; prefills on
+    the torch path with the window's band mask."""
+    import logquant.kernels.decode as decode
+
+    monkeypatch.setattr(decode, "choose_splits", lambda *args: 2)
+    assert run_steps(Case(policy, budget, 4, 2, windows=(9, None, 9, None)), STEPS, seed=3) > 0 or policy == "fp16"
+
+
+@runs_kernels
 @pytest.mark.parametrize("policy,budget,ratio", KERNEL_CASES)
 def test_kernel_steps_match_reference(policy: str, budget: int, ratio: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decodes on the kernel (3 splits, fp tiles of 16 tokens) beside prefill chunks on the
@@ -115,7 +127,7 @@ def test_splits_without_work_write_minus_infinity_and_reduce_exactly() -> None:
 
     case = Case("logquant", 12, 4, 1)
     store, bucket, (q, k, v) = decode_bucket(case, {"short": 1, "long": 50})
-    view = StoreLayer.of(store.buffer, 0, store.dtype, store.layout)
+    view = StoreLayer.of(store.layer_bytes(0), store.dtype, store.layout.groups[0])
     _, lse = decode_partials(view, bucket, q, k, v, D**-0.5, num_splits=8, block_n=16)
     pages = (bucket.q_ptr[1:] - bucket.q_ptr[:-1]).tolist()
     fp = (bucket.fp_ptr[1:] - bucket.fp_ptr[:-1]).tolist()
@@ -136,7 +148,7 @@ def test_kernel_reads_strided_query_and_writes_only_its_rows() -> None:
 
     case = Case("kivi", 16, 4, 2)
     store, bucket, (q, k, v) = decode_bucket(case, {"a": 20, "b": 3}, seed=1)
-    view = StoreLayer.of(store.buffer, 1, store.dtype, store.layout)
+    view = StoreLayer.of(store.layer_bytes(1), store.dtype, store.layout.groups[0])
     dense = torch.zeros(2, 3, 4, D, device=DEVICE)
     decode_attention(view, bucket, q, k, v, D**-0.5, dense[:, 1])
     strided = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in (q, k, v)]

@@ -15,7 +15,7 @@ from server.engine.request import SamplingParams, Sequence, SequenceStatus
 from server.engine.scheduler import Scheduler, SchedulerConfig
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32, policy=make_policy("fp16"), dtype_bytes=2)
-PAGE = LAYOUT.page_bytes * LAYOUT.num_layers  # 16 tokens per page
+PAGE = LAYOUT.page_bytes_all_layers  # 16 tokens per page
 
 
 def make(num_pages: int, max_seqs: int = 8, budget: int = 64) -> Scheduler:
@@ -146,8 +146,9 @@ def test_kv_manager_pages_follow_cost_model(policy: str) -> None:
     for n in [1, 50, 51, 200, 1000]:
         alloc.allocate("x", n)
         table = alloc.sequences["x"]
-        assert len(table.fp_pages) == layout.fp_pages_for(n)
-        assert len(table.q_pages) + len(table.spare_q_pages) == layout.q_pages_for(n)
+        (group,), (table,) = layout.groups, table.groups
+        assert len(table.fp_pages) == group.fp_pages_for(n)
+        assert len(table.q_pages) + len(table.spare_q_pages) == group.q_pages_for(n)
     assert alloc.bytes_by_tier()["fp"] + alloc.bytes_by_tier()["2bit"] == layout.bytes_for(1000)
     assert SequenceStatus.WAITING.value == "waiting"
 

@@ -53,7 +53,7 @@ def run_steps(
     gen = torch.Generator().manual_seed(seed)
     heads = kv_heads * 3 if kv_heads == 1 else 4 * kv_heads if kv_heads == 2 else 4
     store, manager = make_store(policy_name, budget, kv_heads=kv_heads, backend=backend, **variant)
-    store.buffer[:, : store.num_pages] = 255  # unwritten bytes read as NaN: padding must never touch them
+    store.buffer[: store.num_pages] = 255  # unwritten bytes read as NaN: padding must never touch them
     history: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
     for chunks in steps:
         for seq, n in chunks.items():
@@ -182,7 +182,7 @@ def test_integrity_check_catches_a_double_owned_page() -> None:
     manager.check_integrity()
     manager.allocate("b", 1)
     manager.plan_step([("b", 1)])
-    manager.sequences["b"].fp_pages.append(manager.sequences["a"].fp_pages[0])
+    manager.sequences["b"].groups[0].fp_pages.append(manager.sequences["a"].groups[0].fp_pages[0])
     with pytest.raises(AssertionError, match="owned twice"):
         manager.check_integrity()
 

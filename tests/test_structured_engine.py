@@ -33,7 +33,7 @@ def test_structured_outputs_survive_preemption(policy: str) -> None:
     roomy = make_engine(policy, budget=64, fp_budget=24)
     expected = run(roomy, schemas)
     assert roomy.scheduler.num_preemptions == 0
-    page = roomy.layout.page_bytes * 2
+    page = roomy.layout.page_bytes_all_layers
     tight = make_engine(policy, kv=roomy.layout.pages_for(100) * 2 * page, budget=64, fp_budget=24)
     assert run(tight, schemas) == expected
     assert tight.scheduler.num_preemptions > 0

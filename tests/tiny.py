@@ -14,13 +14,26 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+WINDOW = 12  # sliding window of the tiny window models: tests run sequences past 2 * WINDOW
 ARCHS = {
     "llama": dict(model_type="llama"),
     "qwen2": dict(model_type="qwen2"),
     "qwen3": dict(model_type="qwen3", head_dim=32),
     "mistral": dict(model_type="mistral"),
     "phi3": dict(model_type="phi3", pad_token_id=0),
+    "gemma": dict(model_type="gemma", head_dim=32),
 }
+# Models with sliding-window layers (and Gemma 2's softcap, gpt-oss's sinks); 2 layers each.
+WINDOW_ARCHS = {
+    "qwen2_sliding": dict(model_type="qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "mistral_sliding": dict(model_type="mistral", sliding_window=20),  # every layer: 19 tokens span two pages
+    "gemma2": dict(model_type="gemma2", head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma3": dict(model_type="gemma3_text", head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW,
+                   layer_types=["sliding_attention", "full_attention"]),
+    "gpt_oss": dict(model_type="gpt_oss", head_dim=32, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+}  # fmt: skip
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -54,7 +67,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, weight_std: 
         bos_token_id=None,
         tie_word_embeddings=False,
     )
-    kwargs.update(ARCHS[arch])
+    kwargs.update((ARCHS | WINDOW_ARCHS)[arch])
     config = AutoConfig.for_model(**kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -51,19 +51,20 @@ def run_coverage(args: argparse.Namespace, model: PreTrainedModel, tokenizer, co
 def run_ppl(args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig]) -> dict:
     ids = text_ids(tokenizer, args.length)
     lengths = list(range(1, len(ids)))  # the cache holds t tokens when it predicts token t
+    resolved = {c.label: column_facts(c, model.config, lengths) for c in cols}
+    quantized = [c for c in cols if c.policy != "fp16"]
+    if args.engine:
+        from logquant.eval.engine import engine_predictions  # imports the server package
 
-    def predict(config: CacheConfig, desc: str = "") -> ppl.Predictions:
-        if args.engine:
-            from logquant.eval.engine import engine_predictions  # imports the server package
-
-            return engine_predictions(model, tokenizer, config, ids)
-        return ppl.decode_predictions(model, config, ids, desc=desc)
-
-    reference = predict(CacheConfig("fp16"))
+        reference = engine_predictions(model, tokenizer, CacheConfig("fp16"), ids)
+        predicted = {c.label: engine_predictions(model, tokenizer, resolved[c.label][0], ids) for c in tqdm(quantized, desc="ppl")}
+    else:  # every column is one row of a batch: the model's weights are read once per step for all
+        rows = ppl.decode_predictions_many(model, [CacheConfig("fp16")] + [resolved[c.label][0] for c in quantized], ids)
+        reference, predicted = rows[0], {c.label: p for c, p in zip(quantized, rows[1:])}
     result, cells = {}, {}
     for c in cols:
-        resolved, facts = column_facts(c, model.config, lengths)
-        predictions = reference if c.policy == "fp16" else predict(resolved, c.label)
+        facts = resolved[c.label][1]
+        predictions = reference if c.policy == "fp16" else predicted[c.label]
         result[c.label] = facts | {
             "ppl": round(ppl.perplexity(predictions), 4),
             "top1_agreement": round(ppl.argmax_agreement(predictions, reference), 4),

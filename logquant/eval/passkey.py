@@ -58,16 +58,18 @@ def run_cases(
     answers: list[list[str]] = [[] for _ in configs]
     for case in tqdm(cases, desc=desc):
         context = prefill(model, case)
-        for column, config in enumerate(configs):
-            answers[column].append(answer(model, config, case, tokenizer, context))
+        for column, text in enumerate(answer_many(model, configs, case, tokenizer, context)):
+            answers[column].append(text)
     return answers
 
 
 @torch.inference_mode()
 def prefill(model: PreTrainedModel, case: PasskeyCase) -> DynamicCache:
     """The context's keys and values. Prefill attends at full precision under every policy,
-    so one prefill serves all of them (`answer` stores it into each policy's cache)."""
-    cache = DynamicCache(config=model.config)
+    so one prefill serves all of them (`answer` stores it into each policy's cache). Every
+    layer keeps every token here (no config: sliding-window layers too, so each cache gets the
+    whole context and keeps its own window of it); the model's masks still apply the windows."""
+    cache = DynamicCache()
     feed(model, cache, case.context_ids)
     return cache
 
@@ -90,6 +92,35 @@ def answer(
         out.append(token)
         logits = feed(model, cache, [token])
     return tokenizer.decode(out, skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def answer_many(
+    model: PreTrainedModel, configs: list[CacheConfig], case: PasskeyCase, tokenizer, context: DynamicCache,
+    max_new_tokens: int = ANSWER_TOKENS,
+) -> list[str]:  # fmt: skip
+    """`answer` for several configs at once, one batch row each (`batched.RowCaches`): a row
+    that reaches EOS stops answering while the others go on."""
+    from logquant.eval.batched import RowCaches, feed_rows
+
+    caches = [config.make_cache(model) for config in configs]
+    for cache in caches:
+        for index, layer in enumerate(context.layers):
+            cache.update(layer.keys, layer.values, index)  # same as prefilling through `cache`
+    rows = RowCaches(caches)
+    logits = feed_rows(model, rows, [case.question_ids] * len(configs))
+    out: list[list[int]] = [[] for _ in configs]
+    done = [False] * len(configs)
+    for _ in range(max_new_tokens):
+        tokens = logits.argmax(dim=-1).tolist()
+        for row, token in enumerate(tokens):
+            done[row] = done[row] or token == tokenizer.eos_token_id
+            if not done[row]:
+                out[row].append(token)
+        if all(done):
+            break
+        logits = feed_rows(model, rows, [[token] for token in tokens])
+    return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in out]
 
 
 def is_correct(case: PasskeyCase, text: str) -> bool:

@@ -34,6 +34,22 @@ def decode_predictions(model: PreTrainedModel, config: CacheConfig, ids: list[in
     return Predictions(torch.stack(targets), torch.stack(tops))
 
 
+@torch.inference_mode()
+def decode_predictions_many(model: PreTrainedModel, configs: list[CacheConfig], ids: list[int], desc: str = "") -> list[Predictions]:
+    """`decode_predictions` for several configs at once: each is one row of a batch with its
+    own cache (`batched.RowCaches`), so every step reads the model's weights once for all."""
+    from logquant.eval.batched import RowCaches, feed_rows
+
+    cache = RowCaches([config.make_cache(model) for config in configs])
+    targets, tops = [], []
+    for index, token in enumerate(tqdm(ids[:-1], desc=desc or f"{len(configs)} caches", leave=False)):
+        logprobs = torch.log_softmax(feed_rows(model, cache, [[token]] * len(configs)), dim=-1)  # [rows, vocab]
+        targets.append(logprobs[:, ids[index + 1]])
+        tops.append(logprobs.argmax(dim=-1))
+    target_rows, top_rows = torch.stack(targets, dim=1), torch.stack(tops, dim=1)  # [rows, T - 1]
+    return [Predictions(t, k) for t, k in zip(target_rows, top_rows)]
+
+
 def perplexity(predictions: Predictions, skip: int = 0) -> float:
     """exp(mean NLL) of the predicted tokens from the `skip`-th on."""
     return math.exp(float(-predictions.target_logprobs[skip:].mean()))

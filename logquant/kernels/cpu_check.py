@@ -22,7 +22,8 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 def check_cpu_kernel(layout: KVLayout, dtype: torch.dtype) -> str | None:
-    return _check(dataclasses.replace(layout, num_layers=1), dtype)
+    """The full-attention page format, on one layer (a window group reads fp pages the same way)."""
+    return _check(dataclasses.replace(layout, num_layers=1, layer_windows=()), dtype)
 
 
 @lru_cache(maxsize=None)
@@ -31,7 +32,7 @@ def _check(layout: KVLayout, dtype: torch.dtype) -> str | None:
     if reason is not None:
         return reason
     try:
-        kernel = CpuDecode.for_layout(layout, dtype)
+        kernel = CpuDecode.for_layout(layout.groups[0], dtype)
     except KernelBuildError as exc:
         return str(exc)
     error = _max_error(kernel, layout, dtype)
@@ -55,10 +56,10 @@ def _max_error(kernel: CpuDecode, layout: KVLayout, dtype: torch.dtype) -> float
         manager.allocate(seq, length + 1)
         _run(store, store.prepare(manager.plan_step([(seq, length)])), length, heads, gen)
     plan = manager.plan_step([(seq, 1) for seq in seqs])
-    fused = store.prepare(plan, decode_index=True).buckets[0]
+    fused = store.prepare(plan, decode_index=True).groups[0].buckets[0]
     query, key, value = _random_tokens(len(seqs), heads, layout, dtype, gen)
     fused_out = torch.zeros_like(query)
-    kernel(store.buffer[0], fused, query, key, value, layout.head_dim**-0.5, fused_out)
+    kernel(store.layer_bytes(0), fused, query, key, value, layout.head_dim**-0.5, fused_out)
     torch_out = store.forward(0, store.prepare(plan), query, key, value, layout.head_dim**-0.5)
     return float((fused_out.float() - torch_out.float()).abs().max())
 

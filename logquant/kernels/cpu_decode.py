@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from logquant.kernels.cpu_build import load_cpu_kernel
-from logquant.layout import KVLayout
+from logquant.layout import KVGroup, KVLayout
 from logquant.step import DecodeIndex
 
 CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -21,7 +21,7 @@ MAX_HEAD_DIM = 256
 VECTOR_LANES = 8
 
 
-def cpu_kernel_supports(layout: KVLayout, dtype: torch.dtype) -> str | None:
+def cpu_kernel_supports(layout: KVLayout | KVGroup, dtype: torch.dtype) -> str | None:
     """Why the CPU kernel cannot read this layout, or None when it can."""
     if layout.bits != 2:
         return f"the kernel reads 2-bit codes, the layout has {layout.bits}-bit codes"
@@ -34,14 +34,16 @@ def cpu_kernel_supports(layout: KVLayout, dtype: torch.dtype) -> str | None:
     return None
 
 
-def page_layout_args(layout: KVLayout) -> list[int]:
-    """The page layout as the kernel's 13 integers (byte offsets of the 2-bit sections)."""
-    sections = layout.q_sections() if layout.block_tokens else {}
+def page_layout_args(group: KVGroup) -> list[int]:
+    """A KV group's page layout as the kernel's 13 integers: the page stride (the bytes of a
+    page id: a layer's pages are that far apart), fp tokens per page, block tokens, value
+    group size, byte offsets of the 2-bit sections, key outlier channels and their offsets."""
+    sections = group.q_sections() if group.block_tokens else {}
     names = ("key_codes", "value_codes", "key_scale", "key_zero", "value_scale", "value_zero")
     offsets = [sections[name][0] if sections else 0 for name in names]
-    outliers = [sections["key_outlier_values"][0], sections["key_outlier_channels"][0]] if layout.key_fp_channels else [0, 0]
-    return [layout.page_bytes, layout.fp_page_tokens, layout.block_tokens, layout.group_size, *offsets,
-            layout.key_fp_channels, *outliers]  # fmt: skip
+    outliers = [sections["key_outlier_values"][0], sections["key_outlier_channels"][0]] if group.key_fp_channels else [0, 0]
+    return [group.page_stride, group.fp_page_tokens, group.block_tokens, group.group_size, *offsets,
+            group.key_fp_channels, *outliers]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -51,17 +53,17 @@ class CpuDecode:
     dtype: torch.dtype  # the store's full-precision dtype
 
     @classmethod
-    def for_layout(cls, layout: KVLayout, dtype: torch.dtype) -> CpuDecode:
-        """Raises ValueError if the kernel cannot read the layout, `KernelBuildError` if it
-        cannot be built here."""
-        reason = cpu_kernel_supports(layout, dtype)
+    def for_layout(cls, group: KVGroup, dtype: torch.dtype) -> CpuDecode:
+        """The kernel for the layers of one KV group. Raises ValueError if the kernel cannot
+        read the layout, `KernelBuildError` if it cannot be built here."""
+        reason = cpu_kernel_supports(group, dtype)
         if reason is not None:
             raise ValueError(reason)
-        return cls(load_cpu_kernel(), page_layout_args(layout), dtype)
+        return cls(load_cpu_kernel(), page_layout_args(group), dtype)
 
     def __call__(
         self,
-        layer_bytes: torch.Tensor,  # [num_pages + 1, page_bytes] uint8, one layer of the store
+        layer_bytes: torch.Tensor,  # uint8, flat: the store's bytes from the layer's first byte on
         index: DecodeIndex,
         query: torch.Tensor,  # [num_tokens, heads, head_dim], the step's flat batch
         key: torch.Tensor,  # [num_tokens, kv_heads, head_dim]

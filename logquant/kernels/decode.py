@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from logquant.kernels.triton_decode import decode_partial_kernel, decode_reduce_kernel
-from logquant.layout import KVLayout
+from logquant.layout import KVGroup
 from logquant.step import DecodeIndex
 
 MIN_KEYS_PER_SPLIT = 256  # fewer keys than this per split: the reduction costs more than it saves
@@ -24,17 +24,20 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 
 @dataclass(frozen=True)
 class StoreLayer:
-    """One layer of the store's byte buffer, viewed as the kernel reads it."""
+    """One layer of the store's byte buffer, viewed as the kernel reads it: flat from the
+    layer's first byte, pages `layout.page_stride` bytes apart."""
 
     fp_tier: torch.Tensor  # the layer's bytes as the fp dtype (flat)
     codes: torch.Tensor  # the layer's bytes as uint8 (flat)
     scales: torch.Tensor  # the layer's bytes as float16 (flat): scale and zero sections
-    layout: KVLayout
+    layout: KVGroup
 
     @classmethod
-    def of(cls, buffer: torch.Tensor, layer: int, dtype: torch.dtype, layout: KVLayout) -> StoreLayer:
-        flat = buffer[layer].view(-1)
-        return cls(flat.view(dtype), flat, flat.view(torch.float16), layout)
+    def of(cls, layer_bytes: torch.Tensor, dtype: torch.dtype, layout: KVGroup) -> StoreLayer:
+        """`layer_bytes`: `PagedKVStore.layer_bytes(layer)`; `layout`: the layer's group."""
+        element = torch.empty((), dtype=dtype).element_size()
+        flat = layer_bytes[: layer_bytes.numel() // element * element]  # whole elements for the typed views
+        return cls(flat.view(dtype), flat, flat[: flat.numel() // 2 * 2].view(torch.float16), layout)
 
 
 @lru_cache(maxsize=None)
@@ -53,15 +56,15 @@ def choose_splits(num_seqs: int, kv_heads: int, max_keys: int, device: torch.dev
     return max(1, min(by_occupancy, by_work, MAX_SPLITS))
 
 
-def _page_constants(layout: KVLayout, dtype: torch.dtype) -> dict[str, int]:
+def _page_constants(layout: KVGroup, dtype: torch.dtype) -> dict[str, int]:
     """Byte layout of a page as the kernel's compile-time constants (offsets in the unit of
     the view that reads them: bytes for codes, float16 elements for scales and zeros)."""
     sections = layout.q_sections()
-    element = torch.empty((), dtype=dtype).element_size()
-    assert layout.page_bytes % element == 0 and all(offset % 2 == 0 for offset, _ in sections.values())
+    element, stride = torch.empty((), dtype=dtype).element_size(), layout.page_stride  # stride: bytes of a page id
+    assert stride % element == 0 and all(offset % 2 == 0 for offset, _ in sections.values())
     return dict(
-        BLOCK_TOKENS=layout.block_tokens, FP_PAGE_TOKENS=layout.fp_page_tokens, PAGE_BYTES=layout.page_bytes,
-        PAGE_ELEMS=layout.page_bytes // element, PAGE_HALVES=layout.page_bytes // 2,
+        BLOCK_TOKENS=layout.block_tokens, FP_PAGE_TOKENS=layout.fp_page_tokens, PAGE_BYTES=stride,
+        PAGE_ELEMS=stride // element, PAGE_HALVES=stride // 2,
         KEY_CODES=sections["key_codes"][0], VALUE_CODES=sections["value_codes"][0],
         KEY_SCALE=sections["key_scale"][0] // 2, KEY_ZERO=sections["key_zero"][0] // 2,
         VALUE_SCALE=sections["value_scale"][0] // 2, VALUE_ZERO=sections["value_zero"][0] // 2,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from logquant.attention_spec import AttentionSpec, attention_spec
 from logquant.models import load_model
 from logquant.kv_manager import KVManager
 from logquant.policy import make_policy
@@ -45,9 +46,8 @@ class EngineCore:
         self.layout = layout_for(model, policy, self.dtype, config.group_size, config.key_fp_channels, config.kv_bits)
         kv_bytes = config.kv_cache_memory or self._default_kv_bytes()
         self.kv_manager = KVManager.for_budget(self.layout, kv_bytes)
-        self.store = PagedKVStore(
-            self.layout, self.kv_manager.num_pages, self.dtype, self.device, decode_backend=config.decode_backend
-        )
+        backend = decode_backend_for(attention_spec(model.config), config.decode_backend)
+        self.store = PagedKVStore(self.layout, self.kv_manager.num_pages, self.dtype, self.device, decode_backend=backend)
         logger.info("decode backend: %s", self.store.decode_backend)
         self.max_model_len = self._fit_max_model_len(model)
         scheduler_config = SchedulerConfig(
@@ -177,6 +177,17 @@ class EngineCore:
         s.kv_bytes_by_tier = self.kv_manager.bytes_by_tier()
         s.kv_fp16_equivalent_bytes = self.layout.fp16_bytes_for(self.kv_manager.num_cached_tokens())
         s.num_preemptions = self.scheduler.num_preemptions
+
+
+def decode_backend_for(spec: AttentionSpec, requested: str) -> str:
+    """`requested`, unless the model's attention needs what only the torch path applies
+    (softcapped logits, learned sinks): then `torch`, or an error if a fused kernel was asked for."""
+    needs = [name for name, used in (("attention logit softcapping", spec.softcap), ("learned attention sinks", spec.sinks)) if used]
+    if not needs:
+        return requested
+    if requested in ("cpu", "triton"):
+        raise ValueError(f"--decode-backend {requested}: the fused kernels do not apply {' or '.join(needs)} ({spec.model_type}); use auto or torch")
+    return "torch"
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.masking_utils import AttentionMaskInterface
 
+from logquant.attention_spec import attention_spec
 from logquant.kv_manager import StepPlan
 from logquant.layout import KVLayout, head_dim_of
 from logquant.step import StepTensors
@@ -65,9 +66,13 @@ def paged_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     batch: StepBatch = kwargs["logquant_batch"]
+    layer = module.layer_idx
+    window = batch.store.group(layer).window
+    assert window is None or kwargs.get("sliding_window") == window, f"layer {layer}: the layout's window is {window}"
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [num_tokens, heads, head_dim]
     scaling = scaling if scaling is not None else q.shape[-1] ** -0.5
-    out = batch.store.forward(module.layer_idx, batch.step, q, k, v, scaling)
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    out = batch.store.forward(layer, batch.step, q, k, v, scaling, softcap=softcap, sinks=sinks)
     return out.unsqueeze(0), None  # [1, num_tokens, heads, head_dim]
 
 
@@ -82,8 +87,10 @@ AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
 def layout_for(
     model: PreTrainedModel, policy, dtype: torch.dtype, group_size: int, key_fp_channels: int = 0, bits: int = 2
 ) -> KVLayout:
+    """The model's KV layout; raises UnsupportedModelError for attention we cannot run."""
     config = model.config.get_text_config(decoder=True)
     return KVLayout(
+        layer_windows=attention_spec(model.config).windows,
         num_layers=config.num_hidden_layers,
         num_kv_heads=config.num_key_value_heads,
         head_dim=head_dim_of(config),
