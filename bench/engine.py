@@ -7,7 +7,8 @@ one copy of the model; each engine gets the KV budget its batch needs. Prints ou
 and the ratios engine/generate and policy/fp16 (same backend); `--profile` prints the top ops
 of one engine run.
 
-    python bench/engine.py --batch 1,8,32,64 --prompt-len 256,2048 --max-tokens 128 --json results/engine.json
+    python bench/engine.py --batch 1,8,32,64 --prompt-len 256 --json results/engine_256.json
+    python bench/engine.py --batch 1,8,32 --prompt-len 2048 --json results/engine_2048.json
 """
 
 from __future__ import annotations
