@@ -90,13 +90,12 @@ def fp16_capacity(args: argparse.Namespace) -> int:
     prompt's chat template adds a few tokens: counted as 32)."""
     from transformers import AutoConfig
 
-    from logquant.layout import KVLayout, head_dim_of
+    from logquant.layout import KVLayout
     from logquant.policy import make_policy
     from server.engine.config import parse_bytes
 
-    config = AutoConfig.from_pretrained(resolve_model(args.model).directory).get_text_config(decoder=True)
-    layout = KVLayout(config.num_hidden_layers, config.num_key_value_heads, head_dim_of(config), make_policy("fp16"),
-                      dtype_bytes=4)  # fmt: skip
+    config = AutoConfig.from_pretrained(resolve_model(args.model).directory)
+    layout = KVLayout.for_model(config, make_policy("fp16"), dtype_bytes=4)
     per_sequence = layout.pages_for(args.input_tokens + 32 + args.max_tokens)
     return layout.num_pages(parse_bytes(args.kv_cache_memory)) // per_sequence
 

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from logquant.provenance import provenance  # noqa: E402
 
 from logquant.models import load_model  # noqa: E402
+from logquant.layout import KVLayout  # noqa: E402
 from logquant.policy import make_policy  # noqa: E402
 from server.engine import LLM, SamplingParams  # noqa: E402
-from server.engine.runner import layout_for  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -75,7 +75,7 @@ def time_engine(llm: LLM, ids: list[list[int]], max_tokens: int) -> float:
 def make_llm(args: argparse.Namespace, model, tokenizer, policy: str, backend: str, batch: int, length: int) -> LLM:
     """An engine on the shared model whose KV budget holds `batch` sequences of `length` tokens."""
     extra = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
-    layout = layout_for(model, make_policy(policy, args.fp_budget), model.dtype, 32)
+    layout = KVLayout.for_model(model.config, make_policy(policy, args.fp_budget), dtype_bytes=model.dtype.itemsize)
     budget = batch * layout.bytes_for(length) + 4 * layout.page_bytes_all_layers
     return LLM(args.model, model_object=model, tokenizer=tokenizer, policy=policy, fp_budget=args.fp_budget,
                kv_cache_memory=budget, dtype=args.dtype, max_num_seqs=batch, decode_backend=backend,

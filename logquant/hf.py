@@ -22,9 +22,8 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
-from logquant.attention_spec import attention_spec
 from logquant.kv_manager import KVManager
-from logquant.layout import KVLayout, head_dim_of
+from logquant.layout import KVLayout
 from logquant.plan import GroupPlan
 from logquant.policy import TokenPolicy, make_policy
 from logquant.step import Bucket, StepTensors
@@ -183,19 +182,19 @@ class LogQuantCache(Cache):
         key_fp_channels: int = 0,
         sink_tokens: int | None = None,
     ) -> None:
-        text_config = config.get_text_config(decoder=True)
         if isinstance(policy, str):
             token_policy = make_policy(policy, fp_budget, group_size, sink_tokens=sink_tokens)
         else:
             assert sink_tokens is None, "give sink_tokens to make_policy when passing a TokenPolicy"
             token_policy = policy
         self.policy = token_policy
-        windows = attention_spec(config).windows  # refuses what our attention cannot run
-        layout = KVLayout(
-            num_layers=text_config.num_hidden_layers, num_kv_heads=text_config.num_key_value_heads,
-            head_dim=head_dim_of(text_config), policy=token_policy, group_size=group_size, bits=bits,
-            key_fp_channels=key_fp_channels, layer_windows=windows,
-        )  # fmt: skip
+        # refuses what our attention cannot run; dtype_bytes is set from the first keys
+        layout = KVLayout.for_model(
+            config, token_policy, group_size=group_size, bits=bits, key_fp_channels=key_fp_channels
+        )
         self.shared = SharedKV(layout)
-        layers = [LogQuantLayer(self.shared, i) if w is None else LogQuantWindowLayer(self.shared, i, w) for i, w in enumerate(windows)]
+        layers = [
+            LogQuantLayer(self.shared, i) if w is None else LogQuantWindowLayer(self.shared, i, w)
+            for i, w in enumerate(layout.windows)
+        ]
         super().__init__(layers=layers)

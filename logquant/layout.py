@@ -141,6 +141,35 @@ class KVLayout:
     key_fp_channels: int = 0  # per 2-bit block and head, key channels kept at 16 bits (outliers)
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window W or None; (): all full
 
+    @classmethod
+    def for_model(
+        cls,
+        config: object,
+        policy: TokenPolicy,
+        *,
+        dtype_bytes: int = 2,
+        group_size: int = 32,
+        bits: int = 2,
+        key_fp_channels: int = 0,
+    ) -> KVLayout:
+        """The layout of a transformers model config (any `PretrainedConfig`; its decoder's
+        text config is read): layers, KV heads, head size and each layer's sliding window.
+        Raises `UnsupportedModelError` for attention our store cannot run."""
+        from logquant.attention_spec import attention_spec  # imports transformers (and torch)
+
+        text = config.get_text_config(decoder=True)  # type: ignore[attr-defined]
+        return cls(
+            num_layers=text.num_hidden_layers,
+            num_kv_heads=text.num_key_value_heads,
+            head_dim=head_dim_of(text),
+            policy=policy,
+            dtype_bytes=dtype_bytes,
+            group_size=group_size,
+            bits=bits,
+            key_fp_channels=key_fp_channels,
+            layer_windows=attention_spec(config).windows,  # type: ignore[arg-type]
+        )
+
     def __post_init__(self) -> None:
         if not 0 <= self.key_fp_channels < min(self.head_dim, 256):
             raise ValueError(f"key_fp_channels must be in [0, {min(self.head_dim, 256)}), got {self.key_fp_channels}")
