@@ -2,6 +2,9 @@
 both run one `KVManager` and one `PagedKVStore`, so with the same prefill cut points they keep
 the same tokens at full precision and quantize the same blocks."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +13,8 @@ from server.engine import SamplingParams
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
 from tiny import byte_tokenizer, tiny_model
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # bench/eval_engine.py drives the engine
 
 PROMPTS = ["hello world, this is a test of the engine", "abc", "The quick brown fox jumps over the lazy dog" * 2]
 CHUNK = 8  # prefill cut points of both paths: every 8 tokens
@@ -82,7 +87,7 @@ def test_engine_perplexity_matches_cache_on_the_default_model(model_and_tokenize
     engine's flash attention with a log-sum-exp merge, transformers' SDPA for the cache) can
     move a value across a rounding boundary of the 2-bit grid, so the bound is looser."""
     from logquant.eval.configs import parse_spec
-    from logquant.eval.engine import engine_predictions
+    from eval_engine import engine_predictions
     from logquant.eval.modes import text_ids
     from logquant.eval.perplexity import argmax_agreement, decode_predictions, perplexity
 

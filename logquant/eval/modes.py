@@ -15,6 +15,7 @@ from logquant.eval import coverage as cov
 from logquant.eval import passkey as pk
 from logquant.eval import perplexity as ppl
 from logquant.eval.common import CacheConfig, column_facts, print_table
+from logquant.eval.served import EvalEngine
 
 FACTS = ["B", "bytes/token", "fp tokens"]
 
@@ -34,7 +35,9 @@ def _fact_cells(label: str, facts: dict) -> dict[tuple[str, str], str]:
     }
 
 
-def run_coverage(args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig]) -> dict:
+def run_coverage(
+    args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig], engine: EvalEngine | None
+) -> dict:
     ids = text_ids(tokenizer, args.length)
     maps = cov.attention_maps(model, ids)
     queries = list(range(min(256, args.length - 1), args.length, 16))
@@ -48,16 +51,18 @@ def run_coverage(args: argparse.Namespace, model: PreTrainedModel, tokenizer, co
     return result
 
 
-def run_ppl(args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig]) -> dict:
+def run_ppl(
+    args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig], engine: EvalEngine | None
+) -> dict:
+    """Through `engine` if given (each column one engine, fed one token per step), else
+    through LogQuantCache (every column one row of a batch)."""
     ids = text_ids(tokenizer, args.length)
     lengths = list(range(1, len(ids)))  # the cache holds t tokens when it predicts token t
     resolved = {c.label: column_facts(c, model.config, lengths) for c in cols}
     quantized = [c for c in cols if c.policy != "fp16"]
-    if args.engine:
-        from logquant.eval.engine import engine_predictions  # imports the server package
-
-        reference = engine_predictions(model, tokenizer, CacheConfig("fp16"), ids)
-        predicted = {c.label: engine_predictions(model, tokenizer, resolved[c.label][0], ids) for c in tqdm(quantized, desc="ppl")}
+    if engine is not None:
+        reference = engine.predictions(model, tokenizer, CacheConfig("fp16"), ids)
+        predicted = {c.label: engine.predictions(model, tokenizer, resolved[c.label][0], ids) for c in tqdm(quantized, desc="ppl")}
     else:  # every column is one row of a batch: the model's weights are read once per step for all
         rows = ppl.decode_predictions_many(model, [CacheConfig("fp16")] + [resolved[c.label][0] for c in quantized], ids)
         reference, predicted = rows[0], {c.label: p for c, p in zip(quantized, rows[1:])}
@@ -71,12 +76,14 @@ def run_ppl(args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: l
         }
         cells |= _fact_cells(c.label, facts)
         cells |= {(c.label, k): f"{result[c.label][k]:.4f}" for k in ("ppl", "top1_agreement")}
-    path = "the engine (LLM), one token per step" if args.engine else "LogQuantCache, one token at a time"
+    path = "the engine (LLM), one token per step" if engine is not None else "LogQuantCache, one token at a time"
     print_table(f"perplexity, {args.length} tokens through {path}", list(result), FACTS + ["ppl", "top1_agreement"], cells)
     return result
 
 
-def run_agreement(args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig]) -> dict:
+def run_agreement(
+    args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig], engine: EvalEngine | None
+) -> dict:
     rng = random.Random(args.seed)
     prompts = []
     for _ in range(args.cases):
@@ -98,7 +105,9 @@ def run_agreement(args: argparse.Namespace, model: PreTrainedModel, tokenizer, c
     return result
 
 
-def run_passkey(args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig]) -> dict:
+def run_passkey(
+    args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig], engine: EvalEngine | None
+) -> dict:
     rng = random.Random(args.seed)
     haystack = tokenizer.encode(essays_text())
     lengths = [int(n) for n in args.lengths.split(",")]
@@ -106,7 +115,7 @@ def run_passkey(args: argparse.Namespace, model: PreTrainedModel, tokenizer, col
     for n in lengths:
         cases = [pk.make_case(tokenizer, haystack, n, rng) for _ in range(args.cases)]
         resolved = {c.label: column_facts(c, model.config, [n]) for c in cols}
-        answers = pk.run_cases(model, tokenizer, cases, [resolved[c.label][0] for c in cols], args.engine, f"passkey {n}")
+        answers = pk.run_cases(model, tokenizer, cases, [resolved[c.label][0] for c in cols], engine, f"passkey {n}")
         for c, texts in zip(cols, answers):
             hits = [pk.is_correct(case, text) for case, text in zip(cases, texts)]
             result[c.label][str(n)] = resolved[c.label][1] | {"accuracy": sum(hits) / len(hits), "hits": sum(hits)}

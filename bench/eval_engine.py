@@ -1,16 +1,25 @@
-"""The evaluations through the serving engine (`server.engine.LLM`) instead of
-`LogQuantCache`: the same model object, one `LLM` per cache configuration. The engine takes
-the policy, budget, bit width, sinks and key outlier channels; a window split other than
-W = B // 3 is library-only and rejected here."""
+"""The evaluations of `python -m logquant.eval` through the serving engine (`server.engine.LLM`)
+instead of `LogQuantCache`: the same model object, one `LLM` per cache configuration.
+
+    python bench/eval_engine.py ppl --length 1024 --configs "fp16,kivi@192,logquant@192" --json results/x.json
+    python bench/eval_engine.py passkey --lengths 1024 --cases 6 --budgets 192
+
+Takes every option of `python -m logquant.eval` (modes ppl and passkey). The engine takes the
+policy, budget, bit width, sinks and key outlier channels; a window split other than
+W = B // 3 is library-only and rejected here. The library does not import the server: this
+script hands the engine to it (`logquant.eval.served.EvalEngine`).
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from logquant.eval.__main__ import main
 from logquant.eval.configs import GROUP_SIZE, CacheConfig
 from logquant.eval.perplexity import Predictions
 from server.engine import LLM, SamplingParams
@@ -61,3 +70,14 @@ def engine_predictions(
     return Predictions(
         torch.tensor([e["logprob"] for e in entries]), torch.tensor([e["top"][0][0] for e in entries])
     )
+
+
+class ServedEngine:
+    """`logquant.eval.served.EvalEngine` over the serving engine."""
+
+    generate = staticmethod(engine_generate)
+    predictions = staticmethod(engine_predictions)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:], engine=ServedEngine(), prog="python bench/eval_engine.py")
