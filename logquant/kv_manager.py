@@ -16,47 +16,11 @@ Contract: `allocate(seq, n)` before a step makes `seq` hold the pages for n toke
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from logquant.layout import KVGroup, KVLayout, PagePool
+from logquant.page_tables import GroupKV, SequenceKV
 from logquant.plan import GroupPlan, PlanBuilder, StepPlan
-from logquant.policy import PolicyState
 
 __all__ = ["GroupKV", "GroupPlan", "KVManager", "SequenceKV", "StepPlan"]
-
-
-@dataclass
-class GroupKV:
-    """One sequence's pages and slots in one KV group."""
-
-    policy_state: PolicyState
-    fp_pages: list[int] = field(default_factory=list)
-    q_pages: list[int] = field(default_factory=list)  # pages holding demoted blocks, in order
-    q_positions: list[list[int]] = field(default_factory=list)  # positions of each q page's block
-    spare_q_pages: list[int] = field(default_factory=list)  # allocated, not yet written
-    slot_of: dict[int, int] = field(default_factory=dict)  # position -> flat fp slot
-    free_slots: list[int] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.policy_state.num_tokens
-
-    @property
-    def pages(self) -> list[int]:
-        return self.fp_pages + self.q_pages + self.spare_q_pages
-
-
-@dataclass
-class SequenceKV:
-    groups: list[GroupKV]  # in `layout.groups` order
-
-    @property
-    def num_tokens(self) -> int:
-        return self.groups[0].num_tokens
-
-    @property
-    def pages(self) -> list[int]:
-        return [p for group in self.groups for p in group.pages]
 
 
 class KVManager:

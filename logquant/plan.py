@@ -7,10 +7,8 @@ tables); the tensor side (`step.py`) turns it into index tensors once per step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from logquant.kv_manager import GroupKV
+from logquant.page_tables import GroupKV
 
 
 @dataclass(frozen=True)
@@ -66,7 +64,6 @@ class StepPlan:
     @property
     def num_tokens(self) -> int:
         return self.groups[0].num_tokens
-
 
 
 class PlanBuilder:

@@ -141,6 +141,18 @@ def test_abort_frees_pages() -> None:
     assert not engine.kv_manager.sequences
 
 
+def test_abort_sample_ends_one_sample_and_updates_stats() -> None:
+    engine = make_engine()
+    engine.add_request("a", list(range(3, 40)), SamplingParams(n=2, max_tokens=50, temperature=0))
+    engine.step()
+    assert engine.stats.num_running == 2 and not engine.is_done("a", 2)
+    seq = engine.abort_sample("a", 1)
+    assert seq is not None and seq.finish_reason == "abort" and engine.abort_sample("a", 1) is None
+    assert engine.stats.num_running == 1 and engine.stats.kv_usage == engine.kv_manager.usage > 0
+    engine.abort_request("a", 2)
+    assert engine.is_done("a", 2) and engine.stats.num_running == 0 and engine.stats.kv_usage == 0
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3"])
 def test_other_architectures_match_generate(arch: str) -> None:
     config = EngineConfig(policy="fp16", kv_cache_memory=32 << 20, max_num_batched_tokens=16, device="cpu")
@@ -170,10 +182,10 @@ def test_a_failing_row_fails_only_its_request(monkeypatch) -> None:
 
     real_sample = runner_module.sample
 
-    def sample_failing_on_seed_13(logits, seqs, tokenizer=None):
+    def sample_failing_on_seed_13(logits, seqs, masks=None):
         if any(s.params.seed == 13 for s in seqs):
             raise FloatingPointError("poisoned row")
-        return real_sample(logits, seqs, tokenizer=tokenizer)
+        return real_sample(logits, seqs, masks)
 
     def run(poison: bool) -> dict[str, object]:
         engine = make_engine(budget=64)

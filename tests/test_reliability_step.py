@@ -16,6 +16,7 @@ from server.api.protocol import ChatCompletionRequest, CompletionRequest, Reques
 from server.engine import structured
 from server.engine.request import SamplingParams, Sequence, StructuredSpec
 from server.engine.sampler import process_logits, sample
+from server.engine.structured_outputs import StructuredOutputManager
 from server_util import MODEL
 from tiny import byte_tokenizer
 
@@ -145,8 +146,11 @@ def test_grammar_masks_are_filled_in_one_batched_call(monkeypatch) -> None:
                         lambda *a, **k: (calls.__setitem__("batch", calls["batch"] + 1), batch_fill(*a, **k))[1])  # fmt: skip
     params = SamplingParams(max_tokens=8, temperature=0, structured=StructuredSpec.choice(["yes", "no"]))
     seqs = [Sequence(f"r-{i}", "r", i, [1], params, eos_token_ids=(2,)) for i in range(4)]
+    manager = StructuredOutputManager(tokenizer)
+    manager.add(seqs, manager.new_matchers(params, len(seqs)))
     for _ in range(2):
-        tokens = [r.token_id for r in sample(torch.randn(4, len(tokenizer)), seqs, tokenizer)]
+        logits = torch.randn(4, len(tokenizer))
+        tokens = [r.token_id for r in sample(logits, seqs, manager.grammar_masks(seqs, len(tokenizer)))]
         for seq, token in zip(seqs, tokens):
             seq.output_token_ids.append(token)
     text = [tokenizer.decode(seq.output_token_ids) for seq in seqs]

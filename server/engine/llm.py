@@ -68,7 +68,7 @@ class LLM:
         total = sum(len(seqs) for _, _, seqs in requests)
         with tqdm(total=total, disable=not progress, desc="generate") as bar:
             while self.engine.has_work():
-                bar.update(sum(1 for s in self.engine.step() if s.is_finished))
+                bar.update(sum(1 for s in self.engine.step().sequences if s.is_finished))
         return [
             RequestOutput(rid, ids, [self._completion(s) for s in seqs], _prompt_logprobs(seqs[0]))
             for rid, ids, seqs in requests

@@ -8,10 +8,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from server.engine.structured import GrammarState
+from typing import Any, Literal
 
 # Temperatures below this sample greedily (vLLM's epsilon): dividing logits by a subnormal
 # temperature overflows, and the distribution is a point mass on the argmax anyway.
@@ -38,7 +35,7 @@ class StructuredSpec:
     - regex: `spec` is a regular expression the whole output matches;
     - choice: `spec` is a JSON list of strings; the output is exactly one of them;
     - grammar: `spec` is a Lark or GBNF (llama.cpp) grammar.
-    Build one with the class methods; `server.engine.structured.compile_structured` checks it.
+    Build one with the class methods; the engine compiles and checks it (`structured.py`).
     """
 
     kind: StructuredKind
@@ -180,10 +177,6 @@ class Sequence:
     error: str | None = None  # why a sequence ended with "error" (logged, never shown to clients)
     num_preemptions: int = 0
     timings: SequenceTimings = field(default_factory=SequenceTimings)
-    # The grammar matcher of a structured request, created by the sampler at its first token.
-    # It follows `output_token_ids` (not the sampler's picks), so recompute and aborted steps
-    # never desynchronize it.
-    grammar: GrammarState | None = field(default=None, repr=False)
 
     @property
     def num_prompt_tokens(self) -> int:

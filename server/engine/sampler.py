@@ -1,6 +1,10 @@
 """Batched sampling over rows: penalties, logit bias, min_tokens, grammar masks, temperature,
 top-k, top-p, min-p, seeds, logprobs.
 
+A function of its inputs: the logits, the rows' sequences (read only: their settings and
+tokens) and the grammar masks of the constrained rows, which the engine core's
+`StructuredOutputManager` fills; the sampler keeps no state between calls.
+
 Every step of the pipeline runs once over all rows (per-row settings are tensors), and the
 chosen tokens reach Python with one `.tolist()` (logprobs with two more, for the rows that ask);
 nothing syncs per row (top-p checks once per candidate size whether every row's nucleus fit).
@@ -22,8 +26,8 @@ import random
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
+from server.engine.outputs import SampleResult
 from server.engine.processors import apply_logit_bias, apply_min_tokens, apply_penalties, has_count_penalty
 from server.engine.request import SamplingParams, Sequence
 
@@ -35,29 +39,26 @@ CDF_BLOCK = 256
 
 
 @dataclass(frozen=True)
-class SampleResult:
-    token_id: int
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
+class GrammarMasks:
+    """The tokens the grammars allow, for the constrained rows of a batch."""
+
+    rows: list[int]  # rows of the batch with a structured-output constraint
+    allowed: torch.Tensor  # [len(rows), vocab] bool
 
 
-def sample(
-    logits: torch.Tensor, seqs: list[Sequence], tokenizer: PreTrainedTokenizerBase | None = None
-) -> list[SampleResult]:
-    """logits: [len(seqs), vocab] for the last position of each sequence. `tokenizer` is needed
-    only when a sequence has a structured-output constraint."""
+def sample(logits: torch.Tensor, seqs: list[Sequence], masks: GrammarMasks | None = None) -> list[SampleResult]:
+    """logits: [len(seqs), vocab] for the last position of each sequence. `masks` is needed
+    when a sequence has a structured-output constraint."""
     assert logits.shape[0] == len(seqs), "one row of logits per sequence"
     if not seqs:
         return []
     raw = logits.float()
-    processed = process_logits(raw, seqs, tokenizer)
+    processed = process_logits(raw, seqs, masks)
     tokens = choose_tokens(processed, seqs)
     return _results(raw, tokens, seqs)
 
 
-def process_logits(
-    logits: torch.Tensor, seqs: list[Sequence], tokenizer: PreTrainedTokenizerBase | None = None
-) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, seqs: list[Sequence], masks: GrammarMasks | None = None) -> torch.Tensor:
     """Penalties, logit bias, grammar masks and min_tokens (on a copy; `logits` itself when
     no row has any of them)."""
     if not any(_modifies_logits(seq) for seq in seqs):
@@ -65,11 +66,17 @@ def process_logits(
     out = apply_penalties(logits, seqs)
     apply_logit_bias(out, seqs)
     if any(seq.params.structured is not None for seq in seqs):
-        from server.engine.structured import apply_grammar_masks  # llguidance loads on first use
-
-        apply_grammar_masks(out, seqs, tokenizer)
+        apply_grammar_masks(out, masks)
     apply_min_tokens(out, seqs)
     return out
+
+
+def apply_grammar_masks(logits: torch.Tensor, masks: GrammarMasks | None) -> None:
+    """Set the logits of tokens the grammar forbids to -inf, in place, for the masked rows."""
+    if masks is None:
+        raise RuntimeError("a structured-output row reached the sampler without its grammar mask")
+    index = torch.tensor(masks.rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~masks.allowed.to(logits.device), float("-inf"))
 
 
 def _modifies_logits(seq: Sequence) -> bool:
