@@ -48,10 +48,6 @@ class AttentionSpec:
     softcap: float | None = None  # attention logits -> tanh(logits / softcap) * softcap
     sinks: bool = False  # learned per-head sink logits in the softmax denominator
 
-    @property
-    def has_windows(self) -> bool:
-        return any(w is not None for w in self.windows)
-
 
 def _refuse(model_type: str, feature: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"model type {model_type!r} is not supported: {feature}")
