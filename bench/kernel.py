@@ -61,7 +61,7 @@ def fill_store(policy: str, args: argparse.Namespace, batch: int, context: int, 
     plan = manager.plan_step([(f"s{i}", 1) for i in range(batch)])
     (group_plan,) = plan.groups
     fp_tokens = len(group_plan.fp_slots)
-    read = fp_tokens * (layout.fp_token_bytes + 4) + len(group_plan.q_pages) * (layout.q_block_bytes + 4)
+    read = fp_tokens * (layout.fp_token_bytes + 4) + len(group_plan.packed_pages) * (layout.packed_block_bytes + 4)
     return store, plan, read
 
 

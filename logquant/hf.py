@@ -61,11 +61,11 @@ class SharedKV:
         flat_values = value_states.transpose(1, 2).reshape(batch * num_new, heads, dim)
         g = self.layout.group_of[layer][0]
         (bucket,) = self.step.groups[g].buckets  # every row appends the same number of tokens
-        kv_fp, kv_q = self.store.gather(layer, bucket, flat_keys, flat_values)
+        kv_fp, kv_packed = self.store.gather(layer, bucket, flat_keys, flat_values)
         rows = kv_fp.view(-1, 2, heads, dim)
-        if kv_q is not None:
-            q_rows = torch.stack([t.reshape(-1, heads, dim) for t in kv_q], dim=1)  # [S * L_q, 2, heads, dim]
-            rows = torch.cat([q_rows, rows])
+        if kv_packed is not None:
+            packed_rows = torch.stack([t.reshape(-1, heads, dim) for t in kv_packed], dim=1)  # [S * L_packed, 2, heads, dim]
+            rows = torch.cat([packed_rows, rows])
         ordered = rows[self.orders[g]].view(batch, -1, 2, heads, dim)
         keys, values = ordered[:, :, 0].transpose(1, 2), ordered[:, :, 1].transpose(1, 2)  # [batch, kv_heads, tokens, dim]
         self.store.write(layer, bucket, kv_fp)
@@ -99,22 +99,22 @@ class SharedKV:
         return self.manager.num_tokens("row0") if "row0" in self.manager.sequences else 0
 
     def num_blocks(self) -> int:
-        return sum(len(g.q_pages) for s in self.manager.sequences.values() for g in s.groups)
+        return sum(len(g.packed_pages) for s in self.manager.sequences.values() for g in s.groups)
 
 
 def _position_order(plan: GroupPlan, bucket: Bucket, block_tokens: int) -> torch.Tensor:
-    """Rows of cat(kv_q flattened, kv_fp flattened) sorted by (sequence, position)."""
+    """Rows of cat(kv_packed flattened, kv_fp flattened) sorted by (sequence, position)."""
     batch, width_fp = bucket.fp_rows.shape
-    width_q = bucket.q_pages.shape[1] * block_tokens
+    width_packed = bucket.packed_pages.shape[1] * block_tokens
     total = max(plan.start_positions) + max(b - a for a, b in zip(plan.query_ptr, plan.query_ptr[1:]))
     rows, keys = [], []  # key of a row: sequence * total + position
     for i in range(batch):
-        q_a, q_b = plan.q_ptr[i] * block_tokens, plan.q_ptr[i + 1] * block_tokens
+        packed_a, packed_b = plan.packed_ptr[i] * block_tokens, plan.packed_ptr[i + 1] * block_tokens
         fp_a, fp_b = plan.fp_ptr[i], plan.fp_ptr[i + 1]
         start, num_new = plan.start_positions[i], plan.query_ptr[i + 1] - plan.query_ptr[i]
-        fp_base = batch * width_q + i * width_fp
-        rows += [*range(i * width_q, i * width_q + q_b - q_a), *range(fp_base, fp_base + fp_b - fp_a + num_new)]
-        positions = [*plan.q_positions[q_a:q_b], *plan.fp_positions[fp_a:fp_b], *range(start, start + num_new)]
+        fp_base = batch * width_packed + i * width_fp
+        rows += [*range(i * width_packed, i * width_packed + packed_b - packed_a), *range(fp_base, fp_base + fp_b - fp_a + num_new)]
+        positions = [*plan.packed_positions[packed_a:packed_b], *plan.fp_positions[fp_a:fp_b], *range(start, start + num_new)]
         keys += [i * total + p for p in positions]
     return torch.tensor(rows)[torch.tensor(keys).argsort()]
 

@@ -60,8 +60,8 @@ class KVManager:
         for g, group in enumerate(self.layout.groups):
             have = seq.groups[g] if seq else None
             have_fp = len(have.fp_pages) if have else 0
-            have_q = len(have.q_pages) + len(have.spare_q_pages) if have else 0
-            missing.append((max(0, group.fp_pages_for(num_tokens) - have_fp), max(0, group.q_pages_for(num_tokens) - have_q)))
+            have_packed = len(have.packed_pages) + len(have.spare_packed_pages) if have else 0
+            missing.append((max(0, group.fp_pages_for(num_tokens) - have_fp), max(0, group.packed_pages_for(num_tokens) - have_packed)))
         return missing
 
     def can_allocate(self, seq_id: str, num_tokens: int, reserve: int = 0) -> bool:
@@ -84,7 +84,7 @@ class KVManager:
             table.fp_pages += fp_pages
             # pop() hands out the lowest slot first, so a sequence fills its pages in order
             table.free_slots[:0] = [p * fpt + i for p in reversed(fp_pages) for i in range(fpt - 1, -1, -1)]
-            table.spare_q_pages += self.pool.allocate(q)
+            table.spare_packed_pages += self.pool.allocate(q)
         return total
 
     def free(self, seq_id: str) -> None:
@@ -113,7 +113,7 @@ class KVManager:
         per_page = self.layout.page_bytes_all_layers
         tables = [t for s in self.sequences.values() for t in s.groups]
         fp = sum(len(t.fp_pages) for t in tables)
-        q = sum(len(t.q_pages) + len(t.spare_q_pages) for t in tables)
+        q = sum(len(t.packed_pages) + len(t.spare_packed_pages) for t in tables)
         return {"fp": fp * per_page, "2bit": q * per_page}
 
     def num_cached_tokens(self) -> int:
@@ -151,7 +151,7 @@ class KVManager:
 def _check_group(name: str, group: KVGroup, table: GroupKV, num_tokens: int) -> None:
     policy = group.policy
     assert table.num_tokens == num_tokens, f"{name}: groups disagree on the length"
-    assert len(table.q_pages) == policy.num_blocks(num_tokens), f"{name}: wrong number of 2-bit blocks"
+    assert len(table.packed_pages) == policy.num_blocks(num_tokens), f"{name}: wrong number of 2-bit blocks"
     assert len(table.slot_of) == policy.num_fp_tokens(num_tokens), f"{name}: wrong number of fp tokens"
     assert policy.max_fp_tokens is None or len(table.slot_of) <= policy.max_fp_tokens, name
     assert len(table.pages) == group.pages_for(num_tokens), f"{name}: pages held differ from the cost model"

@@ -72,7 +72,7 @@ class PageFormat:
         """K and V of one token in one layer at full precision."""
         return 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
-    def q_sections(self) -> dict[str, tuple[int, int]]:
+    def packed_sections(self) -> dict[str, tuple[int, int]]:
         """name -> (byte offset, byte length) of each section of a 2-bit page."""
         bt, h, d = self.block_tokens, self.num_kv_heads, self.head_dim
         lengths = {
@@ -93,11 +93,11 @@ class PageFormat:
         return sections
 
     @property
-    def q_block_bytes(self) -> int:
+    def packed_block_bytes(self) -> int:
         """Bytes of one 2-bit block (aligned sections) in one layer; 0 when nothing is demoted."""
         if self.block_tokens == 0:
             return 0
-        offset, length = list(self.q_sections().values())[-1]
+        offset, length = list(self.packed_sections().values())[-1]
         return offset + _align(length)
 
 
@@ -119,11 +119,11 @@ class KVGroup(PageFormat):
         returned before the sequence ends, so this covers its peak)."""
         return _ceil_div(self.policy.peak_fp_tokens(num_tokens), self.fp_page_tokens)
 
-    def q_pages_for(self, num_tokens: int) -> int:
+    def packed_pages_for(self, num_tokens: int) -> int:
         return self.policy.num_blocks(num_tokens)
 
     def pages_for(self, num_tokens: int) -> int:
-        return self.fp_pages_for(num_tokens) + self.q_pages_for(num_tokens)
+        return self.fp_pages_for(num_tokens) + self.packed_pages_for(num_tokens)
 
 
 @dataclass(frozen=True)
@@ -193,12 +193,12 @@ class KVLayout:
     def fp_token_bytes(self) -> int:
         return self.format.fp_token_bytes
 
-    def q_sections(self) -> dict[str, tuple[int, int]]:
-        return self.format.q_sections()
+    def packed_sections(self) -> dict[str, tuple[int, int]]:
+        return self.format.packed_sections()
 
     @property
-    def q_block_bytes(self) -> int:
-        return self.format.q_block_bytes
+    def packed_block_bytes(self) -> int:
+        return self.format.packed_block_bytes
 
     @property
     def windows(self) -> tuple[int | None, ...]:
@@ -212,7 +212,7 @@ class KVLayout:
         has_full = None in self.windows
         if self.block_tokens == 0 or not has_full:
             return _align(DEFAULT_FP_PAGE_TOKENS * self.fp_token_bytes)
-        return _align(max(self.q_block_bytes, self.fp_token_bytes))
+        return _align(max(self.packed_block_bytes, self.fp_token_bytes))
 
     @cached_property
     def groups(self) -> tuple[KVGroup, ...]:

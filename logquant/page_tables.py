@@ -14,9 +14,9 @@ class GroupKV:
 
     policy_state: PolicyState
     fp_pages: list[int] = field(default_factory=list)
-    q_pages: list[int] = field(default_factory=list)  # pages holding demoted blocks, in order
-    q_positions: list[list[int]] = field(default_factory=list)  # positions of each q page's block
-    spare_q_pages: list[int] = field(default_factory=list)  # allocated, not yet written
+    packed_pages: list[int] = field(default_factory=list)  # pages holding demoted blocks, in order
+    packed_positions: list[list[int]] = field(default_factory=list)  # positions of each packed page's block
+    spare_packed_pages: list[int] = field(default_factory=list)  # allocated, not yet written
     slot_of: dict[int, int] = field(default_factory=dict)  # position -> flat fp slot
     free_slots: list[int] = field(default_factory=list)
 
@@ -26,7 +26,7 @@ class GroupKV:
 
     @property
     def pages(self) -> list[int]:
-        return self.fp_pages + self.q_pages + self.spare_q_pages
+        return self.fp_pages + self.packed_pages + self.spare_packed_pages
 
 
 @dataclass

@@ -82,8 +82,8 @@ def stored_reference(case: Case, keys: torch.Tensor, values: torch.Tensor) -> tu
             widest = (exact.max(0).values - exact.min(0).values).argsort(descending=True)[: case.key_fp_channels]
             block_keys[:, head, widest] = exact[:, widest].half().float()
         ks.append(block_keys)
-        qv = quantize(values[block], 2, case.group_size, axis=-1, scale_dtype=torch.float16)
-        vs.append(dequantize(qv, torch.float32))
+        packed = quantize(values[block], 2, case.group_size, axis=-1, scale_dtype=torch.float16)
+        vs.append(dequantize(packed, torch.float32))
     return torch.cat(ks), torch.cat(vs)
 
 

@@ -133,7 +133,7 @@ def test_logquant_cache_2bit_keeps_the_window(arch: str) -> None:
     total = manager.num_tokens("row0")
     for group, table in zip(cache.shared.layout.groups, seq.groups):
         if group.window is None:
-            assert len(table.q_pages) > 0
+            assert len(table.packed_pages) > 0
         else:
             assert list(table.slot_of) == list(range(total - WINDOW + 1, total))
 

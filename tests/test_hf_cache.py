@@ -44,8 +44,8 @@ def test_quantized_policies_generate_and_stay_close(arch: str, policy: str) -> N
     manager = cache.shared.manager
     for seq in manager.sequences.values():
         (row,) = seq.groups
-        assert len(row.q_pages) > 0, "the sequence is long enough that blocks were demoted"
-        assert len(row.slot_of) <= cache.policy.max_fp_tokens and len(row.slot_of) + len(row.q_pages) * cache.policy.block_tokens == total
+        assert len(row.packed_pages) > 0, "the sequence is long enough that blocks were demoted"
+        assert len(row.slot_of) <= cache.policy.max_fp_tokens and len(row.slot_of) + len(row.packed_pages) * cache.policy.block_tokens == total
     manager.check_integrity()
 
 

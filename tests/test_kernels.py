@@ -129,7 +129,7 @@ def test_splits_without_work_write_minus_infinity_and_reduce_exactly() -> None:
     store, bucket, (q, k, v) = decode_bucket(case, {"short": 1, "long": 50})
     view = StoreLayer.of(store.layer_bytes(0), store.dtype, store.layout.groups[0])
     _, lse = decode_partials(view, bucket, q, k, v, D**-0.5, num_splits=8, block_n=16)
-    pages = (bucket.q_ptr[1:] - bucket.q_ptr[:-1]).tolist()
+    pages = (bucket.packed_ptr[1:] - bucket.packed_ptr[:-1]).tolist()
     fp = (bucket.fp_ptr[1:] - bucket.fp_ptr[:-1]).tolist()
     assert pages[0] == 0 and fp[0] == 1 and 8 < pages[1] < 16 and 0 < fp[1] <= 16  # fp: all in split 0
     busy = [[True] + [False] * 7, [k * 2 < pages[1] for k in range(8)]]  # 2 pages per split

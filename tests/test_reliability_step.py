@@ -14,7 +14,7 @@ from server.api.errors import APIError, validation_error
 from server.api.intake import parse_request
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, RequestLimits
 from server.engine import structured
-from server.engine.request import SamplingParams, Sequence, StructuredSpec
+from server.engine.request import SamplingParams, SequenceState, StructuredSpec
 from server.engine.sampler import process_logits, sample
 from server.engine.structured_outputs import StructuredOutputManager
 from server_util import MODEL
@@ -49,7 +49,7 @@ def test_stop_token_ids_are_a_set_built_once() -> None:
     """check_stop runs per token per sample: it must not walk the request's list each time."""
     params = SamplingParams(max_tokens=500, stop_token_ids=CountingList([7] * 1000 + list(range(8, 40))))
     params.validate()
-    seq = Sequence("r-0", "r", 0, [1, 2], params, eos_token_ids=(3,))
+    seq = SequenceState("r-0", "r", 0, [1, 2], params, eos_token_ids=(3,))
     CountingList.uses = 0
     for token in range(100, 300):
         seq.output_token_ids.append(token)
@@ -61,7 +61,7 @@ def test_stop_token_ids_are_a_set_built_once() -> None:
 def test_logit_bias_tensors_are_built_once_per_request() -> None:
     bias = CountingDict({i: 50.0 if i == 9 else -1.0 for i in range(1, 200)})
     params = SamplingParams(logit_bias=bias, min_tokens=5, stop_token_ids=[4, 4, 5])
-    seqs = [Sequence(f"r-{i}", "r", i, [1], params, eos_token_ids=(3,)) for i in range(2)]
+    seqs = [SequenceState(f"r-{i}", "r", i, [1], params, eos_token_ids=(3,)) for i in range(2)]
     CountingDict.reads = 0
     for _ in range(6):
         out = process_logits(torch.zeros(2, 259), seqs)
@@ -145,7 +145,7 @@ def test_grammar_masks_are_filled_in_one_batched_call(monkeypatch) -> None:
     monkeypatch.setattr(llguidance.torch, "fill_next_token_bitmask_par",
                         lambda *a, **k: (calls.__setitem__("batch", calls["batch"] + 1), batch_fill(*a, **k))[1])  # fmt: skip
     params = SamplingParams(max_tokens=8, temperature=0, structured=StructuredSpec.choice(["yes", "no"]))
-    seqs = [Sequence(f"r-{i}", "r", i, [1], params, eos_token_ids=(2,)) for i in range(4)]
+    seqs = [SequenceState(f"r-{i}", "r", i, [1], params, eos_token_ids=(2,)) for i in range(4)]
     manager = StructuredOutputManager(tokenizer)
     manager.add(seqs, manager.new_matchers(params, len(seqs)))
     for _ in range(2):

@@ -5,15 +5,15 @@ from collections import Counter
 import pytest
 import torch
 
-from server.engine.request import SamplingParams, Sequence
+from server.engine.request import SamplingParams, SequenceState
 from server.engine.sampler import LOGPROB_FLOOR, _seeded_uniform, apply_penalties, sample
 
 
-def seq(params: SamplingParams, prompt=(0, 1), output=(2, 2, 3), index: int = 0, eos=()) -> Sequence:
-    return Sequence("s", "s", index, list(prompt), params, eos_token_ids=tuple(eos), output_token_ids=list(output))
+def seq(params: SamplingParams, prompt=(0, 1), output=(2, 2, 3), index: int = 0, eos=()) -> SequenceState:
+    return SequenceState("s", "s", index, list(prompt), params, eos_token_ids=tuple(eos), output_token_ids=list(output))
 
 
-def reference_token(logits: torch.Tensor, s: Sequence, uniform: float) -> int:
+def reference_token(logits: torch.Tensor, s: SequenceState, uniform: float) -> int:
     """One row, written the plain way (sort the whole vocabulary, loops over tokens)."""
     p, x = s.params, logits.float().clone()
     if p.repetition_penalty != 1.0:
@@ -47,7 +47,7 @@ def _kth(scaled: torch.Tensor, top_k: int) -> float:
     return float(torch.sort(scaled, descending=True).values[top_k - 1]) if top_k > 0 else float("-inf")
 
 
-def mixed_batch(vocab: int, rng: torch.Generator) -> list[Sequence]:
+def mixed_batch(vocab: int, rng: torch.Generator) -> list[SequenceState]:
     """Greedy, plain, seeded, filtered and penalized rows in one batch."""
     out = lambda n: torch.randint(0, vocab, (n,), generator=rng).tolist()  # noqa: E731
     settings = [

@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from server.engine import LLM
-from server.engine.request import SamplingParams, SamplingParamsError, Sequence
+from server.engine.request import SamplingParams, SamplingParamsError, SequenceState
 from server.engine.sampler import sample
 from tiny import byte_tokenizer, tiny_model
 
 EOS = 7
 
 
-def seq(params: SamplingParams, output=()) -> Sequence:
-    return Sequence("s", "s", 0, [1, 2], params, eos_token_ids=(EOS,), output_token_ids=list(output))
+def seq(params: SamplingParams, output=()) -> SequenceState:
+    return SequenceState("s", "s", 0, [1, 2], params, eos_token_ids=(EOS,), output_token_ids=list(output))
 
 
 @pytest.mark.parametrize(

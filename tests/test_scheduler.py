@@ -12,7 +12,7 @@ from logquant.layout import KVLayout
 from logquant.policy import make_policy
 from logquant.kv_manager import KVManager
 from server.engine.outputs import PromptLogprobs, SampleResult, StepResult
-from server.engine.request import SamplingParams, Sequence, SequenceStatus
+from server.engine.request import SamplingParams, SequenceState, SequenceStatus
 from server.engine.scheduler import Scheduler, SchedulerConfig
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32, policy=make_policy("fp16"), dtype_bytes=2)
@@ -23,8 +23,8 @@ def make(num_pages: int, max_seqs: int = 8, budget: int = 64) -> Scheduler:
     return Scheduler(SchedulerConfig(max_seqs, budget, 4096), KVManager(LAYOUT, num_pages))
 
 
-def seq(name: str, prompt_len: int, max_tokens: int = 100) -> Sequence:
-    return Sequence(name, name, 0, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens, temperature=0))
+def seq(name: str, prompt_len: int, max_tokens: int = 100) -> SequenceState:
+    return SequenceState(name, name, 0, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens, temperature=0))
 
 
 def run_step(s: Scheduler, token: int = 7):
@@ -152,7 +152,7 @@ def test_kv_manager_pages_follow_cost_model(policy: str) -> None:
         table = alloc.sequences["x"]
         (group,), (table,) = layout.groups, table.groups
         assert len(table.fp_pages) == group.fp_pages_for(n)
-        assert len(table.q_pages) + len(table.spare_q_pages) == group.q_pages_for(n)
+        assert len(table.packed_pages) + len(table.spare_packed_pages) == group.packed_pages_for(n)
     assert alloc.bytes_by_tier()["fp"] + alloc.bytes_by_tier()["2bit"] == layout.bytes_for(1000)
     assert SequenceStatus.WAITING.value == "waiting"
 

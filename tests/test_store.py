@@ -117,7 +117,7 @@ def test_variant_accounting_matches_cost_model(variant: dict[str, int]) -> None:
     base = KVLayout(LAYERS, KVH, D, make_policy("logquant", 12, group_size=8), dtype_bytes=4, group_size=8)
     if "kout" in variant:  # per block and head: kout float16 values per token plus kout channel ids
         bt = base.block_tokens
-        assert store.layout.q_block_bytes - base.q_block_bytes >= KVH * variant["kout"] * (bt * 2 + 1)
+        assert store.layout.packed_block_bytes - base.packed_block_bytes >= KVH * variant["kout"] * (bt * 2 + 1)
 
 
 def test_decode_attention_matches_naive_softmax_gqa() -> None:

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import torch
 
-from server.engine.request import SamplingParams, Sequence, StructuredSpec
+from server.engine.request import SamplingParams, SequenceState, StructuredSpec
 from server.engine.sampler import sample
 from server.engine.structured import StructuredSpecError, compile_structured
 from server.engine.structured_outputs import StructuredOutputManager
@@ -70,12 +70,12 @@ def tok():
     return byte_tokenizer()
 
 
-def make_seq(tok, spec: StructuredSpec | None, seed: int, index: int = 0) -> Sequence:
+def make_seq(tok, spec: StructuredSpec | None, seed: int, index: int = 0) -> SequenceState:
     params = SamplingParams(max_tokens=400, seed=seed, structured=spec, temperature=1.0)
-    return Sequence(f"s{seed}-{index}", "r", index, [5, 6], params, eos_token_ids=(tok.eos_token_id,))
+    return SequenceState(f"s{seed}-{index}", "r", index, [5, 6], params, eos_token_ids=(tok.eos_token_id,))
 
 
-def constrained(tok, seqs: list[Sequence]) -> StructuredOutputManager:
+def constrained(tok, seqs: list[SequenceState]) -> StructuredOutputManager:
     """A manager holding a matcher for each constrained sequence of `seqs`, as the core adds them."""
     manager = StructuredOutputManager(tok)
     for s in seqs:
@@ -83,11 +83,11 @@ def constrained(tok, seqs: list[Sequence]) -> StructuredOutputManager:
     return manager
 
 
-def draw(manager: StructuredOutputManager, logits: torch.Tensor, seqs: list[Sequence]):
+def draw(manager: StructuredOutputManager, logits: torch.Tensor, seqs: list[SequenceState]):
     return sample(logits, seqs, manager.grammar_masks(seqs, logits.shape[1]))
 
 
-def generate(tok, seqs: list[Sequence], vocab: int, seed: int, favoured: str = "") -> list[str]:
+def generate(tok, seqs: list[SequenceState], vocab: int, seed: int, favoured: str = "") -> list[str]:
     """Sample all rows together with random logits until each emits EOS or hits max_tokens
     (`favoured` characters get +4: random walks through an open grammar end sooner)."""
     rng = torch.Generator().manual_seed(seed)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from server.engine.request import SamplingParams, Sequence, StructuredSpec
+from server.engine.request import SamplingParams, SequenceState, StructuredSpec
 from server.engine.sampler import sample
 from test_structured import SCHEMAS, generate, make_seq
 
@@ -29,7 +29,7 @@ def test_random_logits_outputs_validate(model_and_tokenizer) -> None:
 @torch.inference_mode()
 def model_generate(model, tok, prompt: str, params: SamplingParams, max_tokens: int = 80) -> str:
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False)
-    s = Sequence("s", "s", 0, list(ids), params, eos_token_ids=(tok.eos_token_id,))
+    s = SequenceState("s", "s", 0, list(ids), params, eos_token_ids=(tok.eos_token_id,))
     cache, step_ids = DynamicCache(), torch.tensor([ids])
     for _ in range(max_tokens):
         logits = model(input_ids=step_ids, past_key_values=cache, use_cache=True).logits[:, -1]

@@ -59,7 +59,7 @@ def choose_splits(num_seqs: int, kv_heads: int, max_keys: int, device: torch.dev
 def _page_constants(layout: KVGroup, dtype: torch.dtype) -> dict[str, int]:
     """Byte layout of a page as the kernel's compile-time constants (offsets in the unit of
     the view that reads them: bytes for codes, float16 elements for scales and zeros)."""
-    sections = layout.q_sections()
+    sections = layout.packed_sections()
     element, stride = torch.empty((), dtype=dtype).element_size(), layout.page_stride  # stride: bytes of a page id
     assert stride % element == 0 and all(offset % 2 == 0 for offset, _ in sections.values())
     return dict(
@@ -89,7 +89,7 @@ def decode_partials(
     decode_partial_kernel[(num_seqs, kv_heads, num_splits)](
         query, key, value, query.stride(0), query.stride(1), key.stride(0), key.stride(1),
         value.stride(0), value.stride(1),
-        index.query_rows, index.fp_ptr, index.fp_slots, index.q_ptr, index.q_pages,
+        index.query_rows, index.fp_ptr, index.fp_slots, index.packed_ptr, index.packed_pages,
         store.fp_tier, store.codes, store.scales, part_out, part_lse, num_splits, scaling,
         KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, GROUP_SIZE=layout.group_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from server.engine.core import EngineCore, EngineStats
-from server.engine.request import SamplingParams, Sequence
+from server.engine.request import SamplingParams, SequenceState
 from server.engine.streams import (Admission, EngineDeadError, EngineShuttingDownError, EngineStepError,
                                    QueueFullError, RequestStream, SequenceDelta, StreamStalledError)  # fmt: skip
 
@@ -43,7 +43,7 @@ class AsyncEngine:
     def __init__(
         self,
         core: EngineCore,
-        on_step: Callable[[EngineStats, list[Sequence], list[float]], None] | None = None,
+        on_step: Callable[[EngineStats, list[SequenceState], list[float]], None] | None = None,
         stream_buffer_tokens: int = 0,
         stall_timeout: float = 60.0,
         step_timeout: float | None = None,
@@ -224,7 +224,7 @@ class AsyncEngine:
             self._report(self.core.abort_request(request_id, stream.params.n))
         return stream
 
-    def _report(self, ended: list[Sequence]) -> None:
+    def _report(self, ended: list[SequenceState]) -> None:
         if self.on_step is not None:
             self.on_step(self.core.stats, ended, [])
 
@@ -244,7 +244,7 @@ class AsyncEngine:
             return
         self._streams[stream.request_id] = stream
 
-    def _deliver(self, updated: list[Sequence]) -> None:
+    def _deliver(self, updated: list[SequenceState]) -> None:
         finished: dict[str, RequestStream] = {}
         for seq in updated:
             stream = self._streams.get(seq.request_id)

@@ -25,7 +25,7 @@ from logquant.policy import make_policy
 from logquant.store import PagedKVStore
 from server.engine.config import EngineConfig
 from server.engine.outputs import StepOutcome
-from server.engine.request import SamplingParams, Sequence
+from server.engine.request import SamplingParams, SequenceState
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.structured import GrammarState
@@ -122,7 +122,7 @@ class EngineCore:
         prompt_token_ids: list[int],
         params: SamplingParams,
         grammars: list[GrammarState] | None = None,
-    ) -> list[Sequence]:
+    ) -> list[SequenceState]:
         """Queue a request's `params.n` samples; `grammars`: their structured-output matchers
         if the caller built them (off the engine thread), else they are built here. Raises
         ValueError for a request that cannot run (bad parameters or spec, too long)."""
@@ -131,7 +131,7 @@ class EngineCore:
             raise ValueError("the prompt is empty")
         matchers = self.structured.new_matchers(params, params.n, grammars)  # an invalid spec fails here
         seqs = [
-            Sequence(_seq_id(request_id, i), request_id, i, list(prompt_token_ids), params, self.eos_token_ids)
+            SequenceState(_seq_id(request_id, i), request_id, i, list(prompt_token_ids), params, self.eos_token_ids)
             for i in range(params.n)
         ]
         for seq in seqs:
@@ -139,13 +139,13 @@ class EngineCore:
         self.structured.add(seqs, matchers)
         return seqs
 
-    def abort_request(self, request_id: str, n: int) -> list[Sequence]:
+    def abort_request(self, request_id: str, n: int) -> list[SequenceState]:
         """Abort the request's unfinished samples; return them. Their pages are free at once."""
         aborted = [self.scheduler.abort(_seq_id(request_id, i)) for i in range(n)]
         self._update_stats()
         return [seq for seq in aborted if seq is not None]
 
-    def abort_sample(self, request_id: str, index: int) -> Sequence | None:
+    def abort_sample(self, request_id: str, index: int) -> SequenceState | None:
         """Abort one sample of a request (e.g. it hit a stop string); None if it had ended."""
         seq = self.scheduler.abort(_seq_id(request_id, index))
         self._update_stats()

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from server.engine.config import EngineConfig, parse_bytes
 from server.engine.core import EngineCore
-from server.engine.request import SamplingParams, Sequence
+from server.engine.request import SamplingParams, SequenceState
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Run all prompts to completion with continuous batching; outputs in prompt order."""
         params = params or SamplingParams()
-        requests: list[tuple[str, list[int], list[Sequence]]] = []
+        requests: list[tuple[str, list[int], list[SequenceState]]] = []
         for prompt in prompts:
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             request_id = f"llm-{next(self._ids)}"
@@ -74,12 +74,12 @@ class LLM:
             for rid, ids, seqs in requests
         ]
 
-    def _completion(self, seq: Sequence) -> CompletionOutput:
+    def _completion(self, seq: SequenceState) -> CompletionOutput:
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
         return CompletionOutput(seq.index, text, list(seq.output_token_ids), seq.finish_reason, seq.output_logprobs)
 
 
-def _prompt_logprobs(seq: Sequence) -> list[dict | None] | None:
+def _prompt_logprobs(seq: SequenceState) -> list[dict | None] | None:
     if seq.params.prompt_logprobs is None:
         return None
     return [None, *seq.prompt_logprobs]

@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from logquant.plan import StepPlan
-from server.engine.request import Sequence
+from server.engine.request import SequenceState
 
 
 @dataclass(frozen=True)
 class ScheduledChunk:
-    seq: Sequence
+    seq: SequenceState
     token_ids: list[int]  # the tokens to compute this step
     start_position: int  # position of token_ids[0] (== num_computed_tokens)
     sample: bool  # the chunk ends at the last known token: sample the next one
@@ -66,11 +66,11 @@ class StepResult:
 
 @dataclass(frozen=True)
 class StepOutcome:
-    sampled: list[Sequence]  # got a token this step (finished ones included), in step order
-    failed: list[Sequence]  # their row failed: finished with "error" (`seq.error` says why)
+    sampled: list[SequenceState]  # got a token this step (finished ones included), in step order
+    failed: list[SequenceState]  # their row failed: finished with "error" (`seq.error` says why)
     inter_token_latencies: list[float]  # seconds since the previous token, per sampled sequence that had one
     progressed: bool  # False: nothing could run (every running sequence paused, nothing waiting fits)
 
     @property
-    def sequences(self) -> list[Sequence]:
+    def sequences(self) -> list[SequenceState]:
         return self.sampled + self.failed

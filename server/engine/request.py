@@ -159,7 +159,7 @@ class SequenceTimings:
 
 
 @dataclass
-class Sequence:
+class SequenceState:
     """One generated sample. `num_computed_tokens` tokens are in the KV cache."""
 
     seq_id: str

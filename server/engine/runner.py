@@ -21,7 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from logquant.step import StepTensors
 from logquant.store import PagedKVStore
 from server.engine.outputs import PromptLogprobs, SampleResult, ScheduledChunk, SchedulerOutput, StepResult
-from server.engine.request import Sequence
+from server.engine.request import SequenceState
 from server.engine.sampler import sample, token_logprobs
 from server.engine.structured_outputs import StructuredOutputManager
 
@@ -47,7 +47,7 @@ class FlatBatch:
     token_ids: list[int]
     positions: list[int]
     sample_rows: list[int]  # rows whose next token is sampled
-    sample_seqs: list[Sequence]  # their sequences
+    sample_seqs: list[SequenceState]  # their sequences
     prompt_rows: list[PromptRow]
 
     @classmethod
@@ -127,7 +127,7 @@ class ModelRunner:
         return StepResult(sampled, failed, prompt_logprobs)
 
     def _sample(
-        self, logits: torch.Tensor, seqs: list[Sequence]
+        self, logits: torch.Tensor, seqs: list[SequenceState]
     ) -> tuple[dict[str, SampleResult], dict[str, Exception]]:
         """Sample every row at once; if that fails, row by row, so that only the rows that
         fail (e.g. a request whose parameters break the numerics) lose their sequence."""
@@ -144,7 +144,7 @@ class ModelRunner:
                 failed[seq.seq_id] = exc
         return sampled, failed
 
-    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[SequenceState]) -> list[SampleResult]:
         masks = self.structured.grammar_masks(seqs, logits.shape[1]) if self.structured is not None else None
         return sample(logits, seqs, masks)
 

@@ -29,7 +29,7 @@ import torch
 
 from server.engine.outputs import SampleResult
 from server.engine.processors import apply_logit_bias, apply_min_tokens, apply_penalties, has_count_penalty
-from server.engine.request import SamplingParams, Sequence
+from server.engine.request import SamplingParams, SequenceState
 
 LOGPROB_FLOOR = -9999.0
 # top-k/top-p look for the nucleus among this many best tokens first (a sort of the whole
@@ -46,7 +46,7 @@ class GrammarMasks:
     allowed: torch.Tensor  # [len(rows), vocab] bool
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], masks: GrammarMasks | None = None) -> list[SampleResult]:
+def sample(logits: torch.Tensor, seqs: list[SequenceState], masks: GrammarMasks | None = None) -> list[SampleResult]:
     """logits: [len(seqs), vocab] for the last position of each sequence. `masks` is needed
     when a sequence has a structured-output constraint."""
     assert logits.shape[0] == len(seqs), "one row of logits per sequence"
@@ -58,7 +58,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], masks: GrammarMasks | Non
     return _results(raw, tokens, seqs)
 
 
-def process_logits(logits: torch.Tensor, seqs: list[Sequence], masks: GrammarMasks | None = None) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, seqs: list[SequenceState], masks: GrammarMasks | None = None) -> torch.Tensor:
     """Penalties, logit bias, grammar masks and min_tokens (on a copy; `logits` itself when
     no row has any of them)."""
     if not any(_modifies_logits(seq) for seq in seqs):
@@ -79,7 +79,7 @@ def apply_grammar_masks(logits: torch.Tensor, masks: GrammarMasks | None) -> Non
     logits[index] = logits[index].masked_fill(~masks.allowed.to(logits.device), float("-inf"))
 
 
-def _modifies_logits(seq: Sequence) -> bool:
+def _modifies_logits(seq: SequenceState) -> bool:
     p = seq.params
     return bool(
         p.repetition_penalty != 1.0 or has_count_penalty(p) or p.logit_bias or p.structured is not None
@@ -87,7 +87,7 @@ def _modifies_logits(seq: Sequence) -> bool:
     )  # fmt: skip
 
 
-def choose_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def choose_tokens(logits: torch.Tensor, seqs: list[SequenceState]) -> torch.Tensor:
     """One token id per row: argmax for greedy rows, a draw for the others."""
     rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
     if len(rows) == len(seqs):
@@ -99,7 +99,7 @@ def choose_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return tokens
 
 
-def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def _draw(logits: torch.Tensor, seqs: list[SequenceState]) -> torch.Tensor:
     params = [seq.params for seq in seqs]
     temperature = _column([p.temperature for p in params], logits.device)
     scaled = logits.sub(logits.amax(dim=-1, keepdim=True)).div_(temperature)  # the best token is at 0
@@ -168,7 +168,7 @@ def _cutoff_among_best(
     return torch.where(no_top_p, kth, torch.maximum(last_kept, kth)), covered
 
 
-def _uniforms(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
+def _uniforms(seqs: list[SequenceState], device: torch.device) -> torch.Tensor:
     """One uniform number in [0, 1) per row; seeded rows get theirs from their own generator."""
     uniforms = torch.rand(len(seqs), dtype=torch.float64, device=device)
     seeded = [i for i, seq in enumerate(seqs) if seq.params.seed is not None]
@@ -178,7 +178,7 @@ def _uniforms(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
     return uniforms
 
 
-def _seeded_uniform(seq: Sequence) -> float:
+def _seeded_uniform(seq: SequenceState) -> float:
     """A function of (seed, sample index, output length) only (string seeds hash with SHA-512,
     the same in every process)."""
     return random.Random(f"{seq.params.seed}:{seq.index}:{len(seq.output_token_ids)}").random()
@@ -217,7 +217,7 @@ def token_logprobs(
     return [(values[row][0], list(zip(ids[row][:k], values[row][1 : k + 1]))) for row, k in enumerate(top_counts)]
 
 
-def _results(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+def _results(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[SequenceState]) -> list[SampleResult]:
     token_ids = tokens.tolist()
     rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
     results = [SampleResult(token) for token in token_ids]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from logquant.kv_manager import KVManager
 from server.engine.outputs import PromptLogprobs, SampleResult, ScheduledChunk, SchedulerOutput, StepOutcome, StepResult
-from server.engine.request import Sequence, SequenceStatus
+from server.engine.request import SequenceState, SequenceStatus
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,13 @@ class Scheduler:
         self.config = config
         self.kv_manager = kv_manager
         self.on_finish = on_finish
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.sequences: dict[str, Sequence] = {}
+        self.waiting: deque[SequenceState] = deque()
+        self.running: list[SequenceState] = []
+        self.sequences: dict[str, SequenceState] = {}
         self.num_preemptions = 0
 
     # ---- requests ------------------------------------------------------------------------
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: SequenceState) -> None:
         final_len = min(seq.num_prompt_tokens + seq.params.max_tokens, self.config.max_model_len)
         if self.kv_manager.pages_for(final_len) > self.kv_manager.num_pages:
             raise ValueError(
@@ -68,10 +68,10 @@ class Scheduler:
         self.sequences[seq.seq_id] = seq
         self.waiting.append(seq)
 
-    def abort(self, seq_id: str) -> Sequence | None:
+    def abort(self, seq_id: str) -> SequenceState | None:
         return self._end(seq_id, "abort")
 
-    def fail(self, seq_id: str, error: str) -> Sequence | None:
+    def fail(self, seq_id: str, error: str) -> SequenceState | None:
         """End a sequence whose step failed (finish_reason "error"; `seq.error` says why)."""
         seq = self._end(seq_id, "error")
         if seq is not None:
@@ -87,7 +87,7 @@ class Scheduler:
             if seq is not None and seq.status is old:
                 seq.status = new
 
-    def _end(self, seq_id: str, reason: str) -> Sequence | None:
+    def _end(self, seq_id: str, reason: str) -> SequenceState | None:
         seq = self.sequences.get(seq_id)
         if seq is None or seq.is_finished:
             return None
@@ -143,7 +143,7 @@ class Scheduler:
             budget -= num_new
         return chunks
 
-    def _next_chunk(self, seq: Sequence) -> int:
+    def _next_chunk(self, seq: SequenceState) -> int:
         """Tokens to compute next: up to the next multiple of the prefill chunk size (one
         token at a time past the prompt under `exact_recompute`)."""
         size, done = self.config.prefill_chunk_tokens, seq.num_computed_tokens
@@ -152,7 +152,7 @@ class Scheduler:
         limit = seq.num_prompt_tokens if self.config.exact_recompute else seq.num_tokens
         return min(limit, (done // size + 1) * size) - done
 
-    def _chunk(self, seq: Sequence, num_new: int) -> ScheduledChunk:
+    def _chunk(self, seq: SequenceState, num_new: int) -> ScheduledChunk:
         start = seq.num_computed_tokens
         self.kv_manager.allocate(seq.seq_id, start + num_new)
         return ScheduledChunk(
@@ -162,7 +162,7 @@ class Scheduler:
             sample=start + num_new == seq.num_tokens,
         )
 
-    def _preempt_newest(self) -> Sequence:
+    def _preempt_newest(self) -> SequenceState:
         victim = self.running.pop()
         self.kv_manager.free(victim.seq_id)
         victim.status = SequenceStatus.WAITING
@@ -195,7 +195,7 @@ class Scheduler:
             sampled.append(seq)
         return StepOutcome(sampled, failed, latencies, progressed=bool(output.chunks) or output.num_preempted > 0)
 
-    def _append(self, seq: Sequence, token: SampleResult, now: float) -> None:
+    def _append(self, seq: SequenceState, token: SampleResult, now: float) -> None:
         seq.output_token_ids.append(token.token_id)
         if token.logprob is not None:
             seq.output_logprobs.append({"logprob": token.logprob, "top": token.top_logprobs})
@@ -213,7 +213,7 @@ class Scheduler:
             assert len(seq.prompt_logprobs) + 1 == computed.first_position, "prompt logprobs recorded out of order"
             seq.prompt_logprobs.extend(computed.entries)
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _finish(self, seq: SequenceState, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.timings.finished = time.monotonic()

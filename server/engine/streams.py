@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server.engine.request import SamplingParams, Sequence
+from server.engine.request import SamplingParams, SequenceState
 
 if TYPE_CHECKING:
     from server.engine.core import EngineCore
@@ -29,7 +29,7 @@ class SequenceDelta:
     token_id: int | None  # None on the delta that reports an aborted sample
     logprob: dict | None  # {"logprob": float, "top": [(id, logprob), ...]}
     finish_reason: str | None  # set on the last delta of this sample
-    sequence: Sequence  # read-only view for timings and counts
+    sequence: SequenceState  # read-only view for timings and counts
 
 
 class EngineDeadError(RuntimeError):

@@ -31,7 +31,7 @@ import llguidance
 import llguidance.hf
 from transformers import PreTrainedTokenizerBase
 
-from server.engine.request import Sequence, StructuredSpec
+from server.engine.request import SequenceState, StructuredSpec
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class GrammarState:
         self.stop_ids: list[int] = []  # the sequence's EOS and stop tokens inside the logits
         self._stop_set: frozenset[int] | None = None  # the same, set on the first `follow`
 
-    def follow(self, seq: Sequence, vocab: int) -> None:
+    def follow(self, seq: SequenceState, vocab: int) -> None:
         """Consume the output tokens appended since the last call."""
         if self._stop_set is None:
             self._stop_set = frozenset(t for t in seq.params.stop_token_set.union(seq.eos_token_ids) if t < vocab)

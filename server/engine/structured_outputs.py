@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from server.engine.request import SamplingParams, Sequence
+from server.engine.request import SamplingParams, SequenceState
 from server.engine.sampler import GrammarMasks
 from server.engine.structured import GrammarState, compile_structured, compiler_for
 
@@ -34,7 +34,7 @@ class StructuredOutputManager:
         compiled = compile_structured(params.structured, self.tokenizer)
         return list(prebuilt) if prebuilt else [GrammarState(compiled) for _ in range(count)]
 
-    def add(self, seqs: list[Sequence], matchers: list[GrammarState]) -> None:
+    def add(self, seqs: list[SequenceState], matchers: list[GrammarState]) -> None:
         """Track the request's sequences' matchers (`new_matchers`), one per sequence in order."""
         for seq, matcher in zip(seqs, matchers):
             self.matchers[seq.seq_id] = matcher
@@ -42,7 +42,7 @@ class StructuredOutputManager:
     def free(self, seq_id: str) -> None:
         self.matchers.pop(seq_id, None)
 
-    def grammar_masks(self, seqs: list[Sequence], vocab: int) -> GrammarMasks | None:
+    def grammar_masks(self, seqs: list[SequenceState], vocab: int) -> GrammarMasks | None:
         """The allowed tokens of the constrained rows of `seqs` (None when no row is), each
         matcher first following its sequence's new output tokens. Once a grammar is complete
         (or broken), only the sequence's stop tokens (EOS and stop_token_ids) are allowed."""
@@ -61,7 +61,7 @@ class StructuredOutputManager:
                 allowed[row, state.stop_ids] = True
         return GrammarMasks(rows, allowed)
 
-    def _followed(self, seq: Sequence, vocab: int) -> GrammarState:
+    def _followed(self, seq: SequenceState, vocab: int) -> GrammarState:
         state = self.matchers.get(seq.seq_id)
         if state is None:
             raise RuntimeError(f"{seq.seq_id}: a structured-output sequence has no grammar matcher")
