@@ -44,10 +44,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loadgen import essay_requests, print_runs, random_requests, run_load, sharegpt_requests, summarize  # noqa: E402
-from logquant.provenance import provenance  # noqa: E402
 from serve import free_port, our_server, wait_ready  # noqa: E402
 
 from logquant.models import resolve_model  # noqa: E402
+from logquant.provenance import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = {  # prompts, concurrency, number of requests
@@ -118,14 +118,34 @@ def peer_server(name: str, model_dir: str, args: argparse.Namespace) -> Iterator
     env = dict(os.environ)
     if name.startswith("vllm"):
         dtype = name.removeprefix("vllm-")
-        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
-               "--host", "127.0.0.1", "--dtype", dtype, "--max-model-len", "4096"]  # fmt: skip
+        cmd = [
+            args.vllm_python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model_dir,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--dtype",
+            dtype,
+            "--max-model-len",
+            "4096",
+        ]
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(_gib(args.kv_cache_memory))))
         ready = f"http://127.0.0.1:{port}/health"
     else:
         exe = Path(sys.executable).parent / "transformers"
-        cmd = [str(exe) if exe.exists() else shutil.which("transformers") or "transformers", "serve", model_dir,
-               "--port", str(port), "--host", "127.0.0.1"]  # fmt: skip
+        cmd = [
+            str(exe) if exe.exists() else shutil.which("transformers") or "transformers",
+            "serve",
+            model_dir,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ]
         cmd += ["--continuous-batching"] if name == "transformers-cb" else []
         ready = f"http://127.0.0.1:{port}/health"
     with tempfile.NamedTemporaryFile("w", prefix=f"{name}-", suffix=".log", delete=False) as log:
@@ -155,7 +175,9 @@ def run_one(url: str, model: str, args: argparse.Namespace, label: str, runs: di
         run_load(url, model, make_requests(args), args.concurrency, None, args.seed, args.ignore_eos)
     )
     runs[label] = summarize(results, elapsed) | {"label": label, "concurrency": args.concurrency}
-    print(f"{label}: {runs[label]['output_tokens_per_s']:.1f} output tokens/s, {runs[label]['errors']} errors", flush=True)
+    print(
+        f"{label}: {runs[label]['output_tokens_per_s']:.1f} output tokens/s, {runs[label]['errors']} errors", flush=True
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

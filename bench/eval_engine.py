@@ -38,19 +38,30 @@ def engine_for(
     previous = model.config._attn_implementation
     try:
         yield LLM(
-            model_object=model, tokenizer=tokenizer, policy=config.policy, fp_budget=config.fp_budget or 192,
-            group_size=GROUP_SIZE, sink_tokens=config.sink_tokens, key_fp_channels=config.key_fp_channels, kv_bits=config.bits,
-            kv_cache_memory=KV_CACHE_MEMORY, dtype=str(model.dtype).removeprefix("torch."), device=model.device.type,
+            model_object=model,
+            tokenizer=tokenizer,
+            policy=config.policy,
+            fp_budget=config.fp_budget or 192,
+            group_size=GROUP_SIZE,
+            sink_tokens=config.sink_tokens,
+            key_fp_channels=config.key_fp_channels,
+            kv_bits=config.bits,
+            kv_cache_memory=KV_CACHE_MEMORY,
+            dtype=str(model.dtype).removeprefix("torch."),
+            device=model.device.type,
             **engine_options,
-        )  # fmt: skip
+        )
     finally:
         model.set_attn_implementation(previous)
 
 
 def engine_generate(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: CacheConfig, prompts: list[list[int]],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: CacheConfig,
+    prompts: list[list[int]],
     max_tokens: int,
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """Greedy completions of every prompt, batched by the engine's scheduler."""
     with engine_for(model, tokenizer, config) as llm:
         outputs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0))
@@ -67,9 +78,7 @@ def engine_predictions(
         (out,) = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))
     entries = out.prompt_logprobs[1:]
     assert len(entries) == len(ids) - 1, "the engine skipped prompt positions"
-    return Predictions(
-        torch.tensor([e["logprob"] for e in entries]), torch.tensor([e["top"][0][0] for e in entries])
-    )
+    return Predictions(torch.tensor([e["logprob"] for e in entries]), torch.tensor([e["top"][0][0] for e in entries]))
 
 
 class ServedEngine:

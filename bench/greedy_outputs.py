@@ -28,8 +28,11 @@ QUESTIONS = [
     "Give me a short recipe for pancakes.",
 ]
 COLUMNS = [("fp16", 192), ("kivi", 48), ("logquant", 48), ("logquant", 192)]
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-          "required": ["name", "age"]}  # fmt: skip
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
 
 
 def prompts(tokenizer) -> list[list[int]]:
@@ -37,7 +40,11 @@ def prompts(tokenizer) -> list[list[int]]:
     text = essays_text()
     contents = QUESTIONS + [text[offset : offset + 1600] + "\n\nSummarize the text above." for offset in (0, 50_000)]
     return [
-        list(tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, return_dict=False))
+        list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": c}], add_generation_prompt=True, return_dict=False
+            )
+        )
         for c in contents
     ]
 
@@ -45,7 +52,9 @@ def prompts(tokenizer) -> list[list[int]]:
 def outputs(llm: LLM, ids: list[list[int]], params: SamplingParams) -> list[dict]:
     return [
         {
-            "samples": [{"token_ids": c.token_ids, "finish_reason": c.finish_reason, "logprobs": c.logprobs} for c in o.outputs],
+            "samples": [
+                {"token_ids": c.token_ids, "finish_reason": c.finish_reason, "logprobs": c.logprobs} for c in o.outputs
+            ],
             "prompt_logprobs": o.prompt_logprobs,
         }
         for o in llm.generate(ids, params)
@@ -62,14 +71,21 @@ def main() -> None:
     greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     result: dict[str, object] = {"prompt_lengths": [len(p) for p in ids]}
     for policy, budget in COLUMNS:
-        llm = LLM(model_object=model, tokenizer=tokenizer, policy=policy, fp_budget=budget, kv_cache_memory="256MiB",
-                  device="cpu")  # fmt: skip
+        llm = LLM(
+            model_object=model,
+            tokenizer=tokenizer,
+            policy=policy,
+            fp_budget=budget,
+            kv_cache_memory="256MiB",
+            device="cpu",
+        )
         result[f"{policy}@{budget} greedy"] = outputs(llm, ids, greedy)
         if (policy, budget) == ("logquant", 48):
             structured = SamplingParams(max_tokens=48, temperature=0, structured=StructuredSpec.json_schema(SCHEMA))
             result[f"{policy}@{budget} json_schema"] = outputs(llm, ids[:4], structured)
-            seeded = SamplingParams(max_tokens=32, temperature=0.8, top_p=0.9, seed=7, logprobs=2, n=2,
-                                    prompt_logprobs=1)  # fmt: skip
+            seeded = SamplingParams(
+                max_tokens=32, temperature=0.8, top_p=0.9, seed=7, logprobs=2, n=2, prompt_logprobs=1
+            )
             result[f"{policy}@{budget} seeded"] = outputs(llm, ids[:4], seeded)
     args.json.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.json}: {len(result) - 1} runs; prompt lengths {result['prompt_lengths']}")

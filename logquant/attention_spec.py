@@ -64,7 +64,9 @@ def _check_features(config: PretrainedConfig, text: PretrainedConfig, model_type
     if getattr(text, "use_bidirectional_attention", False):
         raise _refuse(model_type, "bidirectional attention")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise _refuse(model_type, f"not an architecture we run and test (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise _refuse(
+            model_type, f"not an architecture we run and test (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
 
 
 def _windows(text: PretrainedConfig, model_type: str) -> tuple[int | None, ...]:
@@ -92,6 +94,8 @@ def attention_spec(config: PretrainedConfig) -> AttentionSpec:
     _check_features(config, text, model_type)
     softcap = getattr(text, "attn_logit_softcapping", None)
     return AttentionSpec(
-        model_type=model_type, windows=_windows(text, model_type), softcap=float(softcap) if softcap else None,
+        model_type=model_type,
+        windows=_windows(text, model_type),
+        softcap=float(softcap) if softcap else None,
         sinks=model_type == "gpt_oss",
-    )  # fmt: skip
+    )

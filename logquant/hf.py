@@ -44,7 +44,9 @@ class SharedKV:
         self.orders: list[torch.Tensor] = []  # per group: its rows in (row, position) order
         self.updated_layers: set[int] = set()
 
-    def update(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """key_states, value_states: [batch, kv_heads, num_new, head_dim] -> all tokens, same layout."""
         batch, heads, num_new, dim = key_states.shape
         if self.store is None:
@@ -64,10 +66,15 @@ class SharedKV:
         kv_fp, kv_packed = self.store.gather(layer, bucket, flat_keys, flat_values)
         rows = kv_fp.view(-1, 2, heads, dim)
         if kv_packed is not None:
-            packed_rows = torch.stack([t.reshape(-1, heads, dim) for t in kv_packed], dim=1)  # [S * L_packed, 2, heads, dim]
+            packed_rows = torch.stack(
+                [t.reshape(-1, heads, dim) for t in kv_packed], dim=1
+            )  # [S * L_packed, 2, heads, dim]
             rows = torch.cat([packed_rows, rows])
         ordered = rows[self.orders[g]].view(batch, -1, 2, heads, dim)
-        keys, values = ordered[:, :, 0].transpose(1, 2), ordered[:, :, 1].transpose(1, 2)  # [batch, kv_heads, tokens, dim]
+        keys, values = (
+            ordered[:, :, 0].transpose(1, 2),
+            ordered[:, :, 1].transpose(1, 2),
+        )  # [batch, kv_heads, tokens, dim]
         self.store.write(layer, bucket, kv_fp)
         return keys.to(key_states.dtype), values.to(value_states.dtype)
 
@@ -113,8 +120,15 @@ def _position_order(plan: GroupPlan, bucket: Bucket, block_tokens: int) -> torch
         fp_a, fp_b = plan.fp_ptr[i], plan.fp_ptr[i + 1]
         start, num_new = plan.start_positions[i], plan.query_ptr[i + 1] - plan.query_ptr[i]
         fp_base = batch * width_packed + i * width_fp
-        rows += [*range(i * width_packed, i * width_packed + packed_b - packed_a), *range(fp_base, fp_base + fp_b - fp_a + num_new)]
-        positions = [*plan.packed_positions[packed_a:packed_b], *plan.fp_positions[fp_a:fp_b], *range(start, start + num_new)]
+        rows += [
+            *range(i * width_packed, i * width_packed + packed_b - packed_a),
+            *range(fp_base, fp_base + fp_b - fp_a + num_new),
+        ]
+        positions = [
+            *plan.packed_positions[packed_a:packed_b],
+            *plan.fp_positions[fp_a:fp_b],
+            *range(start, start + num_new),
+        ]
         keys += [i * total + p for p in positions]
     return torch.tensor(rows)[torch.tensor(keys).argsort()]
 
@@ -142,7 +156,9 @@ class LogQuantLayer(DynamicLayer):
 
     def _no_batch_change(self, *args, **kwargs) -> None:
         if self.num_tokens:
-            raise NotImplementedError("LogQuantCache keeps one paged sequence per row: beam search and row reordering are not supported")
+            raise NotImplementedError(
+                "LogQuantCache keeps one paged sequence per row: beam search and row reordering are not supported"
+            )
 
     batch_repeat_interleave = batch_select_indices = reorder_cache = _no_batch_change
 

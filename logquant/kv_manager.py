@@ -36,8 +36,8 @@ class KVManager:
         num_pages = layout.num_pages(kv_budget_bytes)
         if num_pages == 0:
             raise ValueError(
-                f"KV budget of {kv_budget_bytes} bytes is smaller than one page ({layout.page_bytes_all_layers} bytes): "
-                "raise --kv-cache-memory"
+                f"KV budget of {kv_budget_bytes} bytes is smaller than one page "
+                f"({layout.page_bytes_all_layers} bytes): raise --kv-cache-memory"
             )
         return cls(layout, num_pages)
 
@@ -61,7 +61,12 @@ class KVManager:
             have = seq.groups[g] if seq else None
             have_fp = len(have.fp_pages) if have else 0
             have_packed = len(have.packed_pages) + len(have.spare_packed_pages) if have else 0
-            missing.append((max(0, group.fp_pages_for(num_tokens) - have_fp), max(0, group.packed_pages_for(num_tokens) - have_packed)))
+            missing.append(
+                (
+                    max(0, group.fp_pages_for(num_tokens) - have_fp),
+                    max(0, group.packed_pages_for(num_tokens) - have_packed),
+                )
+            )
         return missing
 
     def can_allocate(self, seq_id: str, num_tokens: int, reserve: int = 0) -> bool:

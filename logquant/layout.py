@@ -8,8 +8,9 @@ at byte offset (index of the layer in the group) * page_bytes.
 
 Layers of one kind are split into groups of equal size (vLLM's hybrid allocator), so that
 every page id has the same size and no byte is left over: Gemma 3 270M's 3 full-attention
-and 15 window layers make 6 groups of 3 layers. A page of a full-attention layer holds either full-precision tokens (`fp_page_tokens` tokens
-of K and V) or one demoted block of `block_tokens` 2-bit tokens:
+and 15 window layers make 6 groups of 3 layers. A page of a full-attention layer holds either
+full-precision tokens (`fp_page_tokens` tokens of K and V) or one demoted block of
+`block_tokens` 2-bit tokens:
 
     key codes   [block_tokens, kv_heads, head_dim * bits / 8]  uint8 (packed along head_dim)
     value codes [block_tokens, kv_heads, head_dim * bits / 8]  uint8
@@ -225,12 +226,16 @@ class KVLayout:
         size = math.gcd(*(len(v) for v in layers.values()))
         fmt = {name: getattr(self, name) for name in PageFormat.__dataclass_fields__}
         return tuple(
-            KVGroup(**(fmt | {"policy": self.policy if w is None else WindowPolicy(w)}), window=w,
-                    layers=tuple(layers[w][start : start + size]), page_bytes=self.page_bytes,
-                    page_stride=size * self.page_bytes)
+            KVGroup(
+                **(fmt | {"policy": self.policy if w is None else WindowPolicy(w)}),
+                window=w,
+                layers=tuple(layers[w][start : start + size]),
+                page_bytes=self.page_bytes,
+                page_stride=size * self.page_bytes,
+            )
             for w in kinds
             for start in range(0, len(layers[w]), size)
-        )  # fmt: skip
+        )
 
     @cached_property
     def group_of(self) -> tuple[tuple[int, int], ...]:

@@ -140,9 +140,18 @@ class PlanBuilder:
 
     def build(self) -> GroupPlan:
         return GroupPlan(
-            query_ptr=self.query_ptr, fp_ptr=self.fp_ptr, fp_slots=self.fp_slots, fp_positions=self.fp_positions,
-            packed_ptr=self.packed_ptr, packed_pages=self.packed_pages, packed_positions=self.packed_positions,
-            start_positions=self.start_positions, block_ptr=self.block_ptr, block_pages=self.block_pages,
-            block_sources=self.block_sources, write_ptr=self.write_ptr, write_slots=self.write_slots,
+            query_ptr=self.query_ptr,
+            fp_ptr=self.fp_ptr,
+            fp_slots=self.fp_slots,
+            fp_positions=self.fp_positions,
+            packed_ptr=self.packed_ptr,
+            packed_pages=self.packed_pages,
+            packed_positions=self.packed_positions,
+            start_positions=self.start_positions,
+            block_ptr=self.block_ptr,
+            block_pages=self.block_pages,
+            block_sources=self.block_sources,
+            write_ptr=self.write_ptr,
+            write_slots=self.write_slots,
             write_sources=self.write_sources,
-        )  # fmt: skip
+        )

@@ -23,8 +23,8 @@ sources that do not need `kv_fp`; no padded tensor is built), which the fused ke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -96,9 +96,16 @@ class StepTensors:
 
 
 def build_step_tensors(
-    plan: GroupPlan, block_tokens: int, fp_page_tokens: int, fp_row_strides: tuple[int, int], zero_page: int,
-    dtype: torch.dtype, device: torch.device, decode_index: bool = False, window: int | None = None,
-) -> GroupTensors:  # fmt: skip
+    plan: GroupPlan,
+    block_tokens: int,
+    fp_page_tokens: int,
+    fp_row_strides: tuple[int, int],
+    zero_page: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    decode_index: bool = False,
+    window: int | None = None,
+) -> GroupTensors:
     """Index tensors of one group's step, made on the CPU and moved once (pinned and async on
     CUDA). `fp_row_strides`: (rows per page, rows per token) of the store's fp row view; padding
     reads `zero_page`, which is never written, so masked keys and values are zeros, never NaN.
@@ -149,7 +156,10 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _bucket(plan: GroupPlan, seqs: list[int], indexing: _Indexing) -> Bucket:
-    ptr = {name: [getattr(plan, name)[i : i + 2] for i in seqs] for name in ("query_ptr", "fp_ptr", "packed_ptr", "block_ptr", "write_ptr")}
+    ptr = {
+        name: [getattr(plan, name)[i : i + 2] for i in seqs]
+        for name in ("query_ptr", "fp_ptr", "packed_ptr", "block_ptr", "write_ptr")
+    }
     new_len = torch.tensor([b - a for a, b in ptr["query_ptr"]])
     fp_len = torch.tensor([b - a for a, b in ptr["fp_ptr"]])
     width = int((fp_len + new_len).max())  # L_fp
@@ -173,16 +183,22 @@ def _bucket(plan: GroupPlan, seqs: list[int], indexing: _Indexing) -> Bucket:
     block_pages = [p for a, b in ptr["block_ptr"] for p in plan.block_pages[a:b]]
     move = indexing.to_device
     return Bucket(
-        query_rows=move(query_rows), out_rows=move(query_rows.flatten()[valid]),
-        out_sources=move(torch.nonzero(valid).flatten()), fp_rows=move(fp_rows),
+        query_rows=move(query_rows),
+        out_rows=move(query_rows.flatten()[valid]),
+        out_sources=move(torch.nonzero(valid).flatten()),
+        fp_rows=move(fp_rows),
         new_dest=move((torch.tensor(row_base).unsqueeze(1) + fp_len.unsqueeze(1) + t).flatten()[valid]),
-        new_src=move(query_rows.flatten()[valid]), fp_mask=move(_additive(visible, indexing.dtype)),
-        packed_pages=move(packed_pages), packed_mask=move(packed_mask), has_packed=move(has_packed),
+        new_src=move(query_rows.flatten()[valid]),
+        fp_mask=move(_additive(visible, indexing.dtype)),
+        packed_pages=move(packed_pages),
+        packed_mask=move(packed_mask),
+        has_packed=move(has_packed),
         block_pages=move(torch.tensor(block_pages, dtype=torch.long)),
         block_sources=move(blocks.view(-1, max(indexing.block_tokens, 1))),
-        write_pages=move(write_slots // indexing.fp_page_tokens), write_offsets=move(write_slots % indexing.fp_page_tokens),
+        write_pages=move(write_slots // indexing.fp_page_tokens),
+        write_offsets=move(write_slots % indexing.fp_page_tokens),
         write_sources=move(writes),
-    )  # fmt: skip
+    )
 
 
 def _packed_part(plan: GroupPlan, packed_ptr: list[list[int]], indexing: _Indexing) -> tuple[torch.Tensor, ...]:
@@ -234,17 +250,23 @@ def _decode_index(plan: GroupPlan, seqs: list[int], indexing: _Indexing) -> Deco
     move, rows = indexing.to_device, [plan.query_ptr[i] for i in seqs]
     write_at = torch.tensor(write_slots, dtype=torch.long)
     return DecodeIndex(
-        query_rows=move(torch.tensor(rows, dtype=torch.int32)), fp_ptr=move(torch.tensor(fp_ptr, dtype=torch.int32)),
-        fp_slots=move(torch.tensor(fp_slots, dtype=torch.int32)), packed_ptr=move(torch.tensor(packed_ptr, dtype=torch.int32)),
-        packed_pages=move(torch.tensor(packed_pages, dtype=torch.int32)), max_keys=max_keys,
-        item_ptr=move(torch.tensor(item_ptr, dtype=torch.int32)), new_src=move(torch.tensor(rows, dtype=torch.long)),
+        query_rows=move(torch.tensor(rows, dtype=torch.int32)),
+        fp_ptr=move(torch.tensor(fp_ptr, dtype=torch.int32)),
+        fp_slots=move(torch.tensor(fp_slots, dtype=torch.int32)),
+        packed_ptr=move(torch.tensor(packed_ptr, dtype=torch.int32)),
+        packed_pages=move(torch.tensor(packed_pages, dtype=torch.int32)),
+        max_keys=max_keys,
+        item_ptr=move(torch.tensor(item_ptr, dtype=torch.int32)),
+        new_src=move(torch.tensor(rows, dtype=torch.long)),
         src_fp_rows=move(indexing.fp_row(torch.tensor(src_slots, dtype=torch.long))),
         block_pages=move(torch.tensor(block_pages, dtype=torch.long)),
         block_sources=move(_compact(block_rows, len(src_slots)).view(-1, max(bt, 1))),
-        write_pages=move(write_at // indexing.fp_page_tokens), write_offsets=move(write_at % indexing.fp_page_tokens),
+        write_pages=move(write_at // indexing.fp_page_tokens),
+        write_offsets=move(write_at % indexing.fp_page_tokens),
         write_sources=move(_compact(write_rows, len(src_slots))),
-        write_slots=move(write_at.to(torch.int32)), write_rows=move(torch.tensor(write_batch_rows, dtype=torch.int32)),
-    )  # fmt: skip
+        write_slots=move(write_at.to(torch.int32)),
+        write_rows=move(torch.tensor(write_batch_rows, dtype=torch.int32)),
+    )
 
 
 def _compact(rows: list[int], num_cached: int) -> torch.Tensor:

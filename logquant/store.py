@@ -26,8 +26,8 @@ import torch
 
 from logquant.attention import bucket_attention
 from logquant.kernels import select_decode_backend
-from logquant.plan import StepPlan
 from logquant.layout import KVGroup, KVLayout
+from logquant.plan import StepPlan
 from logquant.quant import quantize, unpack_lut
 from logquant.step import Bucket, DecodeIndex, StepTensors, build_step_tensors
 
@@ -36,9 +36,13 @@ SCALE_DTYPE = torch.float16
 
 class PagedKVStore:
     def __init__(
-        self, layout: KVLayout, num_pages: int, dtype: torch.dtype, device: torch.device | str,
+        self,
+        layout: KVLayout,
+        num_pages: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
         decode_backend: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """`decode_backend`: `auto` (or None), `torch`, `cpu` or `triton` (see `select_decode_backend`)."""
         assert torch.empty((), dtype=dtype).element_size() == layout.dtype_bytes, "layout dtype mismatch"
         self.layout, self.num_pages, self.dtype, self.device = layout, num_pages, dtype, torch.device(device)
@@ -58,7 +62,7 @@ class PagedKVStore:
         p starts at byte p * page_stride + (index of the layer in its group) * page_bytes."""
         h, d = self.layout.num_kv_heads, self.layout.head_dim
         self.fp, self.fp_rows, self.layer_sections = [], [], []
-        for layer, (g, j) in enumerate(self.layout.group_of):
+        for g, j in self.layout.group_of:
             group = self.layout.groups[g]
             base, fpt = j * group.page_bytes, group.fp_page_tokens
             self.fp.append(self._view(base, group, self.dtype, (fpt, 2, h, d)))
@@ -69,20 +73,28 @@ class PagedKVStore:
         h, d, bt = group.num_kv_heads, group.head_dim, group.block_tokens
         packed, groups = d * group.bits // 8, d // group.group_size
         shapes = {
-            "key_codes": (torch.uint8, (bt, h, packed)), "value_codes": (torch.uint8, (bt, h, packed)),
-            "key_scale": (SCALE_DTYPE, (h, d)), "key_zero": (SCALE_DTYPE, (h, d)),
-            "value_scale": (SCALE_DTYPE, (bt, h, groups)), "value_zero": (SCALE_DTYPE, (bt, h, groups)),
+            "key_codes": (torch.uint8, (bt, h, packed)),
+            "value_codes": (torch.uint8, (bt, h, packed)),
+            "key_scale": (SCALE_DTYPE, (h, d)),
+            "key_zero": (SCALE_DTYPE, (h, d)),
+            "value_scale": (SCALE_DTYPE, (bt, h, groups)),
+            "value_zero": (SCALE_DTYPE, (bt, h, groups)),
             "key_outlier_values": (SCALE_DTYPE, (bt, h, group.key_fp_channels)),
             "key_outlier_channels": (torch.uint8, (h, group.key_fp_channels)),
-        }  # fmt: skip
-        return {name: self._view(base + offset, group, *shapes[name]) for name, (offset, _) in group.packed_sections().items()}
+        }
+        return {
+            name: self._view(base + offset, group, *shapes[name])
+            for name, (offset, _) in group.packed_sections().items()
+        }
 
     def _view(self, offset: int, group: KVGroup, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """`[num_pages + 1, *shape]` of `dtype` at byte `offset` of every page (stride: a page id)."""
         elem = torch.empty((), dtype=dtype).element_size()
         flat = self.buffer.view(-1).view(dtype)
         size = math.prod(shape)
-        return flat.as_strided((self.num_pages + 1, size), (group.page_stride // elem, 1), offset // elem).view(-1, *shape)
+        return flat.as_strided((self.num_pages + 1, size), (group.page_stride // elem, 1), offset // elem).view(
+            -1, *shape
+        )
 
     def fp_row_strides(self, group: KVGroup) -> tuple[int, int]:
         """(rows per page, rows per token) of a layer's `fp_rows`: a slot's row is
@@ -123,9 +135,16 @@ class PagedKVStore:
         fused = self.decode_backend in ("cpu", "triton") if decode_index is None else decode_index
         groups = [
             build_step_tensors(
-                group_plan, group.block_tokens, group.fp_page_tokens, self.fp_row_strides(group), self.num_pages, self.dtype,
-                self.device, decode_index=fused, window=group.window,
-            )  # fmt: skip
+                group_plan,
+                group.block_tokens,
+                group.fp_page_tokens,
+                self.fp_row_strides(group),
+                self.num_pages,
+                self.dtype,
+                self.device,
+                decode_index=fused,
+                window=group.window,
+            )
             for group, group_plan in zip(self.layout.groups, plan.groups)
         ]
         return StepTensors(plan, groups)
@@ -182,9 +201,15 @@ class PagedKVStore:
         self.fp[layer][bucket.write_pages, bucket.write_offsets] = rows[bucket.write_sources]
 
     def _fused_decode(
-        self, layer: int, index: DecodeIndex, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        scaling: float, out: torch.Tensor,
-    ) -> None:  # fmt: skip
+        self,
+        layer: int,
+        index: DecodeIndex,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        out: torch.Tensor,
+    ) -> None:
         """The decode bucket on the fused kernel. Blocks demoted in this step are quantized
         first, from a compact tensor (the demoted cached fp tokens, then the new tokens): they
         go to fresh pages the kernel does not read. New fp tokens are written last."""
@@ -212,7 +237,9 @@ class PagedKVStore:
         blocks = rows[sources]  # [num_blocks, block_tokens, 2, h, d]
         block_keys, block_values = blocks[:, :, 0], blocks[:, :, 1]
         packed_keys = quantize(block_keys, self.layout.bits, self.layout.block_tokens, axis=1, scale_dtype=SCALE_DTYPE)
-        packed_values = quantize(block_values, self.layout.bits, self.layout.group_size, axis=3, scale_dtype=SCALE_DTYPE)
+        packed_values = quantize(
+            block_values, self.layout.bits, self.layout.group_size, axis=3, scale_dtype=SCALE_DTYPE
+        )
         sec = self.layer_sections[layer]
         sec["key_codes"][pages] = packed_keys.codes
         sec["key_scale"][pages] = packed_keys.scale.squeeze(1)
@@ -234,7 +261,9 @@ class PagedKVStore:
         bits, groups = self.layout.bits, d // self.layout.group_size
         g, j = self.layout.group_of[layer]
         group = self.layout.groups[g]
-        raw = self._view(j * group.page_bytes, group, torch.uint8, (group.page_bytes,)).index_select(0, pages)  # [n, page_bytes]
+        raw = self._view(j * group.page_bytes, group, torch.uint8, (group.page_bytes,)).index_select(
+            0, pages
+        )  # [n, page_bytes]
         sections = group.packed_sections()
 
         def section(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

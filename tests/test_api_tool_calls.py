@@ -84,7 +84,9 @@ def test_stream_matches_whole_output(step: int) -> None:
     assert content == "Let me check.\n\n" and functions(calls) == functions(parse_hermes(HERMES)[1])
     assert functions(streamed("required", REQUIRED, step)[1]) == functions(parse_required(REQUIRED))
     assert streamed("named", '{"q": [1, 2]}', step, "search")[1][0]["function"] == {
-        "name": "search", "arguments": '{"q": [1, 2]}'}  # fmt: skip
+        "name": "search",
+        "arguments": '{"q": [1, 2]}',
+    }
     assert streamed("none", "<tool_call>x", step) == ("<tool_call>x", [])
 
 

@@ -44,7 +44,7 @@ def test_no_import_cycles(package: str) -> None:
 
     def visit(name: str, stack: list[str]) -> None:
         if name in stack:
-            pytest.fail(f"import cycle: {' -> '.join(stack[stack.index(name):] + [name])}")
+            pytest.fail(f"import cycle: {' -> '.join(stack[stack.index(name) :] + [name])}")
         if name not in done:
             for dep in sorted(graph[name]):
                 visit(dep, stack + [name])

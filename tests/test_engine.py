@@ -1,11 +1,11 @@
 """The engine end to end on tiny random-weight models."""
 
 import pytest
+from tiny import byte_tokenizer, tiny_model
 
 from server.engine import LLM, SamplingParams
-from server.engine.core import EngineCore
 from server.engine.config import EngineConfig
-from tiny import byte_tokenizer, tiny_model
+from server.engine.core import EngineCore
 
 PROMPTS = [
     "hello world, this is a test of the engine",
@@ -24,9 +24,14 @@ def reference(prompt: str, n: int) -> list[int]:
 
 def make_engine(policy: str = "fp16", kv: int = 64 << 20, budget: int = 16, fp_budget: int = 48) -> EngineCore:
     config = EngineConfig(
-        policy=policy, fp_budget=fp_budget, group_size=8, kv_cache_memory=kv, max_num_batched_tokens=budget,
-        device="cpu", debug_integrity=True,
-    )  # fmt: skip
+        policy=policy,
+        fp_budget=fp_budget,
+        group_size=8,
+        kv_cache_memory=kv,
+        max_num_batched_tokens=budget,
+        device="cpu",
+        debug_integrity=True,
+    )
     return EngineCore(config, tiny_model(), byte_tokenizer())
 
 
@@ -158,8 +163,10 @@ def test_other_architectures_match_generate(arch: str) -> None:
     config = EngineConfig(policy="fp16", kv_cache_memory=32 << 20, max_num_batched_tokens=16, device="cpu")
     engine = EngineCore(config, tiny_model(arch), byte_tokenizer())
     tok = engine.tokenizer
-    seqs = [engine.add_request(f"r{i}", tok.encode(p), SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
-            for i, p in enumerate(PROMPTS[:3])]  # fmt: skip
+    seqs = [
+        engine.add_request(f"r{i}", tok.encode(p), SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+        for i, p in enumerate(PROMPTS[:3])
+    ]
     while engine.has_work():
         engine.step()
     reference_model = tiny_model(arch)
@@ -167,9 +174,14 @@ def test_other_architectures_match_generate(arch: str) -> None:
         ids = tok(prompt, return_tensors="pt")
         out = reference_model.generate(**ids, max_new_tokens=10, do_sample=False, eos_token_id=None)
         assert seq.output_token_ids == out[0, ids["input_ids"].shape[1] :].tolist(), (arch, prompt)
-    logquant = EngineCore(EngineConfig(policy="logquant", fp_budget=24, group_size=8, kv_cache_memory=32 << 20,
-                                       device="cpu"), tiny_model(arch), byte_tokenizer())  # fmt: skip
-    (seq,) = logquant.add_request("q", list(range(3, 120)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    logquant = EngineCore(
+        EngineConfig(policy="logquant", fp_budget=24, group_size=8, kv_cache_memory=32 << 20, device="cpu"),
+        tiny_model(arch),
+        byte_tokenizer(),
+    )
+    (seq,) = logquant.add_request(
+        "q", list(range(3, 120)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    )
     while logquant.has_work():
         logquant.step()
     assert len(seq.output_token_ids) == 8

@@ -24,12 +24,11 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before logquant.kernels.decode defines the kernels
 
 import kernel_util  # noqa: E402
-from kernel_util import D, GQA, GROUP_SIZE, LAYERS, STEPS, Case  # noqa: E402
+from kernel_util import GQA, GROUP_SIZE, LAYERS, STEPS, Case, D  # noqa: E402
 
 from logquant.kernels import select_decode_backend  # noqa: E402
 from logquant.kv_manager import KVManager  # noqa: E402
 from logquant.layout import KVLayout  # noqa: E402
-from logquant.step import DecodeIndex  # noqa: E402
 from logquant.store import PagedKVStore  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -59,7 +58,9 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_steps(case: Case, steps: list[dict[str, int]], seed: int, backend: str | None = "triton", num_pages: int = 300) -> int:
+def run_steps(
+    case: Case, steps: list[dict[str, int]], seed: int, backend: str | None = "triton", num_pages: int = 300
+) -> int:
     return kernel_util.run_steps(case, steps, seed, backend, num_pages, DEVICE)
 
 

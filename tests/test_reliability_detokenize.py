@@ -4,6 +4,7 @@ of the whole output, and the text equals a full decode, also for multi-byte char
 import random
 
 import pytest
+from tiny import byte_tokenizer
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -13,7 +14,6 @@ from server.api.detokenize import (
     TextTracker,
     WindowDecodeStream,
 )
-from tiny import byte_tokenizer
 
 TEXTS = [
     "Hello, world!",

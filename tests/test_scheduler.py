@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from logquant.kv_manager import KVManager
 from logquant.layout import KVLayout
 from logquant.policy import make_policy
-from logquant.kv_manager import KVManager
 from server.engine.outputs import PromptLogprobs, SampleResult, StepResult
 from server.engine.request import SamplingParams, SequenceState, SequenceStatus
 from server.engine.scheduler import Scheduler, SchedulerConfig

@@ -4,17 +4,23 @@ import pytest
 import torch
 
 from logquant.attention import attend
+from logquant.kv_manager import KVManager
 from logquant.layout import KVLayout
 from logquant.policy import make_policy
 from logquant.quant import dequantize, quantize
-from logquant.kv_manager import KVManager
 from logquant.store import PagedKVStore
 
 H, KVH, D, LAYERS = 4, 2, 32, 2
 
 
 def make_store(
-    policy_name: str, budget: int, num_pages: int = 400, kv_heads: int = KVH, sinks: int = 0, kout: int = 0, bits: int = 2,
+    policy_name: str,
+    budget: int,
+    num_pages: int = 400,
+    kv_heads: int = KVH,
+    sinks: int = 0,
+    kout: int = 0,
+    bits: int = 2,
     backend: str = "torch",
 ) -> tuple[PagedKVStore, KVManager]:
     policy = make_policy(policy_name, budget, group_size=8, sink_tokens=sinks)
@@ -44,9 +50,14 @@ def dense_reference(policy_name, budget, keys, values, sinks: int = 0, kout: int
 
 
 def run_steps(
-    policy_name: str, budget: int, kv_heads: int, steps: list[dict[str, int]], seed: int, backend: str = "torch",
+    policy_name: str,
+    budget: int,
+    kv_heads: int,
+    steps: list[dict[str, int]],
+    seed: int,
+    backend: str = "torch",
     **variant: int,
-) -> None:  # fmt: skip
+) -> None:
     """Run mixed steps (seq -> new tokens) through the manager and the batched store; check
     every layer's output against the per-sequence oracle on the dense reference. `variant`:
     sinks, kout, bits (see `make_store`); `backend`: decodes on `torch` or the `cpu` kernel."""

@@ -9,12 +9,12 @@ import re
 import jsonschema
 import pytest
 import torch
+from tiny import byte_tokenizer
 
 from server.engine.request import SamplingParams, SequenceState, StructuredSpec
 from server.engine.sampler import sample
 from server.engine.structured import StructuredSpecError, compile_structured
 from server.engine.structured_outputs import StructuredOutputManager
-from tiny import byte_tokenizer
 
 SCHEMAS = {
     "nested": {
@@ -116,8 +116,12 @@ def test_every_constrained_output_validates_and_free_rows_share_the_call(tok) ->
 
 
 def test_properties_come_in_schema_order(tok) -> None:
-    schema = {"type": "object", "properties": {"zeta": {"enum": [1]}, "alpha": {"enum": [2]}},
-              "required": ["zeta", "alpha"], "additionalProperties": False}  # fmt: skip
+    schema = {
+        "type": "object",
+        "properties": {"zeta": {"enum": [1]}, "alpha": {"enum": [2]}},
+        "required": ["zeta", "alpha"],
+        "additionalProperties": False,
+    }
     (text,) = generate(tok, [make_seq(tok, StructuredSpec.json_schema(schema), 0)], len(tok), 0)
     assert text == '{"zeta": 1, "alpha": 2}'
 

@@ -4,10 +4,10 @@ import json
 
 import jsonschema
 import pytest
-
-from server.engine.request import SamplingParams, StructuredSpec
 from test_engine import PROMPTS, make_engine
 from test_structured import SCHEMAS
+
+from server.engine.request import SamplingParams, StructuredSpec
 
 
 def run(engine, schemas: list[dict]) -> list[list[int]]:

@@ -29,10 +29,14 @@ from logquant.models import DEFAULT_MODEL, load_model
 from logquant.provenance import provenance
 
 
-def parse_args(argv: list[str] | None = None, through_engine: bool = False, prog: str | None = None) -> argparse.Namespace:
+def parse_args(
+    argv: list[str] | None = None, through_engine: bool = False, prog: str | None = None
+) -> argparse.Namespace:
     """`through_engine`: the caller runs the evaluation through a serving engine (ppl, passkey)."""
     parser = argparse.ArgumentParser(
-        prog=prog or "python -m logquant.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog or "python -m logquant.eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("mode", choices=sorted(RUNNERS))
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -52,7 +56,9 @@ def parse_args(argv: list[str] | None = None, through_engine: bool = False, prog
     if not set(filter(None, args.match.split(","))) <= {"bytes", "fp"}:
         parser.error(f"--match takes bytes and/or fp, got {args.match!r}")
     if args.engine and not through_engine:
-        parser.error("--engine: the library does not import the server; run python bench/eval_engine.py ppl|passkey ...")
+        parser.error(
+            "--engine: the library does not import the server; run python bench/eval_engine.py ppl|passkey ..."
+        )
     if through_engine and args.mode not in ENGINE_MODES:
         parser.error(f"through the engine: {' and '.join(ENGINE_MODES)} only")
     args.engine = through_engine  # recorded in the JSON
@@ -71,7 +77,9 @@ def main(argv: list[str] | None = None, engine: EvalEngine | None = None, prog: 
         cols = default_specs(args.policies.split(","), [int(b) for b in args.budgets.split(",")], match)
     model, tokenizer = load_model(args.model, args.device)
     result = RUNNERS[args.mode](args, model, tokenizer, cols, engine)
-    write_json(args.json, {"mode": args.mode, "args": vars(args) | {"json": str(args.json)}, "results": result}, started)
+    write_json(
+        args.json, {"mode": args.mode, "args": vars(args) | {"json": str(args.json)}, "results": result}, started
+    )
     return result
 
 

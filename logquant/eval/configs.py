@@ -69,21 +69,32 @@ class CacheConfig:
     def token_policy(self, group_size: int = GROUP_SIZE) -> TokenPolicy:
         assert self.anchor is None or self.fp_budget, "resolve a matched budget first"
         return make_policy(
-            self.policy, self.fp_budget or 192, group_size, sink_tokens=self.sink_tokens, window_divisor=self.window_divisor
+            self.policy,
+            self.fp_budget or 192,
+            group_size,
+            sink_tokens=self.sink_tokens,
+            window_divisor=self.window_divisor,
         )
 
     def layout(self, model_config: PretrainedConfig) -> KVLayout:
         """The product's layout for this column: sliding-window layers in their own KV group."""
         return KVLayout.for_model(
-            model_config, self.token_policy(), dtype_bytes=FP_TIER_BYTES, group_size=GROUP_SIZE, bits=self.bits,
+            model_config,
+            self.token_policy(),
+            dtype_bytes=FP_TIER_BYTES,
+            group_size=GROUP_SIZE,
+            bits=self.bits,
             key_fp_channels=self.key_fp_channels,
         )
 
     def make_cache(self, model) -> LogQuantCache:
         return LogQuantCache(
-            model.config, policy=self.token_policy(), group_size=GROUP_SIZE, bits=self.bits,
+            model.config,
+            policy=self.token_policy(),
+            group_size=GROUP_SIZE,
+            bits=self.bits,
             key_fp_channels=self.key_fp_channels,
-        )  # fmt: skip
+        )
 
 
 def _number(value: float) -> str:

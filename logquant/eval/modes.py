@@ -46,8 +46,12 @@ def run_coverage(
         resolved, facts = column_facts(c, model.config, queries)
         result[c.label] = facts | {"coverage": cov.coverage(maps, resolved, queries)}
         cells |= _fact_cells(c.label, facts) | {(c.label, "coverage"): f"{result[c.label]['coverage']:.3f}"}
-    print_table(f"attention coverage of the full-precision set ({args.length} tokens, token 0 excluded)",
-                list(result), FACTS + ["coverage"], cells)  # fmt: skip
+    print_table(
+        f"attention coverage of the full-precision set ({args.length} tokens, token 0 excluded)",
+        list(result),
+        FACTS + ["coverage"],
+        cells,
+    )
     return result
 
 
@@ -62,9 +66,14 @@ def run_ppl(
     quantized = [c for c in cols if c.policy != "fp16"]
     if engine is not None:
         reference = engine.predictions(model, tokenizer, CacheConfig("fp16"), ids)
-        predicted = {c.label: engine.predictions(model, tokenizer, resolved[c.label][0], ids) for c in tqdm(quantized, desc="ppl")}
+        predicted = {
+            c.label: engine.predictions(model, tokenizer, resolved[c.label][0], ids)
+            for c in tqdm(quantized, desc="ppl")
+        }
     else:  # every column is one row of a batch: the model's weights are read once per step for all
-        rows = ppl.decode_predictions_many(model, [CacheConfig("fp16")] + [resolved[c.label][0] for c in quantized], ids)
+        rows = ppl.decode_predictions_many(
+            model, [CacheConfig("fp16")] + [resolved[c.label][0] for c in quantized], ids
+        )
         reference, predicted = rows[0], {c.label: p for c, p in zip(quantized, rows[1:])}
     result, cells = {}, {}
     for c in cols:
@@ -77,7 +86,9 @@ def run_ppl(
         cells |= _fact_cells(c.label, facts)
         cells |= {(c.label, k): f"{result[c.label][k]:.4f}" for k in ("ppl", "top1_agreement")}
     path = "the engine (LLM), one token per step" if engine is not None else "LogQuantCache, one token at a time"
-    print_table(f"perplexity, {args.length} tokens through {path}", list(result), FACTS + ["ppl", "top1_agreement"], cells)
+    print_table(
+        f"perplexity, {args.length} tokens through {path}", list(result), FACTS + ["ppl", "top1_agreement"], cells
+    )
     return result
 
 
@@ -100,8 +111,12 @@ def run_agreement(
         counts = [ppl.forced_agreement(model, resolved, p, g) for p, g in pairs]
         result[c.label] = facts | {"agreement": round(sum(m for m, _ in counts) / max(1, sum(n for _, n in counts)), 4)}
         cells |= _fact_cells(c.label, facts) | {(c.label, "agreement"): f"{result[c.label]['agreement']:.3f}"}
-    print_table(f"greedy agreement with fp16 ({args.cases} prompts of {args.length} tokens, {args.tokens} tokens)",
-                list(result), FACTS + ["agreement"], cells)  # fmt: skip
+    print_table(
+        f"greedy agreement with fp16 ({args.cases} prompts of {args.length} tokens, {args.tokens} tokens)",
+        list(result),
+        FACTS + ["agreement"],
+        cells,
+    )
     return result
 
 
@@ -119,9 +134,17 @@ def run_passkey(
         for c, texts in zip(cols, answers):
             hits = [pk.is_correct(case, text) for case, text in zip(cases, texts)]
             result[c.label][str(n)] = resolved[c.label][1] | {"accuracy": sum(hits) / len(hits), "hits": sum(hits)}
-    cells = {(lbl, n): f"{v['accuracy']:.2f} (B={v['fp_budget'] or '-'})" for lbl, row in result.items() for n, v in row.items()}
-    print_table(f"passkey accuracy ({args.cases} cases per length; the budget B at that length in brackets)",
-                list(result), [str(n) for n in lengths], cells)  # fmt: skip
+    cells = {
+        (lbl, n): f"{v['accuracy']:.2f} (B={v['fp_budget'] or '-'})"
+        for lbl, row in result.items()
+        for n, v in row.items()
+    }
+    print_table(
+        f"passkey accuracy ({args.cases} cases per length; the budget B at that length in brackets)",
+        list(result),
+        [str(n) for n in lengths],
+        cells,
+    )
     return result
 
 

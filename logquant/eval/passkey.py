@@ -83,9 +83,13 @@ def prefill(model: PreTrainedModel, case: PasskeyCase) -> DynamicCache:
 
 @torch.inference_mode()
 def answer(
-    model: PreTrainedModel, config: CacheConfig, case: PasskeyCase, tokenizer, context: DynamicCache,
+    model: PreTrainedModel,
+    config: CacheConfig,
+    case: PasskeyCase,
+    tokenizer,
+    context: DynamicCache,
     max_new_tokens: int = ANSWER_TOKENS,
-) -> str:  # fmt: skip
+) -> str:
     """Store the prefilled context into `config`'s cache, then ask the question; greedy."""
     cache = config.make_cache(model)
     for index, layer in enumerate(context.layers):
@@ -103,9 +107,13 @@ def answer(
 
 @torch.inference_mode()
 def answer_many(
-    model: PreTrainedModel, configs: list[CacheConfig], case: PasskeyCase, tokenizer, context: DynamicCache,
+    model: PreTrainedModel,
+    configs: list[CacheConfig],
+    case: PasskeyCase,
+    tokenizer,
+    context: DynamicCache,
     max_new_tokens: int = ANSWER_TOKENS,
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """`answer` for several configs at once, one batch row each (`batched.RowCaches`): a row
     that reaches EOS stops answering while the others go on."""
     from logquant.eval.batched import RowCaches, feed_rows

@@ -121,7 +121,9 @@ def _outlier_channel(
     """Score correction [G, BLOCK_BT] for the j-th 16-bit key channel c of this head: the
     2-bit dot product counted q[c] * dequantized[c]; the stored exact value replaces it."""
     channel = tl.load(codes + byte0 + KEY_OUT_CHANNELS + kv_head * KEY_OUT + j).to(tl.int32)
-    byte = tl.load(codes + byte0 + KEY_CODES + (t * KV_HEADS + kv_head) * (HEAD_DIM // 4) + channel // 4, mask=t_ok, other=0)
+    byte = tl.load(
+        codes + byte0 + KEY_CODES + (t * KV_HEADS + kv_head) * (HEAD_DIM // 4) + channel // 4, mask=t_ok, other=0
+    )
     code = (byte >> ((channel % 4) * 2).to(tl.uint8)) & 3  # [BLOCK_BT]
     scale = tl.load(scales + half0 + KEY_SCALE + channel).to(tl.float32)
     zero = tl.load(scales + half0 + KEY_ZERO + channel).to(tl.float32)
@@ -149,7 +151,8 @@ def _new_token(
 @triton.jit
 def decode_partial_kernel(
     query, new_keys, new_values, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    query_rows, fp_ptr, fp_slots, packed_ptr, packed_pages, fp_tier, codes, scales, part_out, part_lse, num_splits, sm_scale,
+    query_rows, fp_ptr, fp_slots, packed_ptr, packed_pages, fp_tier, codes, scales, part_out, part_lse, num_splits,
+    sm_scale,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr, FP_PAGE_TOKENS: tl.constexpr, PAGE_BYTES: tl.constexpr, PAGE_ELEMS: tl.constexpr,
     PAGE_HALVES: tl.constexpr, KEY_CODES: tl.constexpr, VALUE_CODES: tl.constexpr, KEY_SCALE: tl.constexpr,

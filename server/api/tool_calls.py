@@ -49,7 +49,9 @@ def parse_hermes(text: str) -> tuple[str | None, list[dict]]:
     return (rest if rest.strip() else None), calls
 
 
-def parse_output(mode: Mode, text: str, name: str | None, max_calls: int | None = None) -> tuple[str | None, list[dict]]:
+def parse_output(
+    mode: Mode, text: str, name: str | None, max_calls: int | None = None
+) -> tuple[str | None, list[dict]]:
     """(content, tool calls) of a finished output. A "required" list cut short by max_tokens
     gives the calls it completed, as its stream does. Calls past `max_calls` are dropped."""
     if mode == "named":

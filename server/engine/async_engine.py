@@ -29,8 +29,16 @@ from typing import TYPE_CHECKING
 
 from server.engine.core import EngineCore, EngineStats
 from server.engine.request import SamplingParams, SequenceState
-from server.engine.streams import (Admission, EngineDeadError, EngineShuttingDownError, EngineStepError,
-                                   QueueFullError, RequestStream, SequenceDelta, StreamStalledError)  # fmt: skip
+from server.engine.streams import (
+    Admission,
+    EngineDeadError,
+    EngineShuttingDownError,
+    EngineStepError,
+    QueueFullError,
+    RequestStream,
+    SequenceDelta,
+    StreamStalledError,
+)
 
 if TYPE_CHECKING:
     from server.engine.structured import GrammarState
@@ -52,7 +60,8 @@ class AsyncEngine:
         request pauses (0: never); `step_timeout`: seconds one step may take (None: no limit)."""
         self.core = core
         self.on_step = on_step
-        self.stream_buffer_tokens, self.stall_timeout, self.step_timeout = stream_buffer_tokens, stall_timeout, step_timeout
+        self.stream_buffer_tokens = stream_buffer_tokens
+        self.stall_timeout, self.step_timeout = stall_timeout, step_timeout
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, RequestStream] = {}  # requests in the core (engine thread)
         self._paused: dict[str, RequestStream] = {}  # of those, the paused ones (engine thread)
@@ -129,8 +138,8 @@ class AsyncEngine:
             raise self._refusal
         if self._stopping.is_set():
             raise EngineDeadError("the engine is not running")
-        stream = RequestStream(request_id, prompt_token_ids, params, asyncio.get_running_loop(), asyncio.Queue(),
-                               grammars, self.stream_buffer_tokens * params.n)  # fmt: skip
+        loop, limit = asyncio.get_running_loop(), self.stream_buffer_tokens * params.n
+        stream = RequestStream(request_id, prompt_token_ids, params, loop, asyncio.Queue(), grammars, limit)
         self._commands.put(("add", stream))
         if admission is not None:
             admission.release(params.n)  # now counted by the command queue
@@ -188,7 +197,8 @@ class AsyncEngine:
             self._step_started = None
         self._deliver(outcome.sequences)
         if self.on_step is not None:
-            self.on_step(self.core.stats, [s for s in outcome.sequences if s.is_finished], outcome.inter_token_latencies)
+            finished = [s for s in outcome.sequences if s.is_finished]
+            self.on_step(self.core.stats, finished, outcome.inter_token_latencies)
         return outcome.progressed
 
     def _drain_commands(self, block: bool) -> None:
@@ -275,8 +285,8 @@ class AsyncEngine:
                 stream.set_paused(self.core, None)
                 del self._paused[request_id]
             elif now - (stream.paused_since or now) > self.stall_timeout:
-                logger.warning("request %s: its client read nothing for %.0f s; aborting it", request_id,
-                               self.stall_timeout)  # fmt: skip
+                stalled = self.stall_timeout
+                logger.warning("request %s: its client read nothing for %.0f s; aborting it", request_id, stalled)
                 self._abort(request_id)
                 self._send(stream, StreamStalledError("the client stopped reading the stream"))
 

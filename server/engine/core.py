@@ -55,17 +55,26 @@ class EngineCore:
         self.device, self.dtype = config.resolved_device(), config.resolved_dtype()
         policy = make_policy(config.policy, config.fp_budget, config.group_size, sink_tokens=config.sink_tokens)
         self.layout = KVLayout.for_model(
-            model.config, policy, dtype_bytes=self.dtype.itemsize, group_size=config.group_size,
-            bits=config.kv_bits, key_fp_channels=config.key_fp_channels,
-        )  # fmt: skip
+            model.config,
+            policy,
+            dtype_bytes=self.dtype.itemsize,
+            group_size=config.group_size,
+            bits=config.kv_bits,
+            key_fp_channels=config.key_fp_channels,
+        )
         kv_bytes = config.kv_cache_memory or self._default_kv_bytes()
         self.kv_manager = KVManager.for_budget(self.layout, kv_bytes)
         backend = decode_backend_for(attention_spec(model.config), config.decode_backend)
-        self.store = PagedKVStore(self.layout, self.kv_manager.num_pages, self.dtype, self.device, decode_backend=backend)
+        self.store = PagedKVStore(
+            self.layout, self.kv_manager.num_pages, self.dtype, self.device, decode_backend=backend
+        )
         logger.info("decode backend: %s", self.store.decode_backend)
         self.max_model_len = self._fit_max_model_len(model)
         scheduler_config = SchedulerConfig(
-            config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, exact_recompute=policy.block_tokens > 0
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self.max_model_len,
+            exact_recompute=policy.block_tokens > 0,
         )
         self.structured = StructuredOutputManager(tokenizer)
         self.scheduler = Scheduler(scheduler_config, self.kv_manager, on_finish=self.structured.free)
@@ -200,11 +209,18 @@ def _seq_id(request_id: str, index: int) -> str:
 def decode_backend_for(spec: AttentionSpec, requested: str) -> str:
     """`requested`, unless the model's attention needs what only the torch path applies
     (softcapped logits, learned sinks): then `torch`, or an error if a fused kernel was asked for."""
-    needs = [name for name, used in (("attention logit softcapping", spec.softcap), ("learned attention sinks", spec.sinks)) if used]
+    needs = [
+        name
+        for name, used in (("attention logit softcapping", spec.softcap), ("learned attention sinks", spec.sinks))
+        if used
+    ]
     if not needs:
         return requested
     if requested in ("cpu", "triton"):
-        raise ValueError(f"--decode-backend {requested}: the fused kernels do not apply {' or '.join(needs)} ({spec.model_type}); use auto or torch")
+        raise ValueError(
+            f"--decode-backend {requested}: the fused kernels do not apply {' or '.join(needs)} "
+            f"({spec.model_type}); use auto or torch"
+        )
     return "torch"
 
 

@@ -1,8 +1,8 @@
 """Offline API for scripts and benchmarks:
 
-    from server.engine import LLM, SamplingParams
-    llm = LLM(model="SmolLM2-135M-Instruct", policy="logquant", fp_budget=192, kv_cache_memory="256MiB")
-    outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
+from server.engine import LLM, SamplingParams
+llm = LLM(model="SmolLM2-135M-Instruct", policy="logquant", fp_budget=192, kv_cache_memory="256MiB")
+outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
 """
 
 from __future__ import annotations

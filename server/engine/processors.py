@@ -87,7 +87,9 @@ def _min_tokens_blocked(seq: SequenceState, device: torch.device) -> torch.Tenso
     return seq.params.derived[key]  # type: ignore[return-value]
 
 
-def _rows_for(rows: list[int], per_row: tuple[torch.Tensor, ...] | list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def _rows_for(
+    rows: list[int], per_row: tuple[torch.Tensor, ...] | list[torch.Tensor], device: torch.device
+) -> torch.Tensor:
     """The row index of every element of `per_row` (one tensor per row of `rows`), concatenated."""
     lengths = torch.tensor([len(t) for t in per_row], device=device)
     return torch.repeat_interleave(torch.tensor(rows, device=device), lengths)

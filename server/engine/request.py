@@ -129,7 +129,11 @@ class SamplingParams:
             (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", "must be in (0, 10]"),
             (1 <= self.n <= 16, "n", "must be between 1 and 16"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20"),
-            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs", "must be between 0 and 20"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                "prompt_logprobs",
+                "must be between 0 and 20",
+            ),
             (self.seed is None or -(2**63) <= self.seed < 2**63, "seed", "must fit in 64 bits"),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be between 0 and max_tokens"),
         ]

@@ -120,7 +120,9 @@ class ModelRunner:
         batch = FlatBatch.pack(output.chunks)
         step = self.store.prepare(output.plan)
         rows = batch.sample_rows + [r.row for r in batch.prompt_rows]
-        logits = self._forward(batch.token_ids, batch.positions, step, rows or [len(batch.token_ids) - 1])  # [rows, vocab]
+        logits = self._forward(
+            batch.token_ids, batch.positions, step, rows or [len(batch.token_ids) - 1]
+        )  # [rows, vocab]
         num_sampled = len(batch.sample_rows)
         sampled, failed = self._sample(logits[:num_sampled], batch.sample_seqs) if num_sampled else ({}, {})
         prompt_logprobs = _prompt_logprobs(logits[num_sampled:], batch.prompt_rows) if batch.prompt_rows else {}
@@ -148,7 +150,9 @@ class ModelRunner:
         masks = self.structured.grammar_masks(seqs, logits.shape[1]) if self.structured is not None else None
         return sample(logits, seqs, masks)
 
-    def _forward(self, token_ids: list[int], positions: list[int], step: StepTensors, logits_rows: list[int]) -> torch.Tensor:
+    def _forward(
+        self, token_ids: list[int], positions: list[int], step: StepTensors, logits_rows: list[int]
+    ) -> torch.Tensor:
         out = self.model(
             input_ids=torch.tensor([token_ids], device=self.device),
             position_ids=torch.tensor([positions], device=self.device),

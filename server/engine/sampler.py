@@ -82,9 +82,12 @@ def apply_grammar_masks(logits: torch.Tensor, masks: GrammarMasks | None) -> Non
 def _modifies_logits(seq: SequenceState) -> bool:
     p = seq.params
     return bool(
-        p.repetition_penalty != 1.0 or has_count_penalty(p) or p.logit_bias or p.structured is not None
+        p.repetition_penalty != 1.0
+        or has_count_penalty(p)
+        or p.logit_bias
+        or p.structured is not None
         or len(seq.output_token_ids) < p.min_tokens
-    )  # fmt: skip
+    )
 
 
 def choose_tokens(logits: torch.Tensor, seqs: list[SequenceState]) -> torch.Tensor:

@@ -81,7 +81,11 @@ class Scheduler:
     def set_paused(self, seq_ids: list[str], paused: bool) -> None:
         """Pause running sequences (they are not scheduled and keep their pages), or let
         paused ones run again."""
-        old, new = (SequenceStatus.RUNNING, SequenceStatus.PAUSED) if paused else (SequenceStatus.PAUSED, SequenceStatus.RUNNING)
+        old, new = (
+            (SequenceStatus.RUNNING, SequenceStatus.PAUSED)
+            if paused
+            else (SequenceStatus.PAUSED, SequenceStatus.RUNNING)
+        )
         for seq_id in seq_ids:
             seq = self.sequences.get(seq_id)
             if seq is not None and seq.status is old:
@@ -221,4 +225,3 @@ class Scheduler:
         del self.sequences[seq.seq_id]
         if self.on_finish is not None:
             self.on_finish(seq.seq_id)
-

@@ -25,7 +25,9 @@ class StructuredOutputManager:
         self.tokenizer = tokenizer
         self.matchers: dict[str, GrammarState] = {}  # seq_id -> its matcher
 
-    def new_matchers(self, params: SamplingParams, count: int, prebuilt: list[GrammarState] | None = None) -> list[GrammarState]:
+    def new_matchers(
+        self, params: SamplingParams, count: int, prebuilt: list[GrammarState] | None = None
+    ) -> list[GrammarState]:
         """The matchers of a request's `count` samples: `prebuilt` (made off the engine thread
         from the same spec) or new ones; none without a constraint. Raises StructuredSpecError
         (a ValueError) for an invalid spec, so a bad request fails here, never inside a step."""
