@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from logquant.eval.__main__ import main
 from logquant.eval.configs import GROUP_SIZE, CacheConfig
 from logquant.eval.perplexity import Predictions
+from logquant.eval.served import EvalEngine
 from server.engine import LLM, SamplingParams
 
 KV_CACHE_MEMORY = "2GiB"
@@ -81,12 +82,5 @@ def engine_predictions(
     return Predictions(torch.tensor([e["logprob"] for e in entries]), torch.tensor([e["top"][0][0] for e in entries]))
 
 
-class ServedEngine:
-    """`logquant.eval.served.EvalEngine` over the serving engine."""
-
-    generate = staticmethod(engine_generate)
-    predictions = staticmethod(engine_predictions)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:], engine=ServedEngine(), prog="python bench/eval_engine.py")
+    main(sys.argv[1:], engine=EvalEngine(engine_generate, engine_predictions), prog="python bench/eval_engine.py")

@@ -28,6 +28,7 @@ QUESTIONS = [
     "Give me a short recipe for pancakes.",
 ]
 COLUMNS = [("fp16", 192), ("kivi", 48), ("logquant", 48), ("logquant", 192)]
+ENGINE_OPTIONS = {"kv_cache_memory": "256MiB", "device": "cpu"}
 SCHEMA = {
     "type": "object",
     "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
@@ -71,14 +72,7 @@ def main() -> None:
     greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     result: dict[str, object] = {"prompt_lengths": [len(p) for p in ids]}
     for policy, budget in COLUMNS:
-        llm = LLM(
-            model_object=model,
-            tokenizer=tokenizer,
-            policy=policy,
-            fp_budget=budget,
-            kv_cache_memory="256MiB",
-            device="cpu",
-        )
+        llm = LLM(model_object=model, tokenizer=tokenizer, policy=policy, fp_budget=budget, **ENGINE_OPTIONS)
         result[f"{policy}@{budget} greedy"] = outputs(llm, ids, greedy)
         if (policy, budget) == ("logquant", 48):
             structured = SamplingParams(max_tokens=48, temperature=0, structured=StructuredSpec.json_schema(SCHEMA))

@@ -116,3 +116,16 @@ def test_compare_with_transformers_serve(tmp_path) -> None:
     assert set(runs) == {"transformers-cb", "logquant-serve logquant"}
     assert record["provenance"]["command"].startswith("python bench/compare.py")
     assert all(r["errors"] == 0 for r in runs.values())
+
+
+@pytest.mark.real_model
+def test_eval_through_the_engine(tmp_path) -> None:
+    """bench/eval_engine.py: logquant.eval's perplexity, with the engine handed in from bench/."""
+    out = tmp_path / "ppl_engine.json"
+    args = ["ppl", "--length", "24", "--configs", "fp16,logquant@12", "--json", str(out)]
+    run("bench/eval_engine.py", *args)
+    record = json.loads(out.read_text())
+    assert record["args"]["engine"] is True and set(record["results"]) == {"fp16", "logquant@12"}
+    assert record["provenance"]["command"].startswith("python bench/eval_engine.py ppl")
+    assert all(r["ppl"] > 1 for r in record["results"].values())
+    assert record["results"]["fp16"]["top1_agreement"] == 1.0
