@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # build from the wheelhouse or torch's CPU index, the gpu target PyPI's CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-dev serve test soak
+.PHONY: install install-dev serve test lint soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ serve: install
 # The venv's bin on PATH: tests that run tools from the dev extras (hadolint, schemathesis) find them.
 test: install-dev
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# ruff: the formatter's output and the lint rules of pyproject.toml (CI runs this before the tests).
+lint: install-dev
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 # 30 minutes of mixed load on the default model: results/soak.json and results/soak.png.
 soak: install-dev

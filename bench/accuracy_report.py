@@ -21,20 +21,24 @@ def table(record: dict, rows: list[str] | None) -> list[str]:
     if record["mode"] == "passkey":
         lengths = sorted({int(n) for row in results.values() for n in row})
         head = ["cache"] + [f"{n} tokens: acc (B, bytes/token)" for n in lengths]
-        body = [
-            [f"`{label}`"] + [_passkey_cell(results[label][str(n)]) for n in lengths] for label in labels
-        ]
+        body = [[f"`{label}`"] + [_passkey_cell(results[label][str(n)]) for n in lengths] for label in labels]
     else:
         metrics = [m for m in METRICS if m in next(iter(results.values()))]
         head = ["cache", "B", "bytes/token", "fp tokens"] + [METRICS[m] for m in metrics]
-        body = [[f"`{label}`", *_facts(results[label]), *(_number(results[label][m]) for m in metrics)] for label in labels]
+        body = [
+            [f"`{label}`", *_facts(results[label]), *(_number(results[label][m]) for m in metrics)] for label in labels
+        ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in body]
 
 
 def _facts(cell: dict) -> list[str]:
     budget = cell["fp_budget"]
-    return ["-" if budget is None else str(budget), f"{cell['kv_bytes_per_token']:.0f}", f"{cell['mean_fp_tokens']:.0f}"]
+    return [
+        "-" if budget is None else str(budget),
+        f"{cell['kv_bytes_per_token']:.0f}",
+        f"{cell['mean_fp_tokens']:.0f}",
+    ]
 
 
 def _passkey_cell(cell: dict) -> str:

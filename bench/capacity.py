@@ -16,11 +16,11 @@ import argparse
 import json
 from pathlib import Path
 
+from logquant.kv_manager import KVManager
 from logquant.layout import KVLayout
 from logquant.policy import make_policy
 from logquant.provenance import provenance
 from server.engine.config import parse_bytes
-from logquant.kv_manager import KVManager
 
 GEMMA3_WINDOWS = tuple(None if (i + 1) % 6 == 0 else 512 for i in range(18))  # 5 sliding : 1 full
 SHAPES = {  # num_hidden_layers, num_key_value_heads, head_dim, per-layer windows (() = all full)
@@ -48,8 +48,9 @@ def run(shape: str, kv_budget_bytes: int, lengths: list[int], fp_budget: int, gr
     table: dict[str, dict[int, int]] = {}
     bytes_per_token: dict[str, float] = {}
     for name in POLICIES:
-        layout = KVLayout(layers, kv_heads, head_dim, make_policy(name, fp_budget, group_size), 2, group_size,
-                          layer_windows=windows)  # fmt: skip
+        layout = KVLayout(
+            layers, kv_heads, head_dim, make_policy(name, fp_budget, group_size), 2, group_size, layer_windows=windows
+        )
         table[name] = {n: max_sequences(layout, kv_budget_bytes, n) for n in lengths}
         bytes_per_token[name] = layout.bytes_for(lengths[-1]) / lengths[-1]
     return {"sequences": table, "bytes_per_token_at_longest": bytes_per_token}
@@ -76,7 +77,9 @@ def main() -> None:
     parser.add_argument("--fp-budget", type=int, default=192)
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--json", type=Path, help="write {shape: {policy: {context_length: max_sequences}}} under 'results'")
+    parser.add_argument(
+        "--json", type=Path, help="write {shape: {policy: {context_length: max_sequences}}} under 'results'"
+    )
     args = parser.parse_args()
     budget = parse_bytes(args.kv_cache_memory)
     lengths = [int(n) for n in args.lengths.split(",")]
@@ -87,9 +90,12 @@ def main() -> None:
         print_table(shape, results[shape], lengths)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {"provenance": provenance(), "args": vars(args) | {"json": str(args.json)},
-                  "results": {s: r["sequences"] for s, r in results.items()},
-                  "bytes_per_token_at_longest": {s: r["bytes_per_token_at_longest"] for s, r in results.items()}}  # fmt: skip
+        record = {
+            "provenance": provenance(),
+            "args": vars(args) | {"json": str(args.json)},
+            "results": {s: r["sequences"] for s, r in results.items()},
+            "bytes_per_token_at_longest": {s: r["bytes_per_token_at_longest"] for s, r in results.items()},
+        }
         args.json.write_text(json.dumps(record, indent=2))
 
 

@@ -44,10 +44,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loadgen import essay_requests, print_runs, random_requests, run_load, sharegpt_requests, summarize  # noqa: E402
-from logquant.provenance import provenance  # noqa: E402
 from serve import free_port, our_server, wait_ready  # noqa: E402
 
 from logquant.models import resolve_model  # noqa: E402
+from logquant.provenance import provenance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = {  # prompts, concurrency, number of requests
@@ -90,13 +90,12 @@ def fp16_capacity(args: argparse.Namespace) -> int:
     prompt's chat template adds a few tokens: counted as 32)."""
     from transformers import AutoConfig
 
-    from logquant.layout import KVLayout, head_dim_of
+    from logquant.layout import KVLayout
     from logquant.policy import make_policy
     from server.engine.config import parse_bytes
 
-    config = AutoConfig.from_pretrained(resolve_model(args.model).directory).get_text_config(decoder=True)
-    layout = KVLayout(config.num_hidden_layers, config.num_key_value_heads, head_dim_of(config), make_policy("fp16"),
-                      dtype_bytes=4)  # fmt: skip
+    config = AutoConfig.from_pretrained(resolve_model(args.model).directory)
+    layout = KVLayout.for_model(config, make_policy("fp16"), dtype_bytes=4)
     per_sequence = layout.pages_for(args.input_tokens + 32 + args.max_tokens)
     return layout.num_pages(parse_bytes(args.kv_cache_memory)) // per_sequence
 
@@ -119,14 +118,34 @@ def peer_server(name: str, model_dir: str, args: argparse.Namespace) -> Iterator
     env = dict(os.environ)
     if name.startswith("vllm"):
         dtype = name.removeprefix("vllm-")
-        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
-               "--host", "127.0.0.1", "--dtype", dtype, "--max-model-len", "4096"]  # fmt: skip
+        cmd = [
+            args.vllm_python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model_dir,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--dtype",
+            dtype,
+            "--max-model-len",
+            "4096",
+        ]
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(_gib(args.kv_cache_memory))))
         ready = f"http://127.0.0.1:{port}/health"
     else:
         exe = Path(sys.executable).parent / "transformers"
-        cmd = [str(exe) if exe.exists() else shutil.which("transformers") or "transformers", "serve", model_dir,
-               "--port", str(port), "--host", "127.0.0.1"]  # fmt: skip
+        cmd = [
+            str(exe) if exe.exists() else shutil.which("transformers") or "transformers",
+            "serve",
+            model_dir,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ]
         cmd += ["--continuous-batching"] if name == "transformers-cb" else []
         ready = f"http://127.0.0.1:{port}/health"
     with tempfile.NamedTemporaryFile("w", prefix=f"{name}-", suffix=".log", delete=False) as log:
@@ -156,7 +175,9 @@ def run_one(url: str, model: str, args: argparse.Namespace, label: str, runs: di
         run_load(url, model, make_requests(args), args.concurrency, None, args.seed, args.ignore_eos)
     )
     runs[label] = summarize(results, elapsed) | {"label": label, "concurrency": args.concurrency}
-    print(f"{label}: {runs[label]['output_tokens_per_s']:.1f} output tokens/s, {runs[label]['errors']} errors", flush=True)
+    print(
+        f"{label}: {runs[label]['output_tokens_per_s']:.1f} output tokens/s, {runs[label]['errors']} errors", flush=True
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

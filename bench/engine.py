@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from logquant.provenance import provenance  # noqa: E402
-
+from logquant.layout import KVLayout  # noqa: E402
 from logquant.models import load_model  # noqa: E402
 from logquant.policy import make_policy  # noqa: E402
+from logquant.provenance import provenance  # noqa: E402
 from server.engine import LLM, SamplingParams  # noqa: E402
-from server.engine.runner import layout_for  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,8 +56,13 @@ def time_generate(model, ids: list[list[int]], max_tokens: int) -> float:
     input_ids = torch.tensor(ids)
     model.set_attn_implementation("sdpa")  # an engine on the shared model set its own
     start = time.perf_counter()
-    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_tokens,
-                         min_new_tokens=max_tokens, do_sample=False)  # fmt: skip
+    out = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_tokens,
+        min_new_tokens=max_tokens,
+        do_sample=False,
+    )
     elapsed = time.perf_counter() - start
     assert out.shape == (len(ids), len(ids[0]) + max_tokens)
     return len(ids) * max_tokens / elapsed
@@ -76,11 +80,21 @@ def time_engine(llm: LLM, ids: list[list[int]], max_tokens: int) -> float:
 def make_llm(args: argparse.Namespace, model, tokenizer, policy: str, backend: str, batch: int, length: int) -> LLM:
     """An engine on the shared model whose KV budget holds `batch` sequences of `length` tokens."""
     extra = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
-    layout = layout_for(model, make_policy(policy, args.fp_budget), model.dtype, 32)
+    layout = KVLayout.for_model(model.config, make_policy(policy, args.fp_budget), dtype_bytes=model.dtype.itemsize)
     budget = batch * layout.bytes_for(length) + 4 * layout.page_bytes_all_layers
-    return LLM(args.model, model_object=model, tokenizer=tokenizer, policy=policy, fp_budget=args.fp_budget,
-               kv_cache_memory=budget, dtype=args.dtype, max_num_seqs=batch, decode_backend=backend,
-               max_model_len=length, **extra)  # fmt: skip
+    return LLM(
+        args.model,
+        model_object=model,
+        tokenizer=tokenizer,
+        policy=policy,
+        fp_budget=args.fp_budget,
+        kv_cache_memory=budget,
+        dtype=args.dtype,
+        max_num_seqs=batch,
+        decode_backend=backend,
+        max_model_len=length,
+        **extra,
+    )
 
 
 def profile(llm: LLM, ids: list[list[int]], max_tokens: int) -> None:
@@ -115,8 +129,12 @@ def main() -> None:
             print(format_row(row, configs), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {"provenance": provenance(args.model), "dtype": str(dtype), "threads": torch.get_num_threads(),
-                  "rows": rows}  # fmt: skip
+        record = {
+            "provenance": provenance(args.model),
+            "dtype": str(dtype),
+            "threads": torch.get_num_threads(),
+            "rows": rows,
+        }
         args.json.write_text(json.dumps(record, indent=2))
 
 

@@ -24,13 +24,27 @@ import time
 
 import httpx
 
-KINDS = {"hostile:huge_ids": 2, "hostile:tokenize_surrogate": 2, "hostile:field_surrogate": 2,
-         "hostile:too_many_sequences": 2, "hostile:huge_response": 2, "hostile:slow_reader": 1, "hostile:slowloris": 1,
-         "hostile:heavy_lists": 3, "hostile:detokenize_huge": 2, "hostile:grammar": 3, "hostile:tokenize": 3}  # fmt: skip
+KINDS = {
+    "hostile:huge_ids": 2,
+    "hostile:tokenize_surrogate": 2,
+    "hostile:field_surrogate": 2,
+    "hostile:too_many_sequences": 2,
+    "hostile:huge_response": 2,
+    "hostile:slow_reader": 1,
+    "hostile:slowloris": 1,
+    "hostile:heavy_lists": 3,
+    "hostile:detokenize_huge": 2,
+    "hostile:grammar": 3,
+    "hostile:tokenize": 3,
+}
 OK = {"200", "429"}
 EXPECTED = {kind: {"400"} for kind in KINDS} | {
-    "hostile:slow_reader": {"aborted", "held", "429"}, "hostile:slowloris": {"closed"}, "hostile:heavy_lists": OK,
-    "hostile:grammar": OK, "hostile:tokenize": OK}  # fmt: skip
+    "hostile:slow_reader": {"aborted", "held", "429"},
+    "hostile:slowloris": {"closed"},
+    "hostile:heavy_lists": OK,
+    "hostile:grammar": OK,
+    "hostile:tokenize": OK,
+}
 
 
 class Hostile:
@@ -60,29 +74,55 @@ class Hostile:
         requests: dict[str, tuple[str, dict | bytes]] = {
             "hostile:huge_ids": ("/v1/completions", self.huge_ids),
             "hostile:tokenize_surrogate": ("/tokenize", b'{"prompt": "a\\ud800"}'),
-            "hostile:field_surrogate": (chat, json.dumps(self.chat()).replace('{"model"', '{"\\udfff": 1, "model"').encode()),
+            "hostile:field_surrogate": (
+                chat,
+                json.dumps(self.chat()).replace('{"model"', '{"\\udfff": 1, "model"').encode(),
+            ),
             "hostile:too_many_sequences": ("/v1/completions", {"model": self.model, "prompt": ["hi"] * 16, "n": 16}),
-            "hostile:huge_response": (chat, self.chat(n=16, logprobs=True, top_logprobs=20,
-                                                     max_tokens=self.max_model_len - 64)),
-            "hostile:heavy_lists": (chat, self.chat(n=2, stop_token_ids=sorted(set(ids)),
-                                                    logit_bias={str(i): rng.uniform(-1, 1) for i in set(ids)})),
+            "hostile:huge_response": (
+                chat,
+                self.chat(n=16, logprobs=True, top_logprobs=20, max_tokens=self.max_model_len - 64),
+            ),
+            "hostile:heavy_lists": (
+                chat,
+                self.chat(
+                    n=2, stop_token_ids=sorted(set(ids)), logit_bias={str(i): rng.uniform(-1, 1) for i in set(ids)}
+                ),
+            ),
             "hostile:detokenize_huge": ("/detokenize", {"tokens": [5] * (4 * self.max_model_len + 1)}),
-            "hostile:grammar": (chat, self.chat(n=4, response_format={"type": "json_schema", "json_schema": {
-                "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}})),
+            "hostile:grammar": (
+                chat,
+                self.chat(
+                    n=4,
+                    response_format={
+                        "type": "json_schema",
+                        "json_schema": {
+                            "name": "x",
+                            "schema": {"type": "object", "properties": {"a": {"type": "integer"}}},
+                        },
+                    },
+                ),
+            ),
             "hostile:tokenize": ("/tokenize", {"prompt": " ".join(rng.choices("abc def ghi", k=5000))}),
-        }  # fmt: skip
+        }
         return requests[kind]
 
     async def slow_reader(self) -> str:
         """A stream of large events (n 16, 20 top logprobs) on a socket with a 4 KiB receive
         buffer, of which nothing but the status line is read for `hold_seconds`; then what the
         server sent: "aborted" if it ended the stalled stream, "held" if it was still going."""
-        body = json.dumps(self.chat(stream=True, ignore_eos=True, max_tokens=self.max_model_len - 64, n=16,
-                                    logprobs=True, top_logprobs=20)).encode()  # fmt: skip
+        body = json.dumps(
+            self.chat(
+                stream=True, ignore_eos=True, max_tokens=self.max_model_len - 64, n=16, logprobs=True, top_logprobs=20
+            )
+        ).encode()
         loop, sock = asyncio.get_running_loop(), await self._socket(receive_buffer=4096)
         try:
-            await loop.sock_sendall(sock, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                                          b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await loop.sock_sendall(
+                sock,
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+            )
             status = (await asyncio.wait_for(loop.sock_recv(sock, 12), 60)).split()[1].decode()
             if status != "200":
                 return status
@@ -91,7 +131,7 @@ class Hostile:
             while b"data: [DONE]" not in sent[-64:] and (left := deadline - loop.time()) > 0:
                 try:
                     chunk = await asyncio.wait_for(loop.sock_recv(sock, 2**20), left)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 sent = sent[-4096:] + chunk if chunk else sent  # only the end matters
                 if not chunk:
@@ -108,7 +148,7 @@ class Hostile:
             await writer.drain()
             try:
                 return "closed" if await asyncio.wait_for(reader.read(), self.header_wait) == b"" else "answered"
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return "open"
         finally:
             writer.close()
@@ -150,17 +190,27 @@ class HealthProbe:
 
     def summary(self) -> dict:
         ordered = sorted(self.latencies) or [float("nan")]
-        return {"count": len(self.latencies), "p50_s": round(statistics.median(ordered), 4),
-                "p99_s": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4),
-                "max_s": round(ordered[-1], 4), "non_200": self.failures[:10]}  # fmt: skip
+        return {
+            "count": len(self.latencies),
+            "p50_s": round(statistics.median(ordered), 4),
+            "p99_s": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4),
+            "max_s": round(ordered[-1], 4),
+            "non_200": self.failures[:10],
+        }
 
 
 async def steady_stream(url: str, model: str, deadline: float, max_tokens: int, gaps: list[float]) -> int:
     """A well-behaved client: stream completions (ignore_eos, `max_tokens` each) until
     `deadline`, appending the gaps between consecutive chunks of a stream to `gaps`; returns
     the number of streams that did not end with every token and [DONE]."""
-    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a long story."}], "stream": True,
-            "max_tokens": max_tokens, "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "stream": True,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     broken = 0
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         while time.monotonic() < deadline:

@@ -27,12 +27,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from logquant.provenance import provenance  # noqa: E402
-
 from logquant.attention import bucket_attention  # noqa: E402
 from logquant.kv_manager import KVManager  # noqa: E402
 from logquant.layout import KVLayout  # noqa: E402
 from logquant.policy import make_policy  # noqa: E402
+from logquant.provenance import provenance  # noqa: E402
 from logquant.step import DecodeIndex  # noqa: E402
 from logquant.store import PagedKVStore  # noqa: E402
 
@@ -44,8 +43,14 @@ def fill_store(policy: str, args: argparse.Namespace, batch: int, context: int, 
     """A one-layer store of `batch` sequences of `context` tokens and the decode step after."""
     _, kv_heads, head_dim = SHAPES[args.shape]
     element = torch.empty((), dtype=args.dtype).element_size()
-    layout = KVLayout(1, kv_heads, head_dim, make_policy(policy, args.fp_budget, group_size=args.group_size),
-                      dtype_bytes=element, group_size=args.group_size)  # fmt: skip
+    layout = KVLayout(
+        1,
+        kv_heads,
+        head_dim,
+        make_policy(policy, args.fp_budget, group_size=args.group_size),
+        dtype_bytes=element,
+        group_size=args.group_size,
+    )
     manager = KVManager(layout, batch * layout.pages_for(context + 1) + 1)
     store = PagedKVStore(layout, manager.num_pages, args.dtype, device, decode_backend=backend)
     for i in range(batch):
@@ -55,13 +60,16 @@ def fill_store(policy: str, args: argparse.Namespace, batch: int, context: int, 
     store.fp[0].copy_(torch.randn(store.fp[0].shape, device=device).to(args.dtype))
     if layout.block_tokens:
         sections = store.layer_sections[0]
-        for scale, zero in ((sections["key_scale"], sections["key_zero"]), (sections["value_scale"], sections["value_zero"])):
+        for scale, zero in (
+            (sections["key_scale"], sections["key_zero"]),
+            (sections["value_scale"], sections["value_zero"]),
+        ):
             scale.copy_(torch.rand(scale.shape, device=device).half() * 0.5 + 0.01)
             zero.copy_(-torch.rand(zero.shape, device=device).half())
     plan = manager.plan_step([(f"s{i}", 1) for i in range(batch)])
     (group_plan,) = plan.groups
     fp_tokens = len(group_plan.fp_slots)
-    read = fp_tokens * (layout.fp_token_bytes + 4) + len(group_plan.q_pages) * (layout.q_block_bytes + 4)
+    read = fp_tokens * (layout.fp_token_bytes + 4) + len(group_plan.packed_pages) * (layout.packed_block_bytes + 4)
     return store, plan, read
 
 
@@ -91,8 +99,9 @@ def paged_paths(policy: str, args, batch: int, context: int, device: torch.devic
     out = torch.empty_like(query)
     name = "fp16" if policy == "fp16" else "2bit"
     row = {f"{name}_bytes": read}
-    row[f"{name}_torch_ms"] = timed(lambda: bucket_attention(query, *store.gather(0, bucket, key, value), bucket, scale),
-                                    device, args.reps)  # fmt: skip
+    row[f"{name}_torch_ms"] = timed(
+        lambda: bucket_attention(query, *store.gather(0, bucket, key, value), bucket, scale), device, args.reps
+    )
     row[f"{name}_fused_ms"] = timed(lambda: _fused(store, index, tokens, scale, out), device, args.reps)
     expected = bucket_attention(query, *store.gather(0, bucket, key, value), bucket, scale)
     row[f"{name}_fused_max_abs_diff"] = float((out.float() - expected.float()).abs().max())
@@ -105,13 +114,18 @@ def _fused(store: PagedKVStore, index: DecodeIndex, tokens, scale: float, out: t
     else:
         from logquant.kernels.decode import StoreLayer, decode_attention
 
-        decode_attention(StoreLayer.of(store.layer_bytes(0), store.dtype, store.layout.groups[0]), index, *tokens, scale, out)
+        decode_attention(
+            StoreLayer.of(store.layer_bytes(0), store.dtype, store.layout.groups[0]), index, *tokens, scale, out
+        )
 
 
 def run_case(args: argparse.Namespace, batch: int, context: int, device: torch.device) -> dict:
     heads, kv_heads, head_dim = SHAPES[args.shape]
     gen = torch.Generator(device=device).manual_seed(batch * 7919 + context)
-    tokens = [torch.randn(batch, h, head_dim, device=device, generator=gen).to(args.dtype) for h in (heads, kv_heads, kv_heads)]
+    tokens = [
+        torch.randn(batch, h, head_dim, device=device, generator=gen).to(args.dtype)
+        for h in (heads, kv_heads, kv_heads)
+    ]
     dense_dtype = torch.float16 if device.type == "cuda" else args.dtype
     dense = [torch.randn(batch, kv_heads, context + 1, head_dim, device=device).to(dense_dtype) for _ in "kv"]
     query = tokens[0].to(dense_dtype).unsqueeze(2)
@@ -154,7 +168,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.dry_run:
-        args.batches, args.contexts, args.shape, args.fp_budget, args.group_size, args.reps = [2], [96], "tiny", 24, 8, 2
+        args.batches, args.contexts, args.shape, args.fp_budget, args.group_size, args.reps = (
+            [2],
+            [96],
+            "tiny",
+            24,
+            8,
+            2,
+        )
     args.dtype = getattr(torch, args.dtype)
     return args
 
@@ -177,8 +198,14 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-        record = {"provenance": provenance(), "device": name, "threads": torch.get_num_threads(),
-                  "shape": args.shape, "dtype": str(args.dtype), "rows": rows}  # fmt: skip
+        record = {
+            "provenance": provenance(),
+            "device": name,
+            "threads": torch.get_num_threads(),
+            "shape": args.shape,
+            "dtype": str(args.dtype),
+            "rows": rows,
+        }
         args.json.write_text(json.dumps(record, indent=2))
 
 

@@ -60,8 +60,14 @@ def essay_requests(count: int, input_tokens: int, output_tokens: int, tokenizer)
 async def one_request(
     client: httpx.AsyncClient, url: str, model: str, req: BenchRequest, ignore_eos: bool = False
 ) -> RequestResult:
-    body = {"model": model, "messages": [{"role": "user", "content": req.prompt}], "max_tokens": req.max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": req.prompt}],
+        "max_tokens": req.max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if ignore_eos:  # vLLM's extra field: every request generates exactly max_tokens
         body["ignore_eos"] = True
     start = time.perf_counter()
@@ -163,8 +169,16 @@ def print_runs(runs: dict[str, dict], baseline_of: dict[str, str] | None = None)
     cols = ["req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "ITL p99", "E2E p50", "E2E p99", "errors"]
     print(f"\n{'run':<24} | " + " | ".join(f"{c:>9}" for c in cols))
     for name, s in runs.items():
-        vals = [s["request_throughput"], s["output_tokens_per_s"], s["ttft_s"]["p50"], s["ttft_s"]["p99"],
-                s["tpot_s"]["p50"], s["itl_s"]["p99"], s["e2e_s"]["p50"], s["e2e_s"]["p99"]]  # fmt: skip
+        vals = [
+            s["request_throughput"],
+            s["output_tokens_per_s"],
+            s["ttft_s"]["p50"],
+            s["ttft_s"]["p99"],
+            s["tpot_s"]["p50"],
+            s["itl_s"]["p99"],
+            s["e2e_s"]["p50"],
+            s["e2e_s"]["p99"],
+        ]
         print(f"{name:<24} | " + " | ".join(f"{v:>9.3f}" for v in vals) + f" | {s['errors']:>9}")
     if baseline_of:
         print("\nratios: output tokens/s, p50 TPOT")
@@ -173,4 +187,3 @@ def print_runs(runs: dict[str, dict], baseline_of: dict[str, str] | None = None)
         speed = s["output_tokens_per_s"] / base["output_tokens_per_s"] if base["output_tokens_per_s"] else 0.0
         tpot = s["tpot_s"]["p50"] / base["tpot_s"]["p50"] if base["tpot_s"]["p50"] else 0.0
         print(f"  {name:<22} / {baseline:<22} {speed:6.2f}x tokens/s   {tpot:6.2f}x p50 TPOT")
-

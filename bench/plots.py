@@ -80,8 +80,12 @@ def plot_serve(data: dict, out: Path) -> Path:
     for label, points in by_label.items():
         points.sort()
         ax.plot([c for c, _ in points], [t for _, t in points], "o-", label=label, color=COLORS.get(label))
-    ax.set(xlabel="concurrent requests", ylabel="output tokens/s", xscale="log",
-           title=f"Throughput at KV budget {data['args']['kv_cache_memory']}")  # fmt: skip
+    ax.set(
+        xlabel="concurrent requests",
+        ylabel="output tokens/s",
+        xscale="log",
+        title=f"Throughput at KV budget {data['args']['kv_cache_memory']}",
+    )
     ax.legend()
     return save(fig, out / "throughput_vs_concurrency.png")
 
@@ -93,8 +97,9 @@ def plot_capacity(data: dict, out: Path) -> Path:
         for policy, row in table.items():
             lengths = sorted(int(n) for n in row)
             ax.plot(lengths, [row[str(n)] for n in lengths], "o-", label=policy, color=COLORS.get(policy))
-        ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="max concurrent sequences",
-               title=shape)  # fmt: skip
+        ax.set(
+            xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="max concurrent sequences", title=shape
+        )
         ax.legend()
     return save(fig, out / "capacity_vs_context.png")
 
@@ -105,8 +110,11 @@ def plot_coverage(data: dict, out: Path) -> Path:
     for policy in ("kivi", "logquant"):
         points = sorted((v["fp_budget"], v["coverage"]) for k, v in results.items() if k.startswith(policy))
         ax.plot([b for b, _ in points], [c for _, c in points], "o-", label=policy, color=COLORS[policy])
-    ax.set(xlabel="full-precision budget B (tokens)", ylabel="attention coverage (token 0 excluded)",
-           title="Attention mass on full-precision tokens")  # fmt: skip
+    ax.set(
+        xlabel="full-precision budget B (tokens)",
+        ylabel="attention coverage (token 0 excluded)",
+        title="Attention mass on full-precision tokens",
+    )
     ax.legend()
     return save(fig, out / "coverage_vs_budget.png")
 
@@ -124,8 +132,12 @@ def plot_pareto(data: dict, out: Path) -> Path:
     front = pareto_front([(x, y) for points in by_series.values() for x, y, _ in points])
     ax.step([x for x, _ in front], [y for _, y in front], "k-", where="post", alpha=0.3, label="Pareto front")
     length = data["args"]["length"]
-    ax.set(xscale="log", xlabel=f"KV bytes per token at {length} tokens (16-bit tier, all layers)",
-           ylabel=f"perplexity ({length} tokens, one at a time)", title=f"Perplexity against KV memory: {model_of(data)}")  # fmt: skip
+    ax.set(
+        xscale="log",
+        xlabel=f"KV bytes per token at {length} tokens (16-bit tier, all layers)",
+        ylabel=f"perplexity ({length} tokens, one at a time)",
+        title=f"Perplexity against KV memory: {model_of(data)}",
+    )
     ax.legend(fontsize=8)
     return save(fig, out / named("pareto_ppl_vs_bytes", data))
 
@@ -141,9 +153,16 @@ def plot_passkey(data: dict, out: Path) -> Path:
             by_series.setdefault(series_of(label), []).append((cell["kv_bytes_per_token"], cell["accuracy"]))
         for series, points in sorted(by_series.items()):
             points.sort()
-            ax.plot([x for x, _ in points], [y for _, y in points], "o-", color=COLORS.get(series.split()[0]), label=series)
-        ax.set(xscale="log", ylim=(-0.05, 1.05), xlabel="KV bytes per token", ylabel="passkey accuracy",
-               title=f"{model_of(data)}, {n} tokens")  # fmt: skip
+            ax.plot(
+                [x for x, _ in points], [y for _, y in points], "o-", color=COLORS.get(series.split()[0]), label=series
+            )
+        ax.set(
+            xscale="log",
+            ylim=(-0.05, 1.05),
+            xlabel="KV bytes per token",
+            ylabel="passkey accuracy",
+            title=f"{model_of(data)}, {n} tokens",
+        )
         ax.legend(fontsize=8)
     return save(fig, out / named("passkey_vs_bytes", data))
 
@@ -178,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
         assert len({r["args"]["length"] for r in records}) == 1, "ppl files of different lengths"
         assert len({model_of(r) for r in records}) == 1, "ppl files of different models: one plot per model"
         merged = {k: v for r in records for k, v in r["results"].items()}
-        plot_pareto({"args": records[0]["args"], "provenance": records[0].get("provenance", {}), "results": merged}, args.out)
+        plot_pareto(
+            {"args": records[0]["args"], "provenance": records[0].get("provenance", {}), "results": merged}, args.out
+        )
 
 
 if __name__ == "__main__":

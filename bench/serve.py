@@ -53,8 +53,22 @@ def wait_ready(url: str, proc: subprocess.Popen | None, limit: float = 600.0) ->
 @contextmanager
 def our_server(model: str, policy: str, kv_cache_memory: str, extra: list[str]) -> Iterator[str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "--model", model, "--policy", policy, "--port", str(port),
-           "--kv-cache-memory", kv_cache_memory, "--log-level", "warning", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "--model",
+        model,
+        "--policy",
+        policy,
+        "--port",
+        str(port),
+        "--kv-cache-memory",
+        kv_cache_memory,
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.DEVNULL)
     try:
         wait_ready(f"http://127.0.0.1:{port}/ready", proc)
@@ -85,7 +99,9 @@ def baselines(runs: dict[str, dict], base_label: str) -> dict[str, str]:
     """Each run's baseline: the `base_label` run at the same concurrency (or rate)."""
     out = {}
     for name, run in runs.items():
-        base = next((n for n, r in runs.items() if r["label"] == base_label and r["concurrency"] == run["concurrency"]), None)
+        base = next(
+            (n for n, r in runs.items() if r["label"] == base_label and r["concurrency"] == run["concurrency"]), None
+        )
         if base is not None and base != name:
             out[name] = base
     return out

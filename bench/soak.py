@@ -40,15 +40,30 @@ from hostile import EXPECTED as HOSTILE_EXPECTED  # noqa: E402
 from hostile import KINDS as HOSTILE_KINDS  # noqa: E402
 from hostile import HealthProbe, Hostile, steady_stream  # noqa: E402
 from loadgen import WORDS  # noqa: E402
-from logquant.provenance import provenance  # noqa: E402
 from serve import free_port, wait_ready  # noqa: E402
 
+from logquant.provenance import provenance  # noqa: E402
+
 # kind -> weight; "garbage:*" kinds must be refused with a 4xx
-KINDS = {"short": 30, "short_stream": 25, "long_stream": 10, "completion": 10, "cancel_stream": 10,
-         "cancel_wait": 5, "garbage:json": 3, "garbage:field": 3, "garbage:model": 2, "garbage:surrogate": 1,
-         "garbage:too_big": 1, **HOSTILE_KINDS}  # fmt: skip
-METRICS = {"kv_usage": "logquant:kv_cache_usage_perc", "running": "logquant:num_requests_running",
-           "waiting": "logquant:num_requests_waiting"}  # fmt: skip
+KINDS = {
+    "short": 30,
+    "short_stream": 25,
+    "long_stream": 10,
+    "completion": 10,
+    "cancel_stream": 10,
+    "cancel_wait": 5,
+    "garbage:json": 3,
+    "garbage:field": 3,
+    "garbage:model": 2,
+    "garbage:surrogate": 1,
+    "garbage:too_big": 1,
+    **HOSTILE_KINDS,
+}
+METRICS = {
+    "kv_usage": "logquant:kv_cache_usage_perc",
+    "running": "logquant:num_requests_running",
+    "waiting": "logquant:num_requests_waiting",
+}
 
 
 class Soak:
@@ -63,8 +78,12 @@ class Soak:
         return " ".join(rng.choices(WORDS, k=words))
 
     def chat(self, rng: random.Random, words: int, stream: bool) -> dict:
-        return {"model": self.model, "messages": [{"role": "user", "content": self.text(rng, words)}],
-                "max_tokens": rng.randint(8, self.args.max_tokens), "stream": stream}  # fmt: skip
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": self.text(rng, words)}],
+            "max_tokens": rng.randint(8, self.args.max_tokens),
+            "stream": stream,
+        }
 
     async def one(self, client: httpx.AsyncClient, kind: str, rng: random.Random) -> None:
         """Send one request of `kind` and record its outcome: the HTTP status, "cancelled", or
@@ -109,7 +128,7 @@ class Soak:
     async def cancelled(self, request) -> str:
         try:
             return str((await asyncio.wait_for(request, timeout=0.3)).status_code)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return "cancelled"  # the client left before an answer
 
     async def garbage(self, client: httpx.AsyncClient, kind: str, rng: random.Random) -> str:
@@ -168,8 +187,13 @@ def rss_mib(pid: int) -> float:
 
 async def sample_forever(url: str, pid: int, every: float, samples: list[dict], start: float) -> None:
     while True:
-        samples.append({"t": round(time.monotonic() - start, 1), "rss_mib": round(rss_mib(pid), 1),
-                        **await asyncio.to_thread(scrape, url)})  # fmt: skip
+        samples.append(
+            {
+                "t": round(time.monotonic() - start, 1),
+                "rss_mib": round(rss_mib(pid), 1),
+                **await asyncio.to_thread(scrape, url),
+            }
+        )
         await asyncio.sleep(every)
 
 
@@ -179,12 +203,18 @@ async def run(url: str, pid: int, args: argparse.Namespace) -> tuple[Soak, list[
     sampler = asyncio.create_task(sample_forever(url, pid, args.sample_every, samples, start))
     deadline, gaps = start + args.duration, []
     with HealthProbe(url) as health:
-        broken, *_ = await asyncio.gather(steady_stream(url, args.served_name, deadline, args.steady_tokens, gaps),
-                                          *(soak.worker(i, deadline) for i in range(args.concurrency)))
+        broken, *_ = await asyncio.gather(
+            steady_stream(url, args.served_name, deadline, args.steady_tokens, gaps),
+            *(soak.worker(i, deadline) for i in range(args.concurrency)),
+        )
     sampler.cancel()
     ordered = sorted(gaps) or [float("inf")]
-    steady = {"broken_streams": broken, "chunks": len(gaps) + 1, "max_gap_s": round(ordered[-1], 3),
-              "p99_gap_s": round(ordered[int(0.99 * (len(ordered) - 1))], 3)}  # fmt: skip
+    steady = {
+        "broken_streams": broken,
+        "chunks": len(gaps) + 1,
+        "max_gap_s": round(ordered[-1], 3),
+        "p99_gap_s": round(ordered[int(0.99 * (len(ordered) - 1))], 3),
+    }
     return soak, samples, {"health": health.summary(), "steady_stream": steady}
 
 
@@ -235,8 +265,11 @@ def report(
         "requests": {kind: dict(sorted(c.items())) for kind, c in sorted(soak.outcomes.items())},
         "total_requests": sum(sum(c.values()) for c in soak.outcomes.values()),
         "unexpected": soak.unexpected[:50],
-        "rss_mib": {"first_sample": first_rss, "final": round(final_rss, 1),
-                    "max": round(max([s["rss_mib"] for s in samples] + [final_rss]), 1)},  # fmt: skip
+        "rss_mib": {
+            "first_sample": first_rss,
+            "final": round(final_rss, 1),
+            "max": round(max([s["rss_mib"] for s in samples] + [final_rss]), 1),
+        },
         "final_state": final,
         **probes,
         "samples": samples,
@@ -275,11 +308,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "--model", args.model, "--served-model-name", args.served_name,
-           "--policy", args.policy, "--kv-cache-memory", args.kv_cache_memory, "--port", str(port),
-           "--max-body-bytes", str(args.max_body_bytes), "--log-level", "warning",
-           "--stream-stall-timeout", str(args.stream_stall_timeout),
-           "--timeout-request-header", str(args.timeout_request_header)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "--model",
+        args.model,
+        "--served-model-name",
+        args.served_name,
+        "--policy",
+        args.policy,
+        "--kv-cache-memory",
+        args.kv_cache_memory,
+        "--port",
+        str(port),
+        "--max-body-bytes",
+        str(args.max_body_bytes),
+        "--log-level",
+        "warning",
+        "--stream-stall-timeout",
+        str(args.stream_stall_timeout),
+        "--timeout-request-header",
+        str(args.timeout_request_header),
+    ]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     server_log = args.json.with_suffix(".server.log").open("w")  # its JSON log lines, for the 5xx tracebacks
     server = subprocess.Popen(cmd, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=server_log, stderr=server_log)
@@ -295,8 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     result = report(args, soak, samples, probes, final, final_rss)
     args.json.write_text(json.dumps(result, indent=1))
     plot(samples, args.plot)
-    print(json.dumps({k: result[k] for k in ("total_requests", "requests", "rss_mib", "final_state", "health",
-                                             "steady_stream", "checks")}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in ("total_requests", "requests", "rss_mib", "final_state", "health", "steady_stream", "checks")
+            }
+        )
+    )
     for line in result["unexpected"]:
         print("unexpected:", line, file=sys.stderr)
     return 0 if result["ok"] else 1

@@ -46,7 +46,8 @@ def causal_tail_mask(q_len: int, num_keys: int, device: torch.device) -> torch.T
 def bucket_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim], the step's flat batch
     kv_fp: torch.Tensor,  # [S, L_fp, 2, kv_heads, head_dim] cached fp tokens, then new tokens
-    kv_q: tuple[torch.Tensor, torch.Tensor] | None,  # keys, values [S, L_q, kv_heads, head_dim] (2-bit, dequantized)
+    kv_packed: tuple[torch.Tensor, torch.Tensor]
+    | None,  # keys, values [S, L_packed, kv_heads, head_dim] (2-bit, dequantized)
     bucket,  # logquant.step.Bucket
     scaling: float,
     softcap: float | None = None,  # logits -> tanh(logits / softcap) * softcap (Gemma 2)
@@ -64,14 +65,18 @@ def bucket_attention(
     q = q.permute(0, 2, 1, 3, 4).reshape(s, kv_heads, q_len * group, head_dim)  # rows: (token, head)
     fp_mask = bucket.fp_mask if group == 1 or q_len == 1 else bucket.fp_mask.repeat_interleave(group, dim=1)
     k_fp, v_fp = kv_fp[:, :, 0], kv_fp[:, :, 1]
-    out, lse = _attention_lse(q, k_fp, v_fp, fp_mask.unsqueeze(1), scaling, softcap)  # [s, kvh, rows, d], [s, kvh, rows]
-    if kv_q is not None:
-        out_q, lse_q = _attention_lse(q, *kv_q, bucket.q_mask.unsqueeze(1), scaling, softcap)
-        lse_q = lse_q.masked_fill(~bucket.has_q.view(s, 1, 1), float("-inf"))  # no 2-bit tokens: weight 0
-        top = torch.maximum(lse, lse_q)
-        w_fp, w_q = torch.exp(lse - top).unsqueeze(-1), torch.exp(lse_q - top).unsqueeze(-1)
-        out = (out * w_fp + out_q * w_q) / (w_fp + w_q)
-        lse = top + torch.log(w_fp + w_q).squeeze(-1)
+    out, lse = _attention_lse(
+        q, k_fp, v_fp, fp_mask.unsqueeze(1), scaling, softcap
+    )  # [s, kvh, rows, d], [s, kvh, rows]
+    if kv_packed is not None:
+        out_packed, lse_packed = _attention_lse(q, *kv_packed, bucket.packed_mask.unsqueeze(1), scaling, softcap)
+        lse_packed = lse_packed.masked_fill(
+            ~bucket.has_packed.view(s, 1, 1), float("-inf")
+        )  # no 2-bit tokens: weight 0
+        top = torch.maximum(lse, lse_packed)
+        w_fp, w_packed = torch.exp(lse - top).unsqueeze(-1), torch.exp(lse_packed - top).unsqueeze(-1)
+        out = (out * w_fp + out_packed * w_packed) / (w_fp + w_packed)
+        lse = top + torch.log(w_fp + w_packed).squeeze(-1)
     if sinks is not None:
         sink = sinks.float().view(1, kv_heads, 1, group).expand(1, kv_heads, q_len, group).reshape(1, kv_heads, -1)
         out = out * torch.sigmoid(lse - sink).unsqueeze(-1)

@@ -48,10 +48,6 @@ class AttentionSpec:
     softcap: float | None = None  # attention logits -> tanh(logits / softcap) * softcap
     sinks: bool = False  # learned per-head sink logits in the softmax denominator
 
-    @property
-    def has_windows(self) -> bool:
-        return any(w is not None for w in self.windows)
-
 
 def _refuse(model_type: str, feature: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"model type {model_type!r} is not supported: {feature}")
@@ -68,7 +64,9 @@ def _check_features(config: PretrainedConfig, text: PretrainedConfig, model_type
     if getattr(text, "use_bidirectional_attention", False):
         raise _refuse(model_type, "bidirectional attention")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise _refuse(model_type, f"not an architecture we run and test (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise _refuse(
+            model_type, f"not an architecture we run and test (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
 
 
 def _windows(text: PretrainedConfig, model_type: str) -> tuple[int | None, ...]:
@@ -96,6 +94,8 @@ def attention_spec(config: PretrainedConfig) -> AttentionSpec:
     _check_features(config, text, model_type)
     softcap = getattr(text, "attn_logit_softcapping", None)
     return AttentionSpec(
-        model_type=model_type, windows=_windows(text, model_type), softcap=float(softcap) if softcap else None,
+        model_type=model_type,
+        windows=_windows(text, model_type),
+        softcap=float(softcap) if softcap else None,
         sinks=model_type == "gpt_oss",
-    )  # fmt: skip
+    )

@@ -22,9 +22,8 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicLayer
 
-from logquant.attention_spec import attention_spec
 from logquant.kv_manager import KVManager
-from logquant.layout import KVLayout, head_dim_of
+from logquant.layout import KVLayout
 from logquant.plan import GroupPlan
 from logquant.policy import TokenPolicy, make_policy
 from logquant.step import Bucket, StepTensors
@@ -45,7 +44,9 @@ class SharedKV:
         self.orders: list[torch.Tensor] = []  # per group: its rows in (row, position) order
         self.updated_layers: set[int] = set()
 
-    def update(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """key_states, value_states: [batch, kv_heads, num_new, head_dim] -> all tokens, same layout."""
         batch, heads, num_new, dim = key_states.shape
         if self.store is None:
@@ -62,13 +63,18 @@ class SharedKV:
         flat_values = value_states.transpose(1, 2).reshape(batch * num_new, heads, dim)
         g = self.layout.group_of[layer][0]
         (bucket,) = self.step.groups[g].buckets  # every row appends the same number of tokens
-        kv_fp, kv_q = self.store.gather(layer, bucket, flat_keys, flat_values)
+        kv_fp, kv_packed = self.store.gather(layer, bucket, flat_keys, flat_values)
         rows = kv_fp.view(-1, 2, heads, dim)
-        if kv_q is not None:
-            q_rows = torch.stack([t.reshape(-1, heads, dim) for t in kv_q], dim=1)  # [S * L_q, 2, heads, dim]
-            rows = torch.cat([q_rows, rows])
+        if kv_packed is not None:
+            packed_rows = torch.stack(
+                [t.reshape(-1, heads, dim) for t in kv_packed], dim=1
+            )  # [S * L_packed, 2, heads, dim]
+            rows = torch.cat([packed_rows, rows])
         ordered = rows[self.orders[g]].view(batch, -1, 2, heads, dim)
-        keys, values = ordered[:, :, 0].transpose(1, 2), ordered[:, :, 1].transpose(1, 2)  # [batch, kv_heads, tokens, dim]
+        keys, values = (
+            ordered[:, :, 0].transpose(1, 2),
+            ordered[:, :, 1].transpose(1, 2),
+        )  # [batch, kv_heads, tokens, dim]
         self.store.write(layer, bucket, kv_fp)
         return keys.to(key_states.dtype), values.to(value_states.dtype)
 
@@ -100,22 +106,29 @@ class SharedKV:
         return self.manager.num_tokens("row0") if "row0" in self.manager.sequences else 0
 
     def num_blocks(self) -> int:
-        return sum(len(g.q_pages) for s in self.manager.sequences.values() for g in s.groups)
+        return sum(len(g.packed_pages) for s in self.manager.sequences.values() for g in s.groups)
 
 
 def _position_order(plan: GroupPlan, bucket: Bucket, block_tokens: int) -> torch.Tensor:
-    """Rows of cat(kv_q flattened, kv_fp flattened) sorted by (sequence, position)."""
+    """Rows of cat(kv_packed flattened, kv_fp flattened) sorted by (sequence, position)."""
     batch, width_fp = bucket.fp_rows.shape
-    width_q = bucket.q_pages.shape[1] * block_tokens
+    width_packed = bucket.packed_pages.shape[1] * block_tokens
     total = max(plan.start_positions) + max(b - a for a, b in zip(plan.query_ptr, plan.query_ptr[1:]))
     rows, keys = [], []  # key of a row: sequence * total + position
     for i in range(batch):
-        q_a, q_b = plan.q_ptr[i] * block_tokens, plan.q_ptr[i + 1] * block_tokens
+        packed_a, packed_b = plan.packed_ptr[i] * block_tokens, plan.packed_ptr[i + 1] * block_tokens
         fp_a, fp_b = plan.fp_ptr[i], plan.fp_ptr[i + 1]
         start, num_new = plan.start_positions[i], plan.query_ptr[i + 1] - plan.query_ptr[i]
-        fp_base = batch * width_q + i * width_fp
-        rows += [*range(i * width_q, i * width_q + q_b - q_a), *range(fp_base, fp_base + fp_b - fp_a + num_new)]
-        positions = [*plan.q_positions[q_a:q_b], *plan.fp_positions[fp_a:fp_b], *range(start, start + num_new)]
+        fp_base = batch * width_packed + i * width_fp
+        rows += [
+            *range(i * width_packed, i * width_packed + packed_b - packed_a),
+            *range(fp_base, fp_base + fp_b - fp_a + num_new),
+        ]
+        positions = [
+            *plan.packed_positions[packed_a:packed_b],
+            *plan.fp_positions[fp_a:fp_b],
+            *range(start, start + num_new),
+        ]
         keys += [i * total + p for p in positions]
     return torch.tensor(rows)[torch.tensor(keys).argsort()]
 
@@ -143,7 +156,9 @@ class LogQuantLayer(DynamicLayer):
 
     def _no_batch_change(self, *args, **kwargs) -> None:
         if self.num_tokens:
-            raise NotImplementedError("LogQuantCache keeps one paged sequence per row: beam search and row reordering are not supported")
+            raise NotImplementedError(
+                "LogQuantCache keeps one paged sequence per row: beam search and row reordering are not supported"
+            )
 
     batch_repeat_interleave = batch_select_indices = reorder_cache = _no_batch_change
 
@@ -183,19 +198,19 @@ class LogQuantCache(Cache):
         key_fp_channels: int = 0,
         sink_tokens: int | None = None,
     ) -> None:
-        text_config = config.get_text_config(decoder=True)
         if isinstance(policy, str):
             token_policy = make_policy(policy, fp_budget, group_size, sink_tokens=sink_tokens)
         else:
             assert sink_tokens is None, "give sink_tokens to make_policy when passing a TokenPolicy"
             token_policy = policy
         self.policy = token_policy
-        windows = attention_spec(config).windows  # refuses what our attention cannot run
-        layout = KVLayout(
-            num_layers=text_config.num_hidden_layers, num_kv_heads=text_config.num_key_value_heads,
-            head_dim=head_dim_of(text_config), policy=token_policy, group_size=group_size, bits=bits,
-            key_fp_channels=key_fp_channels, layer_windows=windows,
-        )  # fmt: skip
+        # refuses what our attention cannot run; dtype_bytes is set from the first keys
+        layout = KVLayout.for_model(
+            config, token_policy, group_size=group_size, bits=bits, key_fp_channels=key_fp_channels
+        )
         self.shared = SharedKV(layout)
-        layers = [LogQuantLayer(self.shared, i) if w is None else LogQuantWindowLayer(self.shared, i, w) for i, w in enumerate(windows)]
+        layers = [
+            LogQuantLayer(self.shared, i) if w is None else LogQuantWindowLayer(self.shared, i, w)
+            for i, w in enumerate(layout.windows)
+        ]
         super().__init__(layers=layers)

@@ -16,47 +16,11 @@ Contract: `allocate(seq, n)` before a step makes `seq` hold the pages for n toke
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from logquant.layout import KVGroup, KVLayout, PagePool
+from logquant.page_tables import GroupKV, SequenceKV
 from logquant.plan import GroupPlan, PlanBuilder, StepPlan
-from logquant.policy import PolicyState
 
 __all__ = ["GroupKV", "GroupPlan", "KVManager", "SequenceKV", "StepPlan"]
-
-
-@dataclass
-class GroupKV:
-    """One sequence's pages and slots in one KV group."""
-
-    policy_state: PolicyState
-    fp_pages: list[int] = field(default_factory=list)
-    q_pages: list[int] = field(default_factory=list)  # pages holding demoted blocks, in order
-    q_positions: list[list[int]] = field(default_factory=list)  # positions of each q page's block
-    spare_q_pages: list[int] = field(default_factory=list)  # allocated, not yet written
-    slot_of: dict[int, int] = field(default_factory=dict)  # position -> flat fp slot
-    free_slots: list[int] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.policy_state.num_tokens
-
-    @property
-    def pages(self) -> list[int]:
-        return self.fp_pages + self.q_pages + self.spare_q_pages
-
-
-@dataclass
-class SequenceKV:
-    groups: list[GroupKV]  # in `layout.groups` order
-
-    @property
-    def num_tokens(self) -> int:
-        return self.groups[0].num_tokens
-
-    @property
-    def pages(self) -> list[int]:
-        return [p for group in self.groups for p in group.pages]
 
 
 class KVManager:
@@ -72,8 +36,8 @@ class KVManager:
         num_pages = layout.num_pages(kv_budget_bytes)
         if num_pages == 0:
             raise ValueError(
-                f"KV budget of {kv_budget_bytes} bytes is smaller than one page ({layout.page_bytes_all_layers} bytes): "
-                "raise --kv-cache-memory"
+                f"KV budget of {kv_budget_bytes} bytes is smaller than one page "
+                f"({layout.page_bytes_all_layers} bytes): raise --kv-cache-memory"
             )
         return cls(layout, num_pages)
 
@@ -96,8 +60,13 @@ class KVManager:
         for g, group in enumerate(self.layout.groups):
             have = seq.groups[g] if seq else None
             have_fp = len(have.fp_pages) if have else 0
-            have_q = len(have.q_pages) + len(have.spare_q_pages) if have else 0
-            missing.append((max(0, group.fp_pages_for(num_tokens) - have_fp), max(0, group.q_pages_for(num_tokens) - have_q)))
+            have_packed = len(have.packed_pages) + len(have.spare_packed_pages) if have else 0
+            missing.append(
+                (
+                    max(0, group.fp_pages_for(num_tokens) - have_fp),
+                    max(0, group.packed_pages_for(num_tokens) - have_packed),
+                )
+            )
         return missing
 
     def can_allocate(self, seq_id: str, num_tokens: int, reserve: int = 0) -> bool:
@@ -120,7 +89,7 @@ class KVManager:
             table.fp_pages += fp_pages
             # pop() hands out the lowest slot first, so a sequence fills its pages in order
             table.free_slots[:0] = [p * fpt + i for p in reversed(fp_pages) for i in range(fpt - 1, -1, -1)]
-            table.spare_q_pages += self.pool.allocate(q)
+            table.spare_packed_pages += self.pool.allocate(q)
         return total
 
     def free(self, seq_id: str) -> None:
@@ -149,7 +118,7 @@ class KVManager:
         per_page = self.layout.page_bytes_all_layers
         tables = [t for s in self.sequences.values() for t in s.groups]
         fp = sum(len(t.fp_pages) for t in tables)
-        q = sum(len(t.q_pages) + len(t.spare_q_pages) for t in tables)
+        q = sum(len(t.packed_pages) + len(t.spare_packed_pages) for t in tables)
         return {"fp": fp * per_page, "2bit": q * per_page}
 
     def num_cached_tokens(self) -> int:
@@ -187,7 +156,7 @@ class KVManager:
 def _check_group(name: str, group: KVGroup, table: GroupKV, num_tokens: int) -> None:
     policy = group.policy
     assert table.num_tokens == num_tokens, f"{name}: groups disagree on the length"
-    assert len(table.q_pages) == policy.num_blocks(num_tokens), f"{name}: wrong number of 2-bit blocks"
+    assert len(table.packed_pages) == policy.num_blocks(num_tokens), f"{name}: wrong number of 2-bit blocks"
     assert len(table.slot_of) == policy.num_fp_tokens(num_tokens), f"{name}: wrong number of fp tokens"
     assert policy.max_fp_tokens is None or len(table.slot_of) <= policy.max_fp_tokens, name
     assert len(table.pages) == group.pages_for(num_tokens), f"{name}: pages held differ from the cost model"

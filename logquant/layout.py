@@ -8,8 +8,9 @@ at byte offset (index of the layer in the group) * page_bytes.
 
 Layers of one kind are split into groups of equal size (vLLM's hybrid allocator), so that
 every page id has the same size and no byte is left over: Gemma 3 270M's 3 full-attention
-and 15 window layers make 6 groups of 3 layers. A page of a full-attention layer holds either full-precision tokens (`fp_page_tokens` tokens
-of K and V) or one demoted block of `block_tokens` 2-bit tokens:
+and 15 window layers make 6 groups of 3 layers. A page of a full-attention layer holds either
+full-precision tokens (`fp_page_tokens` tokens of K and V) or one demoted block of
+`block_tokens` 2-bit tokens:
 
     key codes   [block_tokens, kv_heads, head_dim * bits / 8]  uint8 (packed along head_dim)
     value codes [block_tokens, kv_heads, head_dim * bits / 8]  uint8
@@ -72,7 +73,7 @@ class PageFormat:
         """K and V of one token in one layer at full precision."""
         return 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
-    def q_sections(self) -> dict[str, tuple[int, int]]:
+    def packed_sections(self) -> dict[str, tuple[int, int]]:
         """name -> (byte offset, byte length) of each section of a 2-bit page."""
         bt, h, d = self.block_tokens, self.num_kv_heads, self.head_dim
         lengths = {
@@ -93,11 +94,11 @@ class PageFormat:
         return sections
 
     @property
-    def q_block_bytes(self) -> int:
+    def packed_block_bytes(self) -> int:
         """Bytes of one 2-bit block (aligned sections) in one layer; 0 when nothing is demoted."""
         if self.block_tokens == 0:
             return 0
-        offset, length = list(self.q_sections().values())[-1]
+        offset, length = list(self.packed_sections().values())[-1]
         return offset + _align(length)
 
 
@@ -119,11 +120,11 @@ class KVGroup(PageFormat):
         returned before the sequence ends, so this covers its peak)."""
         return _ceil_div(self.policy.peak_fp_tokens(num_tokens), self.fp_page_tokens)
 
-    def q_pages_for(self, num_tokens: int) -> int:
+    def packed_pages_for(self, num_tokens: int) -> int:
         return self.policy.num_blocks(num_tokens)
 
     def pages_for(self, num_tokens: int) -> int:
-        return self.fp_pages_for(num_tokens) + self.q_pages_for(num_tokens)
+        return self.fp_pages_for(num_tokens) + self.packed_pages_for(num_tokens)
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,35 @@ class KVLayout:
     scale_bytes: int = 2  # scales and zero points are stored as float16
     key_fp_channels: int = 0  # per 2-bit block and head, key channels kept at 16 bits (outliers)
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window W or None; (): all full
+
+    @classmethod
+    def for_model(
+        cls,
+        config: object,
+        policy: TokenPolicy,
+        *,
+        dtype_bytes: int = 2,
+        group_size: int = 32,
+        bits: int = 2,
+        key_fp_channels: int = 0,
+    ) -> KVLayout:
+        """The layout of a transformers model config (any `PretrainedConfig`; its decoder's
+        text config is read): layers, KV heads, head size and each layer's sliding window.
+        Raises `UnsupportedModelError` for attention our store cannot run."""
+        from logquant.attention_spec import attention_spec  # imports transformers (and torch)
+
+        text = config.get_text_config(decoder=True)  # type: ignore[attr-defined]
+        return cls(
+            num_layers=text.num_hidden_layers,
+            num_kv_heads=text.num_key_value_heads,
+            head_dim=head_dim_of(text),
+            policy=policy,
+            dtype_bytes=dtype_bytes,
+            group_size=group_size,
+            bits=bits,
+            key_fp_channels=key_fp_channels,
+            layer_windows=attention_spec(config).windows,  # type: ignore[arg-type]
+        )
 
     def __post_init__(self) -> None:
         if not 0 <= self.key_fp_channels < min(self.head_dim, 256):
@@ -164,12 +194,12 @@ class KVLayout:
     def fp_token_bytes(self) -> int:
         return self.format.fp_token_bytes
 
-    def q_sections(self) -> dict[str, tuple[int, int]]:
-        return self.format.q_sections()
+    def packed_sections(self) -> dict[str, tuple[int, int]]:
+        return self.format.packed_sections()
 
     @property
-    def q_block_bytes(self) -> int:
-        return self.format.q_block_bytes
+    def packed_block_bytes(self) -> int:
+        return self.format.packed_block_bytes
 
     @property
     def windows(self) -> tuple[int | None, ...]:
@@ -183,7 +213,7 @@ class KVLayout:
         has_full = None in self.windows
         if self.block_tokens == 0 or not has_full:
             return _align(DEFAULT_FP_PAGE_TOKENS * self.fp_token_bytes)
-        return _align(max(self.q_block_bytes, self.fp_token_bytes))
+        return _align(max(self.packed_block_bytes, self.fp_token_bytes))
 
     @cached_property
     def groups(self) -> tuple[KVGroup, ...]:
@@ -196,12 +226,16 @@ class KVLayout:
         size = math.gcd(*(len(v) for v in layers.values()))
         fmt = {name: getattr(self, name) for name in PageFormat.__dataclass_fields__}
         return tuple(
-            KVGroup(**(fmt | {"policy": self.policy if w is None else WindowPolicy(w)}), window=w,
-                    layers=tuple(layers[w][start : start + size]), page_bytes=self.page_bytes,
-                    page_stride=size * self.page_bytes)
+            KVGroup(
+                **(fmt | {"policy": self.policy if w is None else WindowPolicy(w)}),
+                window=w,
+                layers=tuple(layers[w][start : start + size]),
+                page_bytes=self.page_bytes,
+                page_stride=size * self.page_bytes,
+            )
             for w in kinds
             for start in range(0, len(layers[w]), size)
-        )  # fmt: skip
+        )
 
     @cached_property
     def group_of(self) -> tuple[tuple[int, int], ...]:

@@ -103,7 +103,9 @@ def gemma3_model_dir() -> Path:
         return target
     gguf = assemble_gemma3_gguf(cache_dir() / "gguf" / _GEMMA_GGUF)
     try:
-        return ensure_converted(gguf, GEMMA3_270M, chat_template=chat_templates.GEMMA3, end_of_turn=chat_templates.END_OF_TURN)
+        return ensure_converted(
+            gguf, GEMMA3_270M, chat_template=chat_templates.GEMMA3, end_of_turn=chat_templates.END_OF_TURN
+        )
     finally:
         gguf.unlink(missing_ok=True)  # the safetensors copy is the cache
 
@@ -112,7 +114,11 @@ EMBEDDED = {
     DEFAULT_MODEL: lambda: ensure_converted(default_gguf_path(), DEFAULT_MODEL),
     GEMMA3_270M: gemma3_model_dir,
 }
-ALIASES = {f"HuggingFaceTB/{DEFAULT_MODEL}": DEFAULT_MODEL, "default": DEFAULT_MODEL, f"google/{GEMMA3_270M}": GEMMA3_270M}
+ALIASES = {
+    f"HuggingFaceTB/{DEFAULT_MODEL}": DEFAULT_MODEL,
+    "default": DEFAULT_MODEL,
+    f"google/{GEMMA3_270M}": GEMMA3_270M,
+}
 
 
 def embedded_name(name_or_path: str) -> str | None:
@@ -136,7 +142,9 @@ def resolve_model(name_or_path: str) -> ModelSource:
     return ModelSource(Path(name_or_path))  # hub name: works only where a hub is reachable
 
 
-def ensure_converted(gguf_path: Path, name: str, chat_template: str | None = None, end_of_turn: str | None = None) -> Path:
+def ensure_converted(
+    gguf_path: Path, name: str, chat_template: str | None = None, end_of_turn: str | None = None
+) -> Path:
     """Dequantize a GGUF model once into `cache_dir()/name` as safetensors; return that directory.
     `chat_template` (for a GGUF file without one) is saved with the tokenizer, and the token
     `end_of_turn` joins the generation config's end-of-sequence ids."""

@@ -7,10 +7,8 @@ tables); the tensor side (`step.py`) turns it into index tensors once per step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from logquant.kv_manager import GroupKV
+from logquant.page_tables import GroupKV
 
 
 @dataclass(frozen=True)
@@ -20,7 +18,7 @@ class GroupPlan:
     (the newest W - 1 before the step, in position order) and only the new tokens that stay in
     the window are written.
 
-    Sequences are in step order; `query_ptr`, `fp_ptr` and `q_ptr` are CSR offsets `[S + 1]`.
+    Sequences are in step order; `query_ptr`, `fp_ptr` and `packed_ptr` are CSR offsets `[S + 1]`.
     `block_sources` and `write_sources` are sequence-local rows: row r < (its cached fp count)
     is its r-th cached fp token (fp_slots order), the rest are its new tokens in order.
     """
@@ -29,9 +27,9 @@ class GroupPlan:
     fp_ptr: list[int]
     fp_slots: list[int]  # cached full-precision tokens
     fp_positions: list[int]  # their positions (only with `with_positions`: to rebuild position order)
-    q_ptr: list[int]
-    q_pages: list[int]  # cached 2-bit blocks
-    q_positions: list[int]  # [len(q_pages) * block_tokens] positions of their tokens (same)
+    packed_ptr: list[int]
+    packed_pages: list[int]  # cached 2-bit blocks
+    packed_positions: list[int]  # [len(packed_pages) * block_tokens] positions of their tokens (same)
     start_positions: list[int]  # per sequence: position of its first new token
     block_ptr: list[int]
     block_pages: list[int]  # pages the blocks demoted in this step are written to
@@ -68,17 +66,16 @@ class StepPlan:
         return self.groups[0].num_tokens
 
 
-
 class PlanBuilder:
     """Accumulates the flat lists of a StepPlan, one sequence at a time."""
 
     def __init__(self, with_positions: bool, window: int | None = None) -> None:
         self.with_positions, self.window = with_positions, window
-        self.query_ptr, self.fp_ptr, self.q_ptr, self.block_ptr, self.write_ptr = [0], [0], [0], [0], [0]
+        self.query_ptr, self.fp_ptr, self.packed_ptr, self.block_ptr, self.write_ptr = [0], [0], [0], [0], [0]
         self.fp_slots: list[int] = []
         self.fp_positions: list[int] = []
-        self.q_pages: list[int] = []
-        self.q_positions: list[int] = []
+        self.packed_pages: list[int] = []
+        self.packed_positions: list[int] = []
         self.start_positions: list[int] = []
         self.block_pages: list[int] = []
         self.block_sources: list[int] = []
@@ -88,11 +85,11 @@ class PlanBuilder:
     def add(self, seq: GroupKV, num_new: int) -> None:
         num_old, new_base = seq.num_tokens, len(seq.slot_of)
         self.fp_slots += seq.slot_of.values()
-        self.q_pages += seq.q_pages
+        self.packed_pages += seq.packed_pages
         if self.with_positions:
             self.fp_positions += seq.slot_of.keys()
-            for positions in seq.q_positions:
-                self.q_positions += positions
+            for positions in seq.packed_positions:
+                self.packed_positions += positions
         self.start_positions.append(num_old)
         if self.window is not None:
             self._slide(seq, num_old, num_new, new_base)
@@ -100,7 +97,7 @@ class PlanBuilder:
             self._demote_and_write(seq, num_old, num_new, new_base)
         self.query_ptr.append(self.query_ptr[-1] + num_new)
         self.fp_ptr.append(len(self.fp_slots))
-        self.q_ptr.append(len(self.q_pages))
+        self.packed_ptr.append(len(self.packed_pages))
         self.block_ptr.append(len(self.block_pages))
         self.write_ptr.append(len(self.write_slots))
 
@@ -123,8 +120,8 @@ class PlanBuilder:
         blocks = seq.policy_state.append(num_new)
         row_of = {pos: i for i, pos in enumerate(seq.slot_of)} if blocks else {}  # O(fp tokens): only when demoting
         for block in blocks:
-            assert seq.spare_q_pages, "2-bit pages exhausted: allocate first"
-            page = seq.spare_q_pages.pop(0)
+            assert seq.spare_packed_pages, "2-bit pages exhausted: allocate first"
+            page = seq.spare_packed_pages.pop(0)
             self.block_pages.append(page)
             self.block_sources += [row_of[p] if p < num_old else new_base + p - num_old for p in block]
             for p in block:
@@ -132,8 +129,8 @@ class PlanBuilder:
                     seq.free_slots.append(seq.slot_of.pop(p))
                 else:
                     demoted_new.add(p)
-            seq.q_pages.append(page)
-            seq.q_positions.append(block)
+            seq.packed_pages.append(page)
+            seq.packed_positions.append(block)
         for p in range(num_old, num_old + num_new):
             if p not in demoted_new:
                 assert seq.free_slots, "full-precision pages exhausted: allocate first"
@@ -143,9 +140,18 @@ class PlanBuilder:
 
     def build(self) -> GroupPlan:
         return GroupPlan(
-            query_ptr=self.query_ptr, fp_ptr=self.fp_ptr, fp_slots=self.fp_slots, fp_positions=self.fp_positions,
-            q_ptr=self.q_ptr, q_pages=self.q_pages, q_positions=self.q_positions,
-            start_positions=self.start_positions, block_ptr=self.block_ptr, block_pages=self.block_pages,
-            block_sources=self.block_sources, write_ptr=self.write_ptr, write_slots=self.write_slots,
+            query_ptr=self.query_ptr,
+            fp_ptr=self.fp_ptr,
+            fp_slots=self.fp_slots,
+            fp_positions=self.fp_positions,
+            packed_ptr=self.packed_ptr,
+            packed_pages=self.packed_pages,
+            packed_positions=self.packed_positions,
+            start_positions=self.start_positions,
+            block_ptr=self.block_ptr,
+            block_pages=self.block_pages,
+            block_sources=self.block_sources,
+            write_ptr=self.write_ptr,
+            write_slots=self.write_slots,
             write_sources=self.write_sources,
-        )  # fmt: skip
+        )

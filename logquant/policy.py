@@ -305,7 +305,9 @@ def _base_policy(name: str, fp_budget: int, group_size: int, window_divisor: flo
         return KiviPolicy(fp_budget=fp_budget, group_size=group_size)
     if name == "logquant":
         if window_divisor < 1 or int(fp_budget / window_divisor) < 1:
-            raise ValueError(f"logquant needs a window fp_budget / {window_divisor:g} of at least 1, got fp_budget {fp_budget}")
+            raise ValueError(
+                f"logquant needs a window fp_budget / {window_divisor:g} of at least 1, got fp_budget {fp_budget}"
+            )
         return LogQuantPolicy(fp_budget=fp_budget, window_divisor=window_divisor)
     raise ValueError(f"unknown policy {name!r}; expected one of {POLICY_NAMES}")
 

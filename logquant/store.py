@@ -26,8 +26,8 @@ import torch
 
 from logquant.attention import bucket_attention
 from logquant.kernels import select_decode_backend
-from logquant.plan import StepPlan
 from logquant.layout import KVGroup, KVLayout
+from logquant.plan import StepPlan
 from logquant.quant import quantize, unpack_lut
 from logquant.step import Bucket, DecodeIndex, StepTensors, build_step_tensors
 
@@ -36,9 +36,13 @@ SCALE_DTYPE = torch.float16
 
 class PagedKVStore:
     def __init__(
-        self, layout: KVLayout, num_pages: int, dtype: torch.dtype, device: torch.device | str,
+        self,
+        layout: KVLayout,
+        num_pages: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
         decode_backend: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """`decode_backend`: `auto` (or None), `torch`, `cpu` or `triton` (see `select_decode_backend`)."""
         assert torch.empty((), dtype=dtype).element_size() == layout.dtype_bytes, "layout dtype mismatch"
         self.layout, self.num_pages, self.dtype, self.device = layout, num_pages, dtype, torch.device(device)
@@ -58,33 +62,41 @@ class PagedKVStore:
         p starts at byte p * page_stride + (index of the layer in its group) * page_bytes."""
         h, d = self.layout.num_kv_heads, self.layout.head_dim
         self.fp, self.fp_rows, self.layer_sections = [], [], []
-        for layer, (g, j) in enumerate(self.layout.group_of):
+        for g, j in self.layout.group_of:
             group = self.layout.groups[g]
             base, fpt = j * group.page_bytes, group.fp_page_tokens
             self.fp.append(self._view(base, group, self.dtype, (fpt, 2, h, d)))
             self.fp_rows.append(self._fp_row_view(base, group))
-            self.layer_sections.append(self._q_views(base, group) if group.block_tokens else {})
+            self.layer_sections.append(self._packed_views(base, group) if group.block_tokens else {})
 
-    def _q_views(self, base: int, group: KVGroup) -> dict[str, torch.Tensor]:
+    def _packed_views(self, base: int, group: KVGroup) -> dict[str, torch.Tensor]:
         h, d, bt = group.num_kv_heads, group.head_dim, group.block_tokens
         packed, groups = d * group.bits // 8, d // group.group_size
         shapes = {
-            "key_codes": (torch.uint8, (bt, h, packed)), "value_codes": (torch.uint8, (bt, h, packed)),
-            "key_scale": (SCALE_DTYPE, (h, d)), "key_zero": (SCALE_DTYPE, (h, d)),
-            "value_scale": (SCALE_DTYPE, (bt, h, groups)), "value_zero": (SCALE_DTYPE, (bt, h, groups)),
+            "key_codes": (torch.uint8, (bt, h, packed)),
+            "value_codes": (torch.uint8, (bt, h, packed)),
+            "key_scale": (SCALE_DTYPE, (h, d)),
+            "key_zero": (SCALE_DTYPE, (h, d)),
+            "value_scale": (SCALE_DTYPE, (bt, h, groups)),
+            "value_zero": (SCALE_DTYPE, (bt, h, groups)),
             "key_outlier_values": (SCALE_DTYPE, (bt, h, group.key_fp_channels)),
             "key_outlier_channels": (torch.uint8, (h, group.key_fp_channels)),
-        }  # fmt: skip
-        return {name: self._view(base + offset, group, *shapes[name]) for name, (offset, _) in group.q_sections().items()}
+        }
+        return {
+            name: self._view(base + offset, group, *shapes[name])
+            for name, (offset, _) in group.packed_sections().items()
+        }
 
     def _view(self, offset: int, group: KVGroup, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """`[num_pages + 1, *shape]` of `dtype` at byte `offset` of every page (stride: a page id)."""
         elem = torch.empty((), dtype=dtype).element_size()
         flat = self.buffer.view(-1).view(dtype)
         size = math.prod(shape)
-        return flat.as_strided((self.num_pages + 1, size), (group.page_stride // elem, 1), offset // elem).view(-1, *shape)
+        return flat.as_strided((self.num_pages + 1, size), (group.page_stride // elem, 1), offset // elem).view(
+            -1, *shape
+        )
 
-    def fp_row_of(self, group: KVGroup) -> tuple[int, int]:
+    def fp_row_strides(self, group: KVGroup) -> tuple[int, int]:
         """(rows per page, rows per token) of a layer's `fp_rows`: a slot's row is
         page * rows_per_page + offset * rows_per_token."""
         step = math.gcd(group.page_stride, group.fp_token_bytes)
@@ -95,7 +107,7 @@ class PagedKVStore:
         steps by gcd(page stride, token bytes): every fp token is one row, so a step gathers
         them with one `index_select` (a row copy) instead of a two-index gather."""
         elem = self.layout.dtype_bytes
-        step_elems = group.page_stride // self.fp_row_of(group)[0] // elem
+        step_elems = group.page_stride // self.fp_row_strides(group)[0] // elem
         row_elems = group.fp_token_bytes // elem
         layer_elems = (self.num_pages + 1) * group.page_stride // elem - base // elem
         num_rows = (layer_elems - row_elems) // step_elems + 1
@@ -123,9 +135,16 @@ class PagedKVStore:
         fused = self.decode_backend in ("cpu", "triton") if decode_index is None else decode_index
         groups = [
             build_step_tensors(
-                group_plan, group.block_tokens, group.fp_page_tokens, self.fp_row_of(group), self.num_pages, self.dtype,
-                self.device, decode_index=fused, window=group.window,
-            )  # fmt: skip
+                group_plan,
+                group.block_tokens,
+                group.fp_page_tokens,
+                self.fp_row_strides(group),
+                self.num_pages,
+                self.dtype,
+                self.device,
+                decode_index=fused,
+                window=group.window,
+            )
             for group, group_plan in zip(self.layout.groups, plan.groups)
         ]
         return StepTensors(plan, groups)
@@ -150,8 +169,8 @@ class PagedKVStore:
                 assert softcap is None and sinks is None, "the fused kernels apply no softcap and no sinks"
                 self._fused_decode(layer, bucket, query, key, value, scaling, out)
                 continue
-            kv_fp, kv_q = self.gather(layer, bucket, key, value)
-            out[bucket.out_rows] = bucket_attention(query, kv_fp, kv_q, bucket, scaling, softcap, sinks)
+            kv_fp, kv_packed = self.gather(layer, bucket, key, value)
+            out[bucket.out_rows] = bucket_attention(query, kv_fp, kv_packed, bucket, scaling, softcap, sinks)
             self.write(layer, bucket, kv_fp)
         return out
 
@@ -162,17 +181,17 @@ class PagedKVStore:
         self, layer: int, bucket: Bucket, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """The bucket's keys and values: `kv_fp [S, L_fp, 2, h, d]` (cached fp tokens gathered
-        from the store with one row copy, then the new tokens) and `kv_q`, the keys and values
-        `[S, L_q, h, d]` of its 2-bit pages dequantized, or None when no sequence has any."""
+        from the store with one row copy, then the new tokens) and `kv_packed`, the keys and values
+        `[S, L_packed, h, d]` of its 2-bit pages dequantized, or None when no sequence has any."""
         h, d = self.layout.num_kv_heads, self.layout.head_dim
         s, width = bucket.fp_rows.shape
         kv_fp = self.fp_rows[layer].index_select(0, bucket.fp_rows.flatten()).view(s * width, 2, h, d)
         kv_fp[bucket.new_dest] = torch.stack([key[bucket.new_src], value[bucket.new_src]], dim=1).to(self.dtype)
-        kv_q = None
-        if bucket.q_pages.shape[1]:
-            keys, values = self.dequantize_pages(layer, bucket.q_pages.flatten())  # [S * P, bt, h, d]
-            kv_q = (keys.view(s, -1, h, d), values.view(s, -1, h, d))
-        return kv_fp.view(s, width, 2, h, d), kv_q
+        kv_packed = None
+        if bucket.packed_pages.shape[1]:
+            keys, values = self.dequantize_pages(layer, bucket.packed_pages.flatten())  # [S * P, bt, h, d]
+            kv_packed = (keys.view(s, -1, h, d), values.view(s, -1, h, d))
+        return kv_fp.view(s, width, 2, h, d), kv_packed
 
     def write(self, layer: int, bucket: Bucket, kv_fp: torch.Tensor) -> None:
         """Quantize the bucket's demoted blocks and store its new fp tokens (rows of `kv_fp`)."""
@@ -182,9 +201,15 @@ class PagedKVStore:
         self.fp[layer][bucket.write_pages, bucket.write_offsets] = rows[bucket.write_sources]
 
     def _fused_decode(
-        self, layer: int, index: DecodeIndex, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        scaling: float, out: torch.Tensor,
-    ) -> None:  # fmt: skip
+        self,
+        layer: int,
+        index: DecodeIndex,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        out: torch.Tensor,
+    ) -> None:
         """The decode bucket on the fused kernel. Blocks demoted in this step are quantized
         first, from a compact tensor (the demoted cached fp tokens, then the new tokens): they
         go to fresh pages the kernel does not read. New fp tokens are written last."""
@@ -211,15 +236,17 @@ class PagedKVStore:
         """Quantize the blocks `rows[sources]` ([num_blocks, block_tokens] rows) into `pages`."""
         blocks = rows[sources]  # [num_blocks, block_tokens, 2, h, d]
         block_keys, block_values = blocks[:, :, 0], blocks[:, :, 1]
-        qk = quantize(block_keys, self.layout.bits, self.layout.block_tokens, axis=1, scale_dtype=SCALE_DTYPE)
-        qv = quantize(block_values, self.layout.bits, self.layout.group_size, axis=3, scale_dtype=SCALE_DTYPE)
+        packed_keys = quantize(block_keys, self.layout.bits, self.layout.block_tokens, axis=1, scale_dtype=SCALE_DTYPE)
+        packed_values = quantize(
+            block_values, self.layout.bits, self.layout.group_size, axis=3, scale_dtype=SCALE_DTYPE
+        )
         sec = self.layer_sections[layer]
-        sec["key_codes"][pages] = qk.codes
-        sec["key_scale"][pages] = qk.scale.squeeze(1)
-        sec["key_zero"][pages] = qk.zero.squeeze(1)
-        sec["value_codes"][pages] = qv.codes
-        sec["value_scale"][pages] = qv.scale
-        sec["value_zero"][pages] = qv.zero
+        sec["key_codes"][pages] = packed_keys.codes
+        sec["key_scale"][pages] = packed_keys.scale.squeeze(1)
+        sec["key_zero"][pages] = packed_keys.zero.squeeze(1)
+        sec["value_codes"][pages] = packed_values.codes
+        sec["value_scale"][pages] = packed_values.scale
+        sec["value_zero"][pages] = packed_values.zero
         if self.layout.key_fp_channels:
             spread = block_keys.amax(dim=1) - block_keys.amin(dim=1)  # [num_blocks, h, d]
             channels = spread.topk(self.layout.key_fp_channels, dim=-1).indices  # [num_blocks, h, k]
@@ -234,8 +261,10 @@ class PagedKVStore:
         bits, groups = self.layout.bits, d // self.layout.group_size
         g, j = self.layout.group_of[layer]
         group = self.layout.groups[g]
-        raw = self._view(j * group.page_bytes, group, torch.uint8, (group.page_bytes,)).index_select(0, pages)  # [n, page_bytes]
-        sections = group.q_sections()
+        raw = self._view(j * group.page_bytes, group, torch.uint8, (group.page_bytes,)).index_select(
+            0, pages
+        )  # [n, page_bytes]
+        sections = group.packed_sections()
 
         def section(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
             offset, length = sections[name]

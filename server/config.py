@@ -33,14 +33,18 @@ class ServerSettings(BaseSettings):
     )
 
     model: str = Field(
-        "SmolLM2-135M-Instruct", description="embedded model (SmolLM2-135M-Instruct, gemma-3-270m), local HF directory, .gguf file"
+        "SmolLM2-135M-Instruct",
+        description="embedded model (SmolLM2-135M-Instruct, gemma-3-270m), local HF directory, .gguf file",
     )
     served_model_name: str | None = Field(None, description="model id in the API; null: the --model value")
     policy: Literal["fp16", "kivi", "logquant"] = Field("logquant", description="KV cache token policy")
     fp_budget: int = Field(192, ge=1, description="full-precision tokens per sequence (LogQuant W = B // 3)")
     group_size: int = Field(32, ge=2, description="value quantization group (channels), a power of two")
     sink_tokens: int | None = Field(
-        None, ge=0, description="first tokens of every sequence kept at full precision (attention sinks); null: 4 for kivi, 0 otherwise"
+        None,
+        ge=0,
+        description="first tokens of every sequence kept at full precision (attention sinks); "
+        "null: 4 for kivi, 0 otherwise",
     )
     key_fp_channels: int = Field(
         0, ge=0, description="key channels of widest range kept at 16 bits in every 2-bit block (outliers)"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from server.engine.core import EngineStats
-from server.engine.request import Sequence
+from server.engine.request import SequenceState
 
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]  # fmt: skip
@@ -67,7 +67,7 @@ class Metrics:
         info.labels(model_name).info(cache_info)
         self._last = EngineStats()
 
-    def on_step(self, stats: EngineStats, finished: list[Sequence], inter_token_latencies: list[float]) -> None:
+    def on_step(self, stats: EngineStats, finished: list[SequenceState], inter_token_latencies: list[float]) -> None:
         m = self.model_name
         self.running.labels(m).set(stats.num_running)
         self.waiting.labels(m).set(stats.num_waiting)
@@ -90,7 +90,7 @@ class Metrics:
         for seq in finished:
             self._on_finished(seq)
 
-    def _on_finished(self, seq: Sequence) -> None:
+    def _on_finished(self, seq: SequenceState) -> None:
         m, t = self.model_name, seq.timings
         self.success.labels(m, seq.finish_reason or "abort").inc()
         self.req_prompt.labels(m).observe(seq.num_prompt_tokens)

@@ -51,9 +51,15 @@ class Case:
         policy = make_policy(self.policy, self.budget, group_size=self.group_size, sink_tokens=self.sink_tokens)
         size = torch.empty((), dtype=self.dtype).element_size()
         return KVLayout(
-            self.num_layers, self.kv_heads, self.head_dim, policy, dtype_bytes=size, group_size=self.group_size,
-            key_fp_channels=self.key_fp_channels, layer_windows=self.windows,
-        )  # fmt: skip
+            self.num_layers,
+            self.kv_heads,
+            self.head_dim,
+            policy,
+            dtype_bytes=size,
+            group_size=self.group_size,
+            key_fp_channels=self.key_fp_channels,
+            layer_windows=self.windows,
+        )
 
 
 def make_store(
@@ -82,31 +88,45 @@ def stored_reference(case: Case, keys: torch.Tensor, values: torch.Tensor) -> tu
             widest = (exact.max(0).values - exact.min(0).values).argsort(descending=True)[: case.key_fp_channels]
             block_keys[:, head, widest] = exact[:, widest].half().float()
         ks.append(block_keys)
-        qv = quantize(values[block], 2, case.group_size, axis=-1, scale_dtype=torch.float16)
-        vs.append(dequantize(qv, torch.float32))
+        packed = quantize(values[block], 2, case.group_size, axis=-1, scale_dtype=torch.float16)
+        vs.append(dequantize(packed, torch.float32))
     return torch.cat(ks), torch.cat(vs)
 
 
 def window_reference(
-    q: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor, window: int,
+    q: torch.Tensor,
+    old_k: torch.Tensor,
+    old_v: torch.Tensor,
+    new_k: torch.Tensor,
+    new_v: torch.Tensor,
+    window: int,
     case: Case,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """A sliding-window layer: query i of the chunk sees the `window` newest positions up to its
     own, all at full precision."""
     keys = torch.cat([old_k.to(case.dtype).float(), new_k])
     values = torch.cat([old_v.to(case.dtype).float(), new_v])
     base = old_k.shape[0]
     rows = [
-        attend(q[i : i + 1], keys[max(0, base + i + 1 - window) : base + i + 1], values[max(0, base + i + 1 - window) : base + i + 1], case.head_dim**-0.5)
+        attend(
+            q[i : i + 1],
+            keys[max(0, base + i + 1 - window) : base + i + 1],
+            values[max(0, base + i + 1 - window) : base + i + 1],
+            case.head_dim**-0.5,
+        )
         for i in range(q.shape[0])
     ]
     return torch.cat(rows)
 
 
 def run_steps(
-    case: Case, steps: list[dict[str, int]], seed: int, backend: str | None = "triton", num_pages: int = 300,
+    case: Case,
+    steps: list[dict[str, int]],
+    seed: int,
+    backend: str | None = "triton",
+    num_pages: int = 300,
     device: torch.device | str = "cpu",
-) -> int:  # fmt: skip
+) -> int:
     """Run the steps through the manager and store; check every layer's output for every
     sequence against `attend` on the stored reference. Returns the blocks demoted by
     decode buckets that ran on a fused kernel."""

@@ -10,21 +10,29 @@ from collections.abc import Callable
 import httpx
 import openai
 import uvicorn
+from tiny import byte_tokenizer, tiny_model
 
 from server.api.app import create_app
 from server.config import ServerSettings
 from server.connection import uvicorn_config
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
-from tiny import byte_tokenizer, tiny_model
 
 MODEL = "tiny-llama"
 
 
 def tiny_core_factory(policy: str = "logquant", kv_bytes: int = 64 << 20, **engine: object) -> Callable[[], EngineCore]:
     def build() -> EngineCore:
-        config = EngineConfig(policy=policy, fp_budget=24, group_size=8, kv_cache_memory=kv_bytes, device="cpu",
-                              max_model_len=512, max_num_batched_tokens=64, **engine)  # fmt: skip
+        config = EngineConfig(
+            policy=policy,
+            fp_budget=24,
+            group_size=8,
+            kv_cache_memory=kv_bytes,
+            device="cpu",
+            max_model_len=512,
+            max_num_batched_tokens=64,
+            **engine,
+        )
         return EngineCore(config, tiny_model(), byte_tokenizer())
 
     return build

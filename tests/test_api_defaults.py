@@ -7,13 +7,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from server_util import MODEL, RunningServer, tiny_core_factory
+from tiny import byte_tokenizer, tiny_model
 from transformers import GenerationConfig
 
 from server.api.sampling import generation_defaults
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
-from server_util import MODEL, RunningServer, tiny_core_factory
-from tiny import byte_tokenizer, tiny_model
 
 MESSAGES = [{"role": "user", "content": "Tell me a story about a fox."}]
 
@@ -33,8 +33,9 @@ def factory_with(**generation: object):
 def texts(client: openai.OpenAI, n: int = 3, **extra: object) -> list[str]:
     outs = []
     for seed in range(n):
-        r = client.chat.completions.create(model=MODEL, messages=MESSAGES, seed=seed, max_tokens=8,
-                                           extra_body={"ignore_eos": True, **extra})  # fmt: skip
+        r = client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, seed=seed, max_tokens=8, extra_body={"ignore_eos": True, **extra}
+        )
         outs.append(r.choices[0].message.content)
     return outs
 
@@ -91,8 +92,14 @@ def test_default_max_tokens_is_admitted_on_a_small_kv_budget() -> None:
     and requests without max_tokens run to the end of the context (two at once: preemption)."""
 
     def factory() -> EngineCore:
-        config = EngineConfig(policy="fp16", fp_budget=24, group_size=8, kv_cache_memory=300 << 10, device="cpu",
-                              max_num_batched_tokens=64)  # fmt: skip
+        config = EngineConfig(
+            policy="fp16",
+            fp_budget=24,
+            group_size=8,
+            kv_cache_memory=300 << 10,
+            device="cpu",
+            max_num_batched_tokens=64,
+        )
         return EngineCore(config, tiny_model(), byte_tokenizer())
 
     with RunningServer(factory, policy="fp16") as srv:
@@ -100,8 +107,14 @@ def test_default_max_tokens_is_admitted_on_a_small_kv_budget() -> None:
         max_model_len = srv.core.max_model_len
 
         async def both():
-            return await asyncio.gather(*[client.chat.completions.create(
-                model=MODEL, messages=MESSAGES, temperature=0, extra_body={"ignore_eos": True}) for _ in range(2)])
+            return await asyncio.gather(
+                *[
+                    client.chat.completions.create(
+                        model=MODEL, messages=MESSAGES, temperature=0, extra_body={"ignore_eos": True}
+                    )
+                    for _ in range(2)
+                ]
+            )
 
         responses = asyncio.run(both())
     assert 64 < max_model_len < 2048  # capped by the budget

@@ -1,9 +1,9 @@
 """TextTracker output options and raw token bytes, on the byte-level test tokenizer."""
 
 import pytest
+from tiny import byte_tokenizer
 
 from server.api.detokenize import OutputOptions, TextTracker, token_bytes
-from tiny import byte_tokenizer
 
 TOK = byte_tokenizer()
 IM_START, IM_END = TOK.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])

@@ -5,7 +5,6 @@ import importlib.metadata
 import httpx
 import openai
 import pytest
-
 from server_util import MODEL, RunningServer, openai_client, tiny_core_factory
 
 MESSAGES = [{"role": "user", "content": "Hi there"}]
@@ -40,8 +39,12 @@ def test_retrieve_model(client) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("gpt-9")
     assert err.value.status_code == 404
-    assert err.value.body == {"message": "The model `gpt-9` does not exist.", "type": "not_found_error",
-                              "param": "model", "code": "model_not_found"}  # fmt: skip
+    assert err.value.body == {
+        "message": "The model `gpt-9` does not exist.",
+        "type": "not_found_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
 
 
 def test_model_routes_need_the_key(srv) -> None:
@@ -55,8 +58,7 @@ def test_tokenize_prompt(srv) -> None:
     r = post(srv, "/tokenize", {"model": MODEL, "prompt": "Hello!", "return_token_strs": True})
     assert r.status_code == 200
     ids = tokenizer.encode("Hello!")
-    assert r.json() == {"count": 6, "max_model_len": 512, "tokens": ids,
-                        "token_strs": ["H", "e", "l", "l", "o", "!"]}  # fmt: skip
+    assert r.json() == {"count": 6, "max_model_len": 512, "tokens": ids, "token_strs": ["H", "e", "l", "l", "o", "!"]}
     assert "token_strs" not in post(srv, "/tokenize", {"prompt": "Hello!"}).json()
 
 
@@ -68,8 +70,9 @@ def test_tokenize_messages_matches_the_chat_prompt(srv) -> None:
     bare = post(srv, "/tokenize", {"messages": MESSAGES, "add_generation_prompt": False}).json()["tokens"]
     assert bare == tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=False, return_dict=False)
     assistant = [*MESSAGES, {"role": "assistant", "content": "Hel"}]
-    cont = post(srv, "/tokenize", {"messages": assistant, "add_generation_prompt": False,
-                                   "continue_final_message": True}).json()["tokens"]  # fmt: skip
+    cont = post(
+        srv, "/tokenize", {"messages": assistant, "add_generation_prompt": False, "continue_final_message": True}
+    ).json()["tokens"]
     assert tokenizer.decode(cont).endswith("<|im_start|>assistant\nHel")
     # add_special_tokens with messages: the rendered text encoded with the tokenizer's specials
     special = post(srv, "/tokenize", {"messages": MESSAGES, "add_special_tokens": True})

@@ -2,9 +2,8 @@
 
 import httpx
 import pytest
-from transformers.convert_slow_tokenizer import bytes_to_unicode
-
 from server_util import MODEL
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 MESSAGES = [{"role": "user", "content": "Tell me a story about a fox."}]
 BYTE_CHAR = bytes_to_unicode()
@@ -54,12 +53,16 @@ def test_include_stop_str_in_output(client) -> None:
 
 def test_token_id_prompts(client) -> None:
     def complete(prompt):
-        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
-                                         extra_body={"ignore_eos": True})  # fmt: skip
+        return client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+        )
 
     both = complete([[40, 41, 42], [50, 51]])
     assert [c.index for c in both.choices] == [0, 1] and both.usage.prompt_tokens == 5
-    assert [c.text for c in both.choices] == [complete([40, 41, 42]).choices[0].text, complete([50, 51]).choices[0].text]
+    assert [c.text for c in both.choices] == [
+        complete([40, 41, 42]).choices[0].text,
+        complete([50, 51]).choices[0].text,
+    ]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ import pytest
 from langchain_core.messages import AIMessageChunk
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, ConfigDict, Field
-
 from server_util import MODEL, RunningServer, tiny_core_factory
 
 

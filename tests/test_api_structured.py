@@ -10,28 +10,36 @@ import httpx
 import jsonschema
 import pytest
 from pydantic import BaseModel, Field
+from server_util import MODEL, RunningServer, openai_client
 
 from logquant.models import DEFAULT_MODEL
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
-from server_util import MODEL, RunningServer, openai_client
 
 MESSAGES = [{"role": "user", "content": "Describe a person as JSON."}]
-PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
-          "required": ["name", "age"], "additionalProperties": False}  # fmt: skip
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
 
 
 def chat_text(client, n: int = 1, **kw) -> list[str]:
-    r = client.chat.completions.create(**{"model": MODEL, "messages": MESSAGES, "max_tokens": 120, "n": n,
-                                          "temperature": 1, "seed": 7, **kw})  # fmt: skip
+    r = client.chat.completions.create(
+        **{"model": MODEL, "messages": MESSAGES, "max_tokens": 120, "n": n, "temperature": 1, "seed": 7, **kw}
+    )
     assert all(c.finish_reason == "stop" for c in r.choices)
     return [c.message.content for c in r.choices]
 
 
 def stream_text(client, **kw) -> str:
-    chunks = client.chat.completions.create(**{"model": MODEL, "messages": MESSAGES, "max_tokens": 120,
-                                               "temperature": 0, "stream": True, **kw})  # fmt: skip
+    chunks = client.chat.completions.create(
+        **{"model": MODEL, "messages": MESSAGES, "max_tokens": 120, "temperature": 0, "stream": True, **kw}
+    )
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
@@ -55,8 +63,10 @@ def test_json_schema_fields(client, fields: dict) -> None:
 
 def test_json_object(client, srv) -> None:
     close = {str(srv.core.tokenizer.convert_tokens_to_ids("}")): 5}  # the random model ends objects sooner
-    for fields in [{"response_format": {"type": "json_object"}},
-                   {"extra_body": {"structured_outputs": {"json_object": True}}}]:  # fmt: skip
+    for fields in [
+        {"response_format": {"type": "json_object"}},
+        {"extra_body": {"structured_outputs": {"json_object": True}}},
+    ]:
         for text in chat_text(client, n=2, max_tokens=300, logit_bias=close, **fields):
             assert isinstance(json.loads(text), dict)
 
@@ -78,15 +88,23 @@ def test_regex_choice_grammar(client, fields: dict, check) -> None:
 
 
 def test_completions_endpoint_takes_the_same_fields(client) -> None:
-    r = client.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=20, n=2, temperature=1, seed=3,
-                                  extra_body={"guided_regex": r"[0-9]{4}"})  # fmt: skip
+    r = client.completions.create(
+        model=MODEL,
+        prompt=["a", "b"],
+        max_tokens=20,
+        n=2,
+        temperature=1,
+        seed=3,
+        extra_body={"guided_regex": r"[0-9]{4}"},
+    )
     assert len(r.choices) == 4 and all(re.fullmatch(r"[0-9]{4}", c.text) for c in r.choices)
 
 
 def test_text_format_is_unconstrained(client) -> None:
     plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0)
-    text = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0,
-                                          response_format={"type": "text"})  # fmt: skip
+    text = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0, response_format={"type": "text"}
+    )
     assert text.choices[0].message.content == plain.choices[0].message.content
 
 
@@ -97,8 +115,9 @@ class Pet(BaseModel):
 
 
 def test_openai_parse_with_a_pydantic_model(client) -> None:
-    completion = client.chat.completions.parse(model=MODEL, messages=MESSAGES, max_tokens=120, temperature=0,
-                                               response_format=Pet)  # fmt: skip
+    completion = client.chat.completions.parse(
+        model=MODEL, messages=MESSAGES, max_tokens=120, temperature=0, response_format=Pet
+    )
     pet = completion.choices[0].message.parsed
     assert isinstance(pet, Pet) and pet.kind in ("cat", "dog") and 0 <= pet.legs <= 4
 
@@ -130,31 +149,64 @@ def test_invalid_constraints_400(srv, body: dict, param: str, words: str) -> Non
 
 # ---- the default model ---------------------------------------------------------------------
 SCHEMAS = {
-    "nested": {"type": "object", "properties": {
-        "name": {"type": "string", "maxLength": 30},
-        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
-                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                    "required": ["city", "zip"], "additionalProperties": False}},
-        "required": ["name", "address"], "additionalProperties": False},
-    "array": {"type": "object", "properties": {
-        "fruits": {"type": "array", "items": {"type": "string", "maxLength": 20}, "minItems": 1, "maxItems": 4}},
-        "required": ["fruits"], "additionalProperties": False},
-    "enum": {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
-                                              "size": {"type": "string", "enum": ["S", "M", "L"]}},
-             "required": ["color", "size"], "additionalProperties": False},
-    "bounded_numbers": {"type": "object", "properties": {
-        "age": {"type": "integer", "minimum": 18, "maximum": 99},
-        "score": {"type": "number", "minimum": 0, "maximum": 10},
-        "count": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 1000}},
-        "required": ["age", "score", "count"], "additionalProperties": False},
-}  # fmt: skip
+    "nested": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 30},
+            "address": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 30},
+                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                },
+                "required": ["city", "zip"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["name", "address"],
+        "additionalProperties": False,
+    },
+    "array": {
+        "type": "object",
+        "properties": {
+            "fruits": {"type": "array", "items": {"type": "string", "maxLength": 20}, "minItems": 1, "maxItems": 4}
+        },
+        "required": ["fruits"],
+        "additionalProperties": False,
+    },
+    "enum": {
+        "type": "object",
+        "properties": {
+            "color": {"enum": ["red", "green", "blue"]},
+            "size": {"type": "string", "enum": ["S", "M", "L"]},
+        },
+        "required": ["color", "size"],
+        "additionalProperties": False,
+    },
+    "bounded_numbers": {
+        "type": "object",
+        "properties": {
+            "age": {"type": "integer", "minimum": 18, "maximum": 99},
+            "score": {"type": "number", "minimum": 0, "maximum": 10},
+            "count": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 1000},
+        },
+        "required": ["age", "score", "count"],
+        "additionalProperties": False,
+    },
+}
 
 
 @pytest.fixture(scope="module")
 def default_model_client():
     def factory() -> EngineCore:
-        config = EngineConfig(model=DEFAULT_MODEL, policy="logquant", fp_budget=192, kv_cache_memory=128 << 20,
-                              device="cpu", max_model_len=2048)  # fmt: skip
+        config = EngineConfig(
+            model=DEFAULT_MODEL,
+            policy="logquant",
+            fp_budget=192,
+            kv_cache_memory=128 << 20,
+            device="cpu",
+            max_model_len=2048,
+        )
         return EngineCore.from_config(config)
 
     with RunningServer(factory, model=DEFAULT_MODEL, fp_budget=192, group_size=32) as server:
@@ -167,8 +219,12 @@ def default_model_client():
 def test_default_model_outputs_validate(default_model_client, name: str) -> None:
     schema = SCHEMAS[name]
     messages = [{"role": "user", "content": f"Give me an example JSON object for this schema: {json.dumps(schema)}"}]
-    args = {"model": DEFAULT_MODEL, "messages": messages, "max_tokens": 200,
-            "response_format": json_schema_format(schema)}  # fmt: skip
+    args = {
+        "model": DEFAULT_MODEL,
+        "messages": messages,
+        "max_tokens": 200,
+        "response_format": json_schema_format(schema),
+    }
     r = default_model_client.chat.completions.create(**args, n=2, temperature=0.8, seed=0)
     chunks = default_model_client.chat.completions.create(**args, temperature=0, stream=True)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -187,7 +243,8 @@ class Event(BaseModel):
 @pytest.mark.real_model
 def test_default_model_parse(default_model_client) -> None:
     messages = [{"role": "user", "content": "Alice and Bob meet for a science fair on Friday. Extract the event."}]
-    completion = default_model_client.chat.completions.parse(model=DEFAULT_MODEL, messages=messages, max_tokens=200,
-                                                             temperature=0, response_format=Event)  # fmt: skip
+    completion = default_model_client.chat.completions.parse(
+        model=DEFAULT_MODEL, messages=messages, max_tokens=200, temperature=0, response_format=Event
+    )
     event = completion.choices[0].message.parsed
     assert isinstance(event, Event) and event.day in Event.model_fields["day"].annotation.__args__

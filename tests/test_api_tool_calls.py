@@ -5,13 +5,26 @@ import json
 
 import pytest
 
-from server.api.tool_calls import ToolCallStream, parse_hermes, parse_output, parse_required
+from server.api.tool_calls import ToolCallStream, parse_call_json, parse_hermes, parse_output
 
 HERMES = (
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>\n'
     '<tool_call>{"name": "noop", "arguments": {}}</tool_call>'
 )
 REQUIRED = '[{"name": "a", "parameters": {"x": [1, {"y": "}\\"{"}]}}, {"name": "b", "parameters": {}}]'
+
+
+def parse_required(text: str) -> list[dict] | None:
+    """The oracle: the JSON list of {"name", "parameters"} objects that tool_choice "required"
+    forces, parsed whole (the server parses it as a stream: `ToolCallStream`)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(value, list):
+        return None
+    calls = [parse_call_json(json.dumps(item), "parameters") for item in value]
+    return calls if calls and all(c is not None for c in calls) else None  # type: ignore[return-value]
 
 
 def functions(calls: list[dict]) -> list[tuple[str, dict]]:
@@ -71,7 +84,9 @@ def test_stream_matches_whole_output(step: int) -> None:
     assert content == "Let me check.\n\n" and functions(calls) == functions(parse_hermes(HERMES)[1])
     assert functions(streamed("required", REQUIRED, step)[1]) == functions(parse_required(REQUIRED))
     assert streamed("named", '{"q": [1, 2]}', step, "search")[1][0]["function"] == {
-        "name": "search", "arguments": '{"q": [1, 2]}'}  # fmt: skip
+        "name": "search",
+        "arguments": '{"q": [1, 2]}',
+    }
     assert streamed("none", "<tool_call>x", step) == ("<tool_call>x", [])
 
 

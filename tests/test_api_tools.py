@@ -6,13 +6,15 @@ import json
 import httpx
 import jsonschema
 import pytest
-
 from server_util import MODEL, RunningServer, openai_client, tiny_core_factory
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
-                                            "unit": {"enum": ["c", "f"]}},
-           "required": ["city", "unit"], "additionalProperties": False}  # fmt: skip
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": WEATHER}},
     {"type": "function", "function": {"name": "get_time"}},  # no arguments
@@ -40,8 +42,9 @@ def hermes_factory():
 
 
 def chat(client, **kw):
-    return client.chat.completions.create(**{"model": MODEL, "messages": MESSAGES, "max_tokens": 200,
-                                             "temperature": 0, "tools": TOOLS, **kw})  # fmt: skip
+    return client.chat.completions.create(
+        **{"model": MODEL, "messages": MESSAGES, "max_tokens": 200, "temperature": 0, "tools": TOOLS, **kw}
+    )
 
 
 def check_calls(calls) -> list[str]:
@@ -53,8 +56,7 @@ def check_calls(calls) -> list[str]:
 
 
 def test_named_function_is_forced(client) -> None:
-    r = chat(client, tool_choice={"type": "function", "function": {"name": "get_weather"}}, n=3, temperature=1,
-             seed=1)  # fmt: skip
+    r = chat(client, tool_choice={"type": "function", "function": {"name": "get_weather"}}, n=3, temperature=1, seed=1)
     for choice in r.choices:
         assert choice.message.content is None and choice.finish_reason == "tool_calls"
         assert check_calls(choice.message.tool_calls) == ["get_weather"]
@@ -102,8 +104,15 @@ def test_streamed_calls_match(client, srv, tool_choice) -> None:
 
 
 def test_openai_stream_helper_accumulates_calls(client) -> None:
-    with client.chat.completions.stream(model=MODEL, messages=MESSAGES, max_tokens=200, temperature=0, tools=TOOLS,
-                                        tool_choice="required", parallel_tool_calls=False) as stream:  # fmt: skip
+    with client.chat.completions.stream(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=200,
+        temperature=0,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+    ) as stream:
         final = stream.get_final_completion()
     assert final.choices[0].finish_reason == "tool_calls" and check_calls(final.choices[0].message.tool_calls)
 
@@ -124,13 +133,22 @@ def test_tool_choice_none_is_plain_text(client) -> None:
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "nope"),
         ({"tool_choice": "required"}, "tool_choice", "needs tools"),
         ({"parallel_tool_calls": False}, "parallel_tool_calls", "needs tools"),
-        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
-         "cannot be combined"),
-        ({"tools": [{"type": "function", "function": {"name": "bad", "parameters": {"type": "foo"}}}],
-          "tool_choice": "required"}, "tools", "invalid json_schema"),
+        (
+            {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format",
+            "cannot be combined",
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "bad", "parameters": {"type": "foo"}}}],
+                "tool_choice": "required",
+            },
+            "tools",
+            "invalid json_schema",
+        ),
         ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools.0.function.name", "pattern"),
     ],
-)  # fmt: skip
+)
 def test_bad_tool_requests_400(srv, body: dict, param: str, words: str) -> None:
     r = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, **body})
     assert r.status_code == 400 and r.json()["error"]["param"] == param
@@ -139,11 +157,19 @@ def test_bad_tool_requests_400(srv, body: dict, param: str, words: str) -> None:
 
 HISTORY = [
     *MESSAGES,
-    {"role": "assistant", "content": None,
-     "tool_calls": [{"id": "call_1", "type": "function",
-                     "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},
+            }
+        ],
+    },
     {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"},
-]  # fmt: skip
+]
 
 
 def rendered(srv, messages: list[dict], **extra) -> str:
@@ -163,8 +189,9 @@ def test_auto_with_a_template_that_renders_tools() -> None:
     with RunningServer(hermes_factory()) as srv:
         client = openai_client(srv.wait_ready(), api_key="x")
         r = chat(client, max_tokens=6, extra_body={"ignore_eos": True})  # tool_choice "auto"
-        expected = srv.core.tokenizer.apply_chat_template(MESSAGES, tools=TOOLS, add_generation_prompt=True,
-                                                          return_dict=False)  # fmt: skip
+        expected = srv.core.tokenizer.apply_chat_template(
+            MESSAGES, tools=TOOLS, add_generation_prompt=True, return_dict=False
+        )
         history = rendered(srv, HISTORY, tools=TOOLS)
     assert r.usage.prompt_tokens == len(expected)  # the template showed the model the tools
     # the random model makes no call: its text is the content

@@ -6,6 +6,7 @@ page; `LogQuantCache` matches DynamicCache; what we cannot run is refused in one
 
 import pytest
 import torch
+from tiny import WINDOW, WINDOW_ARCHS, byte_tokenizer, tiny_model
 from transformers import AutoConfig, DynamicCache
 
 from logquant import LogQuantCache
@@ -13,9 +14,13 @@ from logquant.attention_spec import UnsupportedModelError, attention_spec
 from server.engine import SamplingParams
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
-from tiny import WINDOW, WINDOW_ARCHS, byte_tokenizer, tiny_model
 
-PROMPTS = ["hello world, this is a test of the engine", "abc", "The quick brown fox jumps over the lazy dog again", "0123456789" * 4]
+PROMPTS = [
+    "hello world, this is a test of the engine",
+    "abc",
+    "The quick brown fox jumps over the lazy dog again",
+    "0123456789" * 4,
+]
 NEW_TOKENS = 40  # prompts of 3 to 49 tokens: every sequence ends past twice its window
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 
@@ -27,12 +32,21 @@ def reference(arch: str, prompt: str, n: int) -> list[int]:
     return out[0, ids["input_ids"].shape[1] :].tolist()
 
 
-def make_engine(arch: str, policy: str = "fp16", tight: bool = False, backend: str = "auto", fp_budget: int = 24) -> EngineCore:
+def make_engine(
+    arch: str, policy: str = "fp16", tight: bool = False, backend: str = "auto", fp_budget: int = 24
+) -> EngineCore:
     """`tight`: pages for one and a half of the longest sequences, so four in flight preempt."""
     config = EngineConfig(
-        policy=policy, fp_budget=fp_budget, group_size=8, max_num_batched_tokens=16, max_num_seqs=4, device="cpu",
-        debug_integrity=True, decode_backend=backend, kv_cache_memory=64 << 20,
-    )  # fmt: skip
+        policy=policy,
+        fp_budget=fp_budget,
+        group_size=8,
+        max_num_batched_tokens=16,
+        max_num_seqs=4,
+        device="cpu",
+        debug_integrity=True,
+        decode_backend=backend,
+        kv_cache_memory=64 << 20,
+    )
     if tight:
         layout = EngineCore(config, tiny_model(arch), byte_tokenizer()).layout
         longest = layout.pages_for(max(map(len, PROMPTS)) + NEW_TOKENS)
@@ -133,7 +147,7 @@ def test_logquant_cache_2bit_keeps_the_window(arch: str) -> None:
     total = manager.num_tokens("row0")
     for group, table in zip(cache.shared.layout.groups, seq.groups):
         if group.window is None:
-            assert len(table.q_pages) > 0
+            assert len(table.packed_pages) > 0
         else:
             assert list(table.slot_of) == list(range(total - WINDOW + 1, total))
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_util import DECODE, GQA, STEPS, Case, decode_bucket, make_store, run_steps
 
 import logquant.step
-from kernel_util import DECODE, GQA, STEPS, Case, decode_bucket, make_store, run_steps
 from logquant.kernels import cpu_build, cpu_check, cpu_decode, select_decode_backend
 from logquant.kernels.cpu_build import KernelBuildError
 from logquant.layout import KVLayout
@@ -114,7 +114,9 @@ def test_store_forward_cpu_equals_torch_over_steps(policy: str, budget: int) -> 
             for seq, n in chunks.items():
                 manager.allocate(seq, (manager.num_tokens(seq) if seq in manager.sequences else 0) + n)
             step = store.prepare(manager.plan_step(list(chunks.items())))
-            assert any(isinstance(b, DecodeIndex) for b in step.groups[0].buckets) == (backend == "cpu" and 1 in chunks.values())
+            assert any(isinstance(b, DecodeIndex) for b in step.groups[0].buckets) == (
+                backend == "cpu" and 1 in chunks.values()
+            )
             outs[backend] = [store.forward(layer, step, *tokens, scaling=0.125) for layer in range(2)]
         for cpu_out, torch_out in zip(outs["cpu"], outs["torch"]):
             torch.testing.assert_close(cpu_out, torch_out, atol=1e-5, rtol=1e-5)
@@ -139,7 +141,9 @@ def test_failed_build_falls_back_to_torch_with_one_line(broken_build, caplog: py
     store, _ = make_store(Case("logquant", 12, 4, 2, head_dim=64), backend=None)
     assert store.decode_backend == "torch"
     (record,) = caplog.records
-    assert record.getMessage() == "decode backend: torch (the fused CPU kernel cannot run: no C++ compiler (c++) on PATH)"
+    assert (
+        record.getMessage() == "decode backend: torch (the fused CPU kernel cannot run: no C++ compiler (c++) on PATH)"
+    )
 
 
 def test_explicit_cpu_backend_that_cannot_build_is_an_error(broken_build) -> None:
@@ -176,8 +180,14 @@ def test_server_with_cpu_backend_and_no_compiler_stops_with_one_line(tmp_path: P
     from tiny import save_tiny
 
     model_dir = save_tiny(tmp_path / "model")
-    env = {**os.environ, "LOGQUANT_PORT": "0", "LOGQUANT_DEVICE": "cpu", "LOGQUANT_MODEL": str(model_dir),
-           "CXX": "/nonexistent/c++", "LOGQUANT_DECODE_BACKEND": "cpu"}  # fmt: skip
+    env = {
+        **os.environ,
+        "LOGQUANT_PORT": "0",
+        "LOGQUANT_DEVICE": "cpu",
+        "LOGQUANT_MODEL": str(model_dir),
+        "CXX": "/nonexistent/c++",
+        "LOGQUANT_DECODE_BACKEND": "cpu",
+    }
     done = subprocess.run([sys.executable, "-m", "server.cli"], env=env, capture_output=True, text=True, timeout=180)
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode != 0
@@ -198,8 +208,14 @@ def test_engine_greedy_outputs_identical_on_default_model(policy: str, model_and
     params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
     outputs = {}
     for backend in ("torch", "cpu"):
-        llm = LLM(model_object=model, tokenizer=tokenizer, policy=policy, decode_backend=backend,
-                  kv_cache_memory="256MiB", fp_budget=96)  # fmt: skip
+        llm = LLM(
+            model_object=model,
+            tokenizer=tokenizer,
+            policy=policy,
+            decode_backend=backend,
+            kv_cache_memory="256MiB",
+            fp_budget=96,
+        )
         assert llm.engine.store.decode_backend == backend
         outputs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert outputs["cpu"] == outputs["torch"] and all(len(ids) == 48 for ids in outputs["cpu"])

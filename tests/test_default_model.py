@@ -20,8 +20,9 @@ def test_answers_capital_of_france(model_and_tokenizer, policy: str) -> None:
     from server.engine import LLM, SamplingParams
 
     model, tokenizer = model_and_tokenizer
-    llm = LLM(model_object=model, tokenizer=tokenizer, policy=policy, fp_budget=24, kv_cache_memory="64MiB",
-              device="cpu")  # fmt: skip
+    llm = LLM(
+        model_object=model, tokenizer=tokenizer, policy=policy, fp_budget=24, kv_cache_memory="64MiB", device="cpu"
+    )
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_dict=False
     )

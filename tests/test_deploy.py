@@ -10,14 +10,14 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from server_util import RunningServer, tiny_core_factory
 
 from server.config import ServerSettings
-from server_util import RunningServer, tiny_core_factory
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy" / "ci"))
-import compose_env
-import queries
+import compose_env  # noqa: E402
+import queries  # noqa: E402
 
 K8S = ROOT / "deploy" / "k8s"
 
@@ -69,7 +69,9 @@ def test_env_example_documents_every_variable() -> None:
     assert len(used) > 20 and used <= documented, used - documented
 
 
-@pytest.mark.parametrize("files", [["docker-compose.yml", "docker-compose.cpu.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"], []])
+@pytest.mark.parametrize(
+    "files", [["docker-compose.yml", "docker-compose.cpu.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"], []]
+)
 def test_compose_config_when_available(files: list[str]) -> None:
     """The CPU pair, the GPU pair and .env.example's COMPOSE_FILE, as the installed compose reads them."""
     tool = compose_env.compose_tool()
@@ -110,17 +112,34 @@ def test_every_query_names_exported_metrics_and_labels() -> None:
 def test_dashboard_panels() -> None:
     dash = json.loads((ROOT / "deploy/grafana/dashboards/logquant.json").read_text())
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
-    for needle in ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "kv_cache_bytes",
-                   "kv_compression_ratio", "num_preemptions_total", "prompt_tokens_total", "generation_tokens_total",
-                   "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
-                   "e2e_request_latency_seconds_bucket", "histogram_quantile(0.95"]:  # fmt: skip
+    for needle in [
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "kv_cache_bytes",
+        "kv_compression_ratio",
+        "num_preemptions_total",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "time_to_first_token_seconds_bucket",
+        "inter_token_latency_seconds_bucket",
+        "e2e_request_latency_seconds_bucket",
+        "histogram_quantile(0.95",
+    ]:
         assert needle in exprs, needle
 
 
 def test_k8s_objects_probes_and_ports() -> None:
     docs = k8s_docs()
     kinds = {d["kind"] for _, d in docs}
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule", "Kustomization"} <= kinds
+    assert {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "Kustomization",
+    } <= kinds
     for path, doc in docs:
         assert "apiVersion" in doc and "kind" in doc, path
         assert "metadata" in doc or doc["kind"] == "Kustomization", path

@@ -12,17 +12,17 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from server_util import MODEL, RunningServer, tiny_core_factory, wait_for
 
 from server.cli import parse_settings
 from server.config import ServerSettings
-from server_util import MODEL, RunningServer, tiny_core_factory, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy" / "ci"))
-import compose_env
-import queries
-import smoke_checks
-from stream_client import stream
+import compose_env  # noqa: E402
+import queries  # noqa: E402
+import smoke_checks  # noqa: E402
+from stream_client import stream  # noqa: E402
 
 CPU_STACK = (ROOT / "docker-compose.yml", ROOT / "docker-compose.cpu.yml")
 
@@ -40,20 +40,37 @@ def test_empty_variable_means_unset_for_every_setting(monkeypatch) -> None:
 
 def test_interpolation_follows_compose() -> None:
     values = {"EMPTY": "", "SET": "x"}
-    cases = {"${EMPTY:-d}": "d", "${EMPTY-d}": "", "${UNSET-d}": "d", "${SET:-d}": "x", "${UNSET}": "", "$SET/$$": "x/$"}
+    cases = {
+        "${EMPTY:-d}": "d",
+        "${EMPTY-d}": "",
+        "${UNSET-d}": "d",
+        "${SET:-d}": "x",
+        "${UNSET}": "",
+        "$SET/$$": "x/$",
+    }
     assert {text: compose_env.interpolate(text, values) for text in cases} == cases
 
 
 def test_compose_environment_from_env_example() -> None:
     env = compose_env.service_environment("logquant", ROOT / ".env.example", *CPU_STACK)
     assert env["LOGQUANT_MAX_MODEL_LEN"] == env["LOGQUANT_API_KEY"] == env["LOGQUANT_SERVED_MODEL_NAME"] == ""
-    assert (env["LOGQUANT_DEVICE"], env["LOGQUANT_KV_CACHE_MEMORY"], env["LOGQUANT_FP_BUDGET"]) == ("cpu", "1GiB", "192")
+    assert (env["LOGQUANT_DEVICE"], env["LOGQUANT_KV_CACHE_MEMORY"], env["LOGQUANT_FP_BUDGET"]) == (
+        "cpu",
+        "1GiB",
+        "192",
+    )
     tool = compose_env.compose_tool()
     if tool is None:
         pytest.skip("no compose tool on this machine: the environment is computed, not compared")
     args = [arg for path in CPU_STACK for arg in ("-f", str(path))]
-    done = subprocess.run([*tool, "--env-file", ".env.example", *args, "config"], cwd=ROOT, capture_output=True,
-                          text=True, check=True, env={"PATH": os.environ["PATH"]})  # fmt: skip
+    done = subprocess.run(
+        [*tool, "--env-file", ".env.example", *args, "config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": os.environ["PATH"]},
+    )
     assert yaml.safe_load(done.stdout)["services"]["logquant"]["environment"] == env
 
 
@@ -69,11 +86,17 @@ def test_server_starts_with_the_compose_environment(tmp_path: Path, api_key: str
     """The server process gets what compose gives the container from .env.example (with the key
     set or not); only the listening address replaces the image's 0.0.0.0:8000."""
     env_file = tmp_path / ".env"
-    env_file.write_text((ROOT / ".env.example").read_text().replace("\nLOGQUANT_API_KEY=\n", f"\nLOGQUANT_API_KEY={api_key}\n"))
+    env_file.write_text(
+        (ROOT / ".env.example").read_text().replace("\nLOGQUANT_API_KEY=\n", f"\nLOGQUANT_API_KEY={api_key}\n")
+    )
     port = free_port()
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("LOGQUANT_") or k == "LOGQUANT_CACHE_DIR"}
-    env = {**inherited, **compose_env.service_environment("logquant", env_file, *CPU_STACK),
-           "LOGQUANT_HOST": "127.0.0.1", "LOGQUANT_PORT": str(port)}  # fmt: skip
+    env = {
+        **inherited,
+        **compose_env.service_environment("logquant", env_file, *CPU_STACK),
+        "LOGQUANT_HOST": "127.0.0.1",
+        "LOGQUANT_PORT": str(port),
+    }
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
     with log.open("w") as stderr:
@@ -109,14 +132,21 @@ def test_alert_expressions_return_their_series() -> None:
 
 def test_query_names_and_rendering() -> None:
     assert queries.metric_names("rate(logquant:e2e_request_latency_seconds_bucket[1m])") == {
-        "logquant:e2e_request_latency_seconds_bucket"}  # fmt: skip
-    assert queries.label_names('sum by (le, tier) (m{model_name=~"a", job!="b"})') == {"le", "tier", "model_name", "job"}
+        "logquant:e2e_request_latency_seconds_bucket"
+    }
+    assert queries.label_names('sum by (le, tier) (m{model_name=~"a", job!="b"})') == {
+        "le",
+        "tier",
+        "model_name",
+        "job",
+    }
     assert queries.grafana_regex(["a.b", "c"]) == r"(a\\.b|c)" and queries.grafana_regex(["x-1"]) == "x-1"
     assert queries.without_k8s_matchers('m{namespace!="",pod!=""}') == "m"
     assert queries.without_k8s_matchers('m{namespace!="",job="j"}') == 'm{job="j"}'
     adapter = {q.source: q.runnable for q in queries.adapter_queries()}
     assert adapter["autoscaler: metricsQuery of logquant:num_requests_waiting"] == (
-        'sum(logquant:num_requests_waiting{job="logquant"}) by (instance)')  # fmt: skip
+        'sum(logquant:num_requests_waiting{job="logquant"}) by (instance)'
+    )
 
 
 def test_smoke_client_against_a_live_server() -> None:

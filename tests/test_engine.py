@@ -1,11 +1,11 @@
 """The engine end to end on tiny random-weight models."""
 
 import pytest
+from tiny import byte_tokenizer, tiny_model
 
 from server.engine import LLM, SamplingParams
-from server.engine.core import EngineCore
 from server.engine.config import EngineConfig
-from tiny import byte_tokenizer, tiny_model
+from server.engine.core import EngineCore
 
 PROMPTS = [
     "hello world, this is a test of the engine",
@@ -24,9 +24,14 @@ def reference(prompt: str, n: int) -> list[int]:
 
 def make_engine(policy: str = "fp16", kv: int = 64 << 20, budget: int = 16, fp_budget: int = 48) -> EngineCore:
     config = EngineConfig(
-        policy=policy, fp_budget=fp_budget, group_size=8, kv_cache_memory=kv, max_num_batched_tokens=budget,
-        device="cpu", debug_integrity=True,
-    )  # fmt: skip
+        policy=policy,
+        fp_budget=fp_budget,
+        group_size=8,
+        kv_cache_memory=kv,
+        max_num_batched_tokens=budget,
+        device="cpu",
+        debug_integrity=True,
+    )
     return EngineCore(config, tiny_model(), byte_tokenizer())
 
 
@@ -141,13 +146,27 @@ def test_abort_frees_pages() -> None:
     assert not engine.kv_manager.sequences
 
 
+def test_abort_sample_ends_one_sample_and_updates_stats() -> None:
+    engine = make_engine()
+    engine.add_request("a", list(range(3, 40)), SamplingParams(n=2, max_tokens=50, temperature=0))
+    engine.step()
+    assert engine.stats.num_running == 2 and not engine.is_done("a", 2)
+    seq = engine.abort_sample("a", 1)
+    assert seq is not None and seq.finish_reason == "abort" and engine.abort_sample("a", 1) is None
+    assert engine.stats.num_running == 1 and engine.stats.kv_usage == engine.kv_manager.usage > 0
+    engine.abort_request("a", 2)
+    assert engine.is_done("a", 2) and engine.stats.num_running == 0 and engine.stats.kv_usage == 0
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3"])
 def test_other_architectures_match_generate(arch: str) -> None:
     config = EngineConfig(policy="fp16", kv_cache_memory=32 << 20, max_num_batched_tokens=16, device="cpu")
     engine = EngineCore(config, tiny_model(arch), byte_tokenizer())
     tok = engine.tokenizer
-    seqs = [engine.add_request(f"r{i}", tok.encode(p), SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
-            for i, p in enumerate(PROMPTS[:3])]  # fmt: skip
+    seqs = [
+        engine.add_request(f"r{i}", tok.encode(p), SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+        for i, p in enumerate(PROMPTS[:3])
+    ]
     while engine.has_work():
         engine.step()
     reference_model = tiny_model(arch)
@@ -155,9 +174,14 @@ def test_other_architectures_match_generate(arch: str) -> None:
         ids = tok(prompt, return_tensors="pt")
         out = reference_model.generate(**ids, max_new_tokens=10, do_sample=False, eos_token_id=None)
         assert seq.output_token_ids == out[0, ids["input_ids"].shape[1] :].tolist(), (arch, prompt)
-    logquant = EngineCore(EngineConfig(policy="logquant", fp_budget=24, group_size=8, kv_cache_memory=32 << 20,
-                                       device="cpu"), tiny_model(arch), byte_tokenizer())  # fmt: skip
-    (seq,) = logquant.add_request("q", list(range(3, 120)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    logquant = EngineCore(
+        EngineConfig(policy="logquant", fp_budget=24, group_size=8, kv_cache_memory=32 << 20, device="cpu"),
+        tiny_model(arch),
+        byte_tokenizer(),
+    )
+    (seq,) = logquant.add_request(
+        "q", list(range(3, 120)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    )
     while logquant.has_work():
         logquant.step()
     assert len(seq.output_token_ids) == 8
@@ -170,10 +194,10 @@ def test_a_failing_row_fails_only_its_request(monkeypatch) -> None:
 
     real_sample = runner_module.sample
 
-    def sample_failing_on_seed_13(logits, seqs, tokenizer=None):
+    def sample_failing_on_seed_13(logits, seqs, masks=None):
         if any(s.params.seed == 13 for s in seqs):
             raise FloatingPointError("poisoned row")
-        return real_sample(logits, seqs, tokenizer=tokenizer)
+        return real_sample(logits, seqs, masks)
 
     def run(poison: bool) -> dict[str, object]:
         engine = make_engine(budget=64)

@@ -3,10 +3,10 @@ it, computed by the prefill chunks themselves (what `python -m logquant.eval ppl
 
 import pytest
 import torch
+from tiny import byte_tokenizer, tiny_model
 
 from server.engine import LLM, SamplingParams
 from server.engine.request import SamplingParamsError
-from tiny import byte_tokenizer, tiny_model
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog", "0123456789" * 6, "hello there", "abcdefgh" * 7]
 
@@ -24,8 +24,17 @@ def test_prompt_logprobs_equal_a_full_forward(kv_pages: int | None) -> None:
     some prefills run twice, and each position is still reported once."""
     probe = LLM(model_object=tiny_model(), tokenizer=byte_tokenizer(), policy="fp16", group_size=8, device="cpu")
     kv = 2 * probe.engine.layout.page_bytes_all_layers * kv_pages if kv_pages else 64 << 20
-    llm = LLM(model_object=tiny_model(), tokenizer=byte_tokenizer(), policy="fp16", group_size=8, device="cpu",
-              kv_cache_memory=kv, max_num_batched_tokens=16, max_num_seqs=8, debug_integrity=True)  # fmt: skip
+    llm = LLM(
+        model_object=tiny_model(),
+        tokenizer=byte_tokenizer(),
+        policy="fp16",
+        group_size=8,
+        device="cpu",
+        kv_cache_memory=kv,
+        max_num_batched_tokens=16,
+        max_num_seqs=8,
+        debug_integrity=True,
+    )
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, prompt_logprobs=2)
     outputs = llm.generate(PROMPTS, params)
     if kv_pages:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from logquant.eval.__main__ import main
-from logquant.eval.coverage import coverage, fp_mask
 from logquant.eval.configs import CacheConfig
+from logquant.eval.coverage import coverage, fp_mask
 
 pytestmark = pytest.mark.real_model
 

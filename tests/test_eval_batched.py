@@ -6,12 +6,12 @@ but can move a key across a rounding boundary of the 2-bit grid (as between the 
 
 import pytest
 import torch
+from tiny import byte_tokenizer, tiny_model
 from transformers import DynamicCache
 
 from logquant.eval import passkey as pk
 from logquant.eval.configs import parse_specs
 from logquant.eval.perplexity import argmax_agreement, decode_predictions, decode_predictions_many, perplexity
-from tiny import byte_tokenizer, tiny_model
 
 SPECS = "fp16,kivi@32,logquant@12,logquant@12:kout=2:sinks=2,kivi@32:bits=4"
 

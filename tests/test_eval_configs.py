@@ -15,7 +15,10 @@ SMOL = LlamaConfig(num_hidden_layers=30, num_key_value_heads=3, num_attention_he
         ("kivi@192", CacheConfig("kivi", 192)),
         ("logquant@128:bits=4:sinks=4", CacheConfig("logquant", 128, bits=4, sink_tokens=4)),
         ("logquant@192:kout=2:wdiv=2.5", CacheConfig("logquant", 192, window_divisor=2.5, key_fp_channels=2)),
-        ("logquant@bytes(kivi@192):sinks=4", CacheConfig("logquant", match="bytes", anchor=CacheConfig("kivi", 192), sink_tokens=4)),
+        (
+            "logquant@bytes(kivi@192):sinks=4",
+            CacheConfig("logquant", match="bytes", anchor=CacheConfig("kivi", 192), sink_tokens=4),
+        ),
         ("kivi@fp(logquant@96)", CacheConfig("kivi", match="fp", anchor=CacheConfig("logquant", 96))),
     ],
 )
@@ -24,7 +27,9 @@ def test_specs_parse_and_labels_round_trip(spec: str, expected: CacheConfig) -> 
     assert expected.label == spec
 
 
-@pytest.mark.parametrize("bad", ["int4@3", "kivi", "kivi@192:foo=1", "fp16@3", "logquant@bytes(kivi)", "kivi@192:sinks"])
+@pytest.mark.parametrize(
+    "bad", ["int4@3", "kivi", "kivi@192:foo=1", "fp16@3", "logquant@bytes(kivi)", "kivi@192:sinks"]
+)
 def test_bad_specs_are_rejected(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_spec(bad)
@@ -33,9 +38,16 @@ def test_bad_specs_are_rejected(bad: str) -> None:
 def test_default_specs_add_matched_columns() -> None:
     labels = [c.label for c in default_specs(["kivi", "logquant"], [128, 192], ["bytes", "fp"])]
     assert labels == [
-        "fp16", "kivi@128", "logquant@128", "kivi@192", "logquant@192",
-        "logquant@bytes(kivi@128)", "logquant@bytes(kivi@192)", "logquant@fp(kivi@128)", "logquant@fp(kivi@192)",
-    ]  # fmt: skip
+        "fp16",
+        "kivi@128",
+        "logquant@128",
+        "kivi@192",
+        "logquant@192",
+        "logquant@bytes(kivi@128)",
+        "logquant@bytes(kivi@192)",
+        "logquant@fp(kivi@128)",
+        "logquant@fp(kivi@192)",
+    ]
     assert [c.label for c in parse_specs("fp16, kivi@64")] == ["fp16", "kivi@64"]
 
 
@@ -47,8 +59,12 @@ def test_equal_bytes_is_the_largest_budget_within_the_anchors_bytes(anchor_budge
         resolved = resolve(parse_spec(spec), SMOL, [length])
         target = kv_bytes(anchor, SMOL, length)
         assert kv_bytes(resolved, SMOL, length) <= target
-        bigger = CacheConfig(resolved.policy, resolved.fp_budget + 1, sink_tokens=resolved.sink_tokens,
-                             key_fp_channels=resolved.key_fp_channels)  # fmt: skip
+        bigger = CacheConfig(
+            resolved.policy,
+            resolved.fp_budget + 1,
+            sink_tokens=resolved.sink_tokens,
+            key_fp_channels=resolved.key_fp_channels,
+        )
         assert kv_bytes(bigger, SMOL, length) > target or resolved.fp_budget + 1 > 2 * length
     same = resolve(parse_spec(f"kivi@bytes(kivi@{anchor_budget})"), SMOL, [length])
     assert kv_bytes(same, SMOL, length) == kv_bytes(anchor, SMOL, length) and same.fp_budget >= anchor_budget

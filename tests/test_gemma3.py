@@ -33,7 +33,12 @@ def test_installed_offline_and_shaped_as_expected(gemma) -> None:
     model, _ = gemma
     text = model.config.get_text_config(decoder=True)
     assert (resolve_model("google/gemma-3-270m").directory / "config.json").is_file()
-    assert (text.model_type, text.head_dim, text.num_attention_heads, text.num_key_value_heads) == ("gemma3_text", 256, 4, 1)
+    assert (text.model_type, text.head_dim, text.num_attention_heads, text.num_key_value_heads) == (
+        "gemma3_text",
+        256,
+        4,
+        1,
+    )
     kinds = [t == "sliding_attention" for t in text.layer_types]
     assert text.sliding_window == 512 and sum(kinds) == 15 and len(kinds) == 18
 
@@ -46,8 +51,15 @@ def test_engine_fp16_equals_generate_over_1500_tokens(gemma) -> None:
     expected = out[0, len(ids) :].tolist()
     previous = model.config._attn_implementation
     try:
-        llm = LLM(model_object=model, tokenizer=tok, policy="fp16", kv_cache_memory="256MiB", debug_integrity=True,
-                  max_num_batched_tokens=CHUNK, max_num_seqs=1)  # fmt: skip
+        llm = LLM(
+            model_object=model,
+            tokenizer=tok,
+            policy="fp16",
+            kv_cache_memory="256MiB",
+            debug_integrity=True,
+            max_num_batched_tokens=CHUNK,
+            max_num_seqs=1,
+        )
         assert [g.window for g in llm.engine.layout.groups] == [None] + [512] * 5  # 6 groups of 3 layers
         (result,) = llm.generate([ids], SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
     finally:
@@ -72,9 +84,17 @@ def engine_logprobs(model, tok, spec: str, ids: list[int]) -> torch.Tensor:
     config = parse_spec(spec)
     previous = model.config._attn_implementation
     try:
-        llm = LLM(model_object=model, tokenizer=tok, policy=config.policy, fp_budget=config.fp_budget or 192,
-                  group_size=32, kv_cache_memory="256MiB", max_num_batched_tokens=CHUNK + 1, max_num_seqs=1,
-                  debug_integrity=True)  # fmt: skip
+        llm = LLM(
+            model_object=model,
+            tokenizer=tok,
+            policy=config.policy,
+            fp_budget=config.fp_budget or 192,
+            group_size=32,
+            kv_cache_memory="256MiB",
+            max_num_batched_tokens=CHUNK + 1,
+            max_num_seqs=1,
+            debug_integrity=True,
+        )
         assert llm.engine.scheduler.config.prefill_chunk_tokens == CHUNK
         (out,) = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))
     finally:
@@ -101,19 +121,25 @@ def test_served_path_matches_logquant_cache(gemma, spec: str, tolerance: float |
 def test_served_by_name_through_the_api() -> None:
     """`--model gemma-3-270m`: the server loads it by name and answers chat (Gemma 3's
     template) and completions; its KV layout has the window groups."""
-    from server.engine.config import EngineConfig
-    from server.engine.core import EngineCore
     from server_util import RunningServer, openai_client
 
+    from server.engine.config import EngineConfig
+    from server.engine.core import EngineCore
+
     def factory() -> EngineCore:
-        config = EngineConfig(model=GEMMA3_270M, policy="logquant", kv_cache_memory=256 << 20, device="cpu", max_model_len=4096)
+        config = EngineConfig(
+            model=GEMMA3_270M, policy="logquant", kv_cache_memory=256 << 20, device="cpu", max_model_len=4096
+        )
         return EngineCore.from_config(config)
 
     with RunningServer(factory, model=GEMMA3_270M, fp_budget=192, group_size=32) as server:
         client = openai_client(server.wait_ready(), timeout=300)
         assert [g.window for g in server.core.layout.groups] == [None] + [512] * 5
-        chat = client.chat.completions.create(model=GEMMA3_270M, max_tokens=8, temperature=0,
-                                              messages=[{"role": "user", "content": "Name a colour."}])  # fmt: skip
-        text = client.completions.create(model=GEMMA3_270M, prompt="The capital of France is", max_tokens=6, temperature=0)
+        chat = client.chat.completions.create(
+            model=GEMMA3_270M, max_tokens=8, temperature=0, messages=[{"role": "user", "content": "Name a colour."}]
+        )
+        text = client.completions.create(
+            model=GEMMA3_270M, prompt="The capital of France is", max_tokens=6, temperature=0
+        )
     assert chat.choices[0].message.content and chat.usage.prompt_tokens > 5
     assert text.choices[0].text.startswith(" the capital of") and text.usage.completion_tokens == 6

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from tiny import ARCHS, byte_tokenizer, tiny_model
 from transformers import DynamicCache
 
 from logquant import LogQuantCache
-from tiny import ARCHS, byte_tokenizer, tiny_model
 
 PROMPTS = ["The quick brown fox jumps over", "a", "Once upon a time in a land far away, there"]
 
@@ -44,8 +44,11 @@ def test_quantized_policies_generate_and_stay_close(arch: str, policy: str) -> N
     manager = cache.shared.manager
     for seq in manager.sequences.values():
         (row,) = seq.groups
-        assert len(row.q_pages) > 0, "the sequence is long enough that blocks were demoted"
-        assert len(row.slot_of) <= cache.policy.max_fp_tokens and len(row.slot_of) + len(row.q_pages) * cache.policy.block_tokens == total
+        assert len(row.packed_pages) > 0, "the sequence is long enough that blocks were demoted"
+        assert (
+            len(row.slot_of) <= cache.policy.max_fp_tokens
+            and len(row.slot_of) + len(row.packed_pages) * cache.policy.block_tokens == total
+        )
     manager.check_integrity()
 
 

@@ -24,12 +24,11 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before logquant.kernels.decode defines the kernels
 
 import kernel_util  # noqa: E402
-from kernel_util import D, GQA, GROUP_SIZE, LAYERS, STEPS, Case  # noqa: E402
+from kernel_util import GQA, GROUP_SIZE, LAYERS, STEPS, Case, D  # noqa: E402
 
 from logquant.kernels import select_decode_backend  # noqa: E402
 from logquant.kv_manager import KVManager  # noqa: E402
 from logquant.layout import KVLayout  # noqa: E402
-from logquant.step import DecodeIndex  # noqa: E402
 from logquant.store import PagedKVStore  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -59,7 +58,9 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_steps(case: Case, steps: list[dict[str, int]], seed: int, backend: str | None = "triton", num_pages: int = 300) -> int:
+def run_steps(
+    case: Case, steps: list[dict[str, int]], seed: int, backend: str | None = "triton", num_pages: int = 300
+) -> int:
     return kernel_util.run_steps(case, steps, seed, backend, num_pages, DEVICE)
 
 
@@ -129,7 +130,7 @@ def test_splits_without_work_write_minus_infinity_and_reduce_exactly() -> None:
     store, bucket, (q, k, v) = decode_bucket(case, {"short": 1, "long": 50})
     view = StoreLayer.of(store.layer_bytes(0), store.dtype, store.layout.groups[0])
     _, lse = decode_partials(view, bucket, q, k, v, D**-0.5, num_splits=8, block_n=16)
-    pages = (bucket.q_ptr[1:] - bucket.q_ptr[:-1]).tolist()
+    pages = (bucket.packed_ptr[1:] - bucket.packed_ptr[:-1]).tolist()
     fp = (bucket.fp_ptr[1:] - bucket.fp_ptr[:-1]).tolist()
     assert pages[0] == 0 and fp[0] == 1 and 8 < pages[1] < 16 and 0 < fp[1] <= 16  # fp: all in split 0
     busy = [[True] + [False] * 7, [k * 2 < pages[1] for k in range(8)]]  # 2 pages per split

@@ -4,6 +4,8 @@ of the whole output, and the text equals a full decode, also for multi-byte char
 import random
 
 import pytest
+from tiny import byte_tokenizer
+from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from server.api.detokenize import (
@@ -11,9 +13,7 @@ from server.api.detokenize import (
     OutputOptions,
     TextTracker,
     WindowDecodeStream,
-    decode_tokens,
 )
-from tiny import byte_tokenizer
 
 TEXTS = [
     "Hello, world!",
@@ -22,6 +22,28 @@ TEXTS = [
     "Grüße aus Köln — naïve café, œuvre, Ελληνικά, русский.",
     "  leading spaces,\ttabs\nand\n\nnewlines  ",
 ]
+
+
+def decode_tokens(
+    tokenizer: PreTrainedTokenizerBase, ids: list[int], options: OutputOptions, added: dict[int, AddedToken]
+) -> str:
+    """The oracle: decode as HF's Python tokenizers (and vLLM) do: runs of ordinary tokens decoded
+    together, added tokens as their text (special ones dropped with skip_special_tokens),
+    joined by " " when spaces_between_special_tokens."""
+    if not any(i in added for i in ids):
+        return tokenizer.decode(ids)
+    pieces: list[str] = []
+    run: list[int] = []
+    for token_id in ids:
+        token = added.get(token_id)
+        if token is None:
+            run.append(token_id)
+        elif not (token.special and options.skip_special_tokens):
+            pieces += [tokenizer.decode(run)] if run else []
+            pieces.append(token.content)
+            run = []
+    pieces += [tokenizer.decode(run)] if run else []
+    return (" " if options.spaces_between_special_tokens else "").join(pieces)
 
 
 @pytest.fixture(scope="module")

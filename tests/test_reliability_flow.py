@@ -12,22 +12,36 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from server_util import MODEL, RunningServer, tiny_core_factory, wait_for
 
 from server.config import ServerSettings
 from server.engine.request import SequenceStatus
-from server_util import MODEL, RunningServer, tiny_core_factory, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = "/v1/chat/completions"
-STREAM = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "ignore_eos": True,
-          "stream": True, "logprobs": True, "top_logprobs": 20}  # fmt: skip
+STREAM = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "hi"}],
+    "max_tokens": 400,
+    "ignore_eos": True,
+    "stream": True,
+    "logprobs": True,
+    "top_logprobs": 20,
+}
 
 
 @pytest.fixture(scope="module")
 def srv():
-    with RunningServer(tiny_core_factory(), send_buffer=4096, stream_buffer_tokens=4, stream_stall_timeout=3.0,
-                       max_response_bytes=2**20, timeout_request_header=1.0, timeout_request_body=1.0,
-                       timeout_keep_alive=1) as server:  # fmt: skip
+    with RunningServer(
+        tiny_core_factory(),
+        send_buffer=4096,
+        stream_buffer_tokens=4,
+        stream_stall_timeout=3.0,
+        max_response_bytes=2**20,
+        timeout_request_header=1.0,
+        timeout_request_body=1.0,
+        timeout_keep_alive=1,
+    ) as server:
         yield server.wait_ready()
 
 
@@ -37,7 +51,9 @@ def raw_post(srv, body: dict, receive_buffer: int = 4096) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.connect(("127.0.0.1", int(srv.url.rsplit(":", 1)[1])))
     payload = json.dumps(body).encode()
-    head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    head = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
     sock.sendall(head.encode() + payload)
     return sock
 
@@ -116,7 +132,9 @@ def test_a_client_that_sends_no_headers_is_disconnected(srv) -> None:
 
 def test_a_body_that_does_not_arrive_in_time_is_a_408(srv) -> None:
     with socket.create_connection(("127.0.0.1", int(srv.url.rsplit(":", 1)[1]))) as sock:
-        sock.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        sock.sendall(
+            b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
         sock.settimeout(10)
         answer = read_response(sock).decode()
     assert answer.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in answer
@@ -144,11 +162,17 @@ def test_defaults_and_deployment_files_set_the_connection_limits() -> None:
     defaults = ServerSettings()
     assert (defaults.limit_concurrency, defaults.timeout_keep_alive) == (512, 5)
     assert (defaults.timeout_request_header, defaults.timeout_request_body) == (20.0, 60.0)
-    names = {"LOGQUANT_LIMIT_CONCURRENCY", "LOGQUANT_TIMEOUT_KEEP_ALIVE", "LOGQUANT_TIMEOUT_REQUEST_HEADER",
-             "LOGQUANT_TIMEOUT_REQUEST_BODY"}  # fmt: skip
+    names = {
+        "LOGQUANT_LIMIT_CONCURRENCY",
+        "LOGQUANT_TIMEOUT_KEEP_ALIVE",
+        "LOGQUANT_TIMEOUT_REQUEST_HEADER",
+        "LOGQUANT_TIMEOUT_REQUEST_BODY",
+    }
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["logquant"]["environment"]
     deployment = yaml.safe_load((ROOT / "deploy/k8s/base/deployment.yaml").read_text())
-    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    env = {
+        e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e
+    }
     for name in names:
         field = name.removeprefix("LOGQUANT_").lower()
         assert field in ServerSettings.model_fields

@@ -26,9 +26,26 @@ def test_hostile_load(tmp_path) -> None:
 
     model = save_tiny(tmp_path / "model")
     out = tmp_path / "hostile.json"
-    command = [sys.executable, "bench/soak.py", "--mix", "hostile", "--duration", "40", "--concurrency", "4",
-               "--model", str(model), "--kv-cache-memory", "32MiB", "--sample-every", "10", "--json", str(out),
-               "--plot", str(tmp_path / "hostile.png")]  # fmt: skip
+    command = [
+        sys.executable,
+        "bench/soak.py",
+        "--mix",
+        "hostile",
+        "--duration",
+        "40",
+        "--concurrency",
+        "4",
+        "--model",
+        str(model),
+        "--kv-cache-memory",
+        "32MiB",
+        "--sample-every",
+        "10",
+        "--json",
+        str(out),
+        "--plot",
+        str(tmp_path / "hostile.png"),
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=360)
     result = json.loads(out.read_text())
     log = out.with_suffix(".server.log").read_text()[-3000:]

@@ -9,12 +9,12 @@ import time
 
 import httpx
 import pytest
-
-from server.engine.config import EngineConfig
-from server.engine.core import EngineCore
 from server_util import MODEL, RunningServer, tiny_core_factory
 from test_reliability_server import block_steps
 from tiny import byte_tokenizer, tiny_model
+
+from server.engine.config import EngineConfig
+from server.engine.core import EngineCore
 
 CHAT = "/v1/chat/completions"
 JSON = {"content-type": "application/json"}
@@ -49,7 +49,7 @@ def test_lone_surrogates_are_400_on_every_route(srv, path: str, raw: str, param:
 
 def test_surrogate_in_a_field_name_is_a_clean_400(srv) -> None:
     """An unknown field named "\\ud800": the error must still encode as JSON."""
-    raw = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "\\ud800": 1}' % MODEL
+    raw = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "\\ud800": 1}' % MODEL  # noqa: UP031 (JSON text: braces stay literal)
     r = post(srv, CHAT, raw)
     assert r.status_code == 400 and "lone surrogate U+D800" in r.json()["error"]["message"]
 
@@ -84,8 +84,10 @@ def test_tokenizer_routes_share_the_admission_limit(srv) -> None:
         deadline = time.monotonic() + 30
         while engine.num_waiting < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        statuses = [post(srv, "/tokenize", '{"prompt": "a"}').status_code,
-                    post(srv, "/detokenize", '{"tokens": [5]}').status_code]  # fmt: skip
+        statuses = [
+            post(srv, "/tokenize", '{"prompt": "a"}').status_code,
+            post(srv, "/detokenize", '{"tokens": [5]}').status_code,
+        ]
     finally:
         gate.set()
         del srv.core.step
@@ -100,8 +102,10 @@ def test_huge_token_id_body_does_not_stall_the_event_loop(srv) -> None:
     and /health answers within 250 ms the whole time."""
     raw = json.dumps({"model": MODEL, "prompt": [0] * 1_300_000, "max_tokens": 1})
     results: list[httpx.Response] = []
-    senders = [threading.Thread(target=lambda: results.append(post(srv, "/v1/completions", raw, timeout=120)))
-               for _ in range(2)]  # fmt: skip
+    senders = [
+        threading.Thread(target=lambda: results.append(post(srv, "/v1/completions", raw, timeout=120)))
+        for _ in range(2)
+    ]
     latencies = []
     with httpx.Client(base_url=srv.url, timeout=30) as client:
         for sender in senders:
@@ -134,22 +138,33 @@ def narrow_model_core() -> EngineCore:
     """The tokenizer has 259 tokens; the model's embedding and logits only 256."""
     model = tiny_model()
     model.resize_token_embeddings(256)
-    config = EngineConfig(policy="logquant", fp_budget=24, group_size=8, kv_cache_memory=64 << 20, device="cpu",
-                          max_model_len=512, max_num_batched_tokens=64)  # fmt: skip
+    config = EngineConfig(
+        policy="logquant",
+        fp_budget=24,
+        group_size=8,
+        kv_cache_memory=64 << 20,
+        device="cpu",
+        max_model_len=512,
+        max_num_batched_tokens=64,
+    )
     return EngineCore(config, model, byte_tokenizer())
 
 
 @pytest.mark.parametrize(
     "extra,param",
-    [({"prompt": [40, 257]}, "prompt"), ({"prompt": "a", "logit_bias": {"258": 5}}, "logit_bias"),
-     ({"prompt": "a", "stop_token_ids": [256]}, "stop_token_ids")],
-)  # fmt: skip
+    [
+        ({"prompt": [40, 257]}, "prompt"),
+        ({"prompt": "a", "logit_bias": {"258": 5}}, "logit_bias"),
+        ({"prompt": "a", "stop_token_ids": [256]}, "stop_token_ids"),
+    ],
+)
 def test_token_ids_are_checked_against_the_model_width(extra: dict, param: str) -> None:
     with RunningServer(narrow_model_core) as server:
         server.wait_ready()
         r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "max_tokens": 2, **extra}, timeout=60)
-        ok = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": [40, 255], "max_tokens": 2},
-                        timeout=60)  # fmt: skip
+        ok = httpx.post(
+            f"{server.url}/v1/completions", json={"model": MODEL, "prompt": [40, 255], "max_tokens": 2}, timeout=60
+        )
     assert r.status_code == 400 and r.json()["error"]["param"] == param and "[0, 256)" in r.json()["error"]["message"]
     assert ok.status_code == 200
 

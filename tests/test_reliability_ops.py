@@ -11,10 +11,10 @@ import threading
 import httpx
 import pytest
 import uvicorn
+from server_util import MODEL, RunningServer, tiny_core_factory, wait_for
 
 from server.cli import DrainingServer, main, parse_settings
 from server.config import ServerSettings
-from server_util import MODEL, RunningServer, tiny_core_factory, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,9 @@ def test_settings_errors_exit_with_one_line(args: list[str], expected: str) -> N
 
 def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "LOGQUANT_PORT": "0", "LOGQUANT_DEVICE": "cpu", **env}
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], env=full_env, capture_output=True, text=True,
-                          timeout=180)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args], env=full_env, capture_output=True, text=True, timeout=180
+    )
 
 
 @pytest.mark.parametrize(
@@ -81,7 +82,9 @@ def test_help_lists_env_vars_without_doubled_defaults(capsys) -> None:
 def test_allowed_origins_from_flag_and_env(monkeypatch) -> None:
     assert parse_settings([]).allowed_origins == []
     assert parse_settings(["--allowed-origins", '["https://a.example","https://b.example"]']).allowed_origins == [
-        "https://a.example", "https://b.example"]  # fmt: skip
+        "https://a.example",
+        "https://b.example",
+    ]
     monkeypatch.setenv("LOGQUANT_ALLOWED_ORIGINS", '["https://c.example"]')
     assert parse_settings([]).allowed_origins == ["https://c.example"]
 
@@ -109,8 +112,9 @@ def test_past_the_grace_period_requests_end_with_503_in_openai_shape() -> None:
             lines = (line for line in r.iter_lines() if line)
             first = [next(lines), next(lines)]  # the role chunk and a first token
             hold.set()
-            worker = threading.Thread(target=lambda: result.update(r=httpx.post(f"{srv.url}/v1/chat/completions",
-                                                                                 json=body, timeout=60)))  # fmt: skip
+            worker = threading.Thread(
+                target=lambda: result.update(r=httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60))
+            )
             worker.start()
             engine = srv.app.state.logquant.ctx.engine
             wait_for(lambda: len(engine._active) == 2, "both requests in the engine")
@@ -131,5 +135,7 @@ def test_make_test_puts_the_venv_tools_on_path() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    recipe = subprocess.run(["make", "--no-print-directory", "-n", "test"], cwd=root, capture_output=True, text=True, check=True).stdout
+    recipe = subprocess.run(
+        ["make", "--no-print-directory", "-n", "test"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
     assert f'PATH="{root}/.venv/bin:$PATH"' in recipe.splitlines()[-1]

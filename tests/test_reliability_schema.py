@@ -7,15 +7,17 @@ import sys
 
 import httpx
 import pytest
+from server_util import MODEL, RunningServer, tiny_core_factory
 
 from server.api.app import create_app
 from server.config import ServerSettings
-from server_util import MODEL, RunningServer, tiny_core_factory
 
 ERROR_STATUSES = {"400", "401", "404", "413", "429", "503"}
 MAX_TOKENS = 8
-CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,"
-          "response_schema_conformance,negative_data_rejection")  # fmt: skip
+CHECKS = (
+    "not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,"
+    "response_schema_conformance,negative_data_rejection"
+)
 
 
 def test_schema_documents_errors_not_422() -> None:
@@ -49,10 +51,26 @@ def bounded(schema: dict) -> dict:
 
 
 SCHEMATHESIS_ARGS = [
-    "--checks", CHECKS, "--phases", "examples,coverage,fuzzing", "--max-examples", "100", "--max-time", "110",
-    "--seed", "13", "--workers", "2", "--request-timeout", "60", "--no-color", "--suppress-health-check", "all",
-    "--warnings", "off",
-]  # fmt: skip
+    "--checks",
+    CHECKS,
+    "--phases",
+    "examples,coverage,fuzzing",
+    "--max-examples",
+    "100",
+    "--max-time",
+    "110",
+    "--seed",
+    "13",
+    "--workers",
+    "2",
+    "--request-timeout",
+    "60",
+    "--no-color",
+    "--suppress-health-check",
+    "all",
+    "--warnings",
+    "off",
+]
 
 
 @pytest.mark.timeout(600)

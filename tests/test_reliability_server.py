@@ -8,11 +8,11 @@ import threading
 
 import httpx
 import pytest
+from server_util import MODEL, RunningServer, tiny_core_factory, wait_for
+from tiny import byte_tokenizer, tiny_model
 
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
-from server_util import MODEL, RunningServer, tiny_core_factory, wait_for
-from tiny import byte_tokenizer, tiny_model
 
 CHAT = "/v1/chat/completions"
 
@@ -85,8 +85,9 @@ def test_tokenization_runs_off_the_event_loop(srv) -> None:
     tokenizer.apply_chat_template = held_render
     try:
         result: dict = {}
-        worker = threading.Thread(target=lambda: result.update(r=httpx.post(f"{srv.url}{CHAT}", json=chat_body(),
-                                                                             timeout=60)))  # fmt: skip
+        worker = threading.Thread(
+            target=lambda: result.update(r=httpx.post(f"{srv.url}{CHAT}", json=chat_body(), timeout=60))
+        )
         worker.start()
         assert started.wait(20)
         assert httpx.get(f"{srv.url}/health", timeout=5).status_code == 200
@@ -119,9 +120,9 @@ def test_prompt_too_long_by_characters_is_rejected_before_tokenizing(srv) -> Non
 @pytest.mark.parametrize(
     "path,raw,param",
     [
-        (CHAT, '{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}' % MODEL, "messages.0.content"),
-        ("/v1/completions", '{"model": "%s", "prompt": ["ok", "\\udfff"]}' % MODEL, "prompt.1"),
-        (CHAT, '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "stop": "\\ud83d"}' % MODEL, "stop"),
+        (CHAT, '{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}' % MODEL, "messages.0.content"),  # noqa: UP031
+        ("/v1/completions", '{"model": "%s", "prompt": ["ok", "\\udfff"]}' % MODEL, "prompt.1"),  # noqa: UP031
+        (CHAT, '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "stop": "\\ud83d"}' % MODEL, "stop"),  # noqa: UP031
     ],
 )
 def test_lone_surrogate_is_a_clean_400(srv, path: str, raw: str, param: str) -> None:
@@ -163,8 +164,14 @@ def test_request_that_never_fits_the_kv_budget_is_a_400() -> None:
     longer request is a 400 (context length), not a 429 that retrying cannot cure."""
 
     def small_kv() -> EngineCore:
-        config = EngineConfig(policy="logquant", fp_budget=24, group_size=8, kv_cache_memory=64 << 10, device="cpu",
-                              max_num_batched_tokens=64)  # fmt: skip
+        config = EngineConfig(
+            policy="logquant",
+            fp_budget=24,
+            group_size=8,
+            kv_cache_memory=64 << 10,
+            device="cpu",
+            max_num_batched_tokens=64,
+        )
         return EngineCore(config, tiny_model(), byte_tokenizer())
 
     with RunningServer(small_kv) as server:
@@ -181,8 +188,10 @@ def test_api_key_checked_before_the_body_and_bearer_case_insensitive() -> None:
         post = lambda **kw: httpx.post(f"{server.url}{CHAT}", timeout=60, **kw)  # noqa: E731
         bad_json = post(content=b"{not json", headers={"content-type": "application/json"})
         too_big = post(json=chat_body("x" * 4096))
-        statuses = [post(json=chat_body(), headers={"Authorization": f"{scheme} s3cret"}).status_code
-                    for scheme in ("Bearer", "bearer", "BEARER")]  # fmt: skip
+        statuses = [
+            post(json=chat_body(), headers={"Authorization": f"{scheme} s3cret"}).status_code
+            for scheme in ("Bearer", "bearer", "BEARER")
+        ]
         wrong = post(json=chat_body(), headers={"Authorization": "Basic s3cret"})
         tokenize = httpx.post(f"{server.url}/tokenize", json={"prompt": "hi"})
     assert bad_json.status_code == 401 and too_big.status_code == 401
@@ -191,8 +200,11 @@ def test_api_key_checked_before_the_body_and_bearer_case_insensitive() -> None:
 
 
 def test_cors_off_by_default_and_on_for_allowed_origins() -> None:
-    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"}  # fmt: skip
+    preflight = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     results = {}
     for origins in ([], ["https://app.example"]):
         with RunningServer(tiny_core_factory(), allowed_origins=origins, api_key="k") as server:

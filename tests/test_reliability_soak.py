@@ -17,9 +17,24 @@ def test_soak_60_seconds(tmp_path) -> None:
 
     model = save_tiny(tmp_path / "model")
     out = tmp_path / "soak.json"
-    command = [sys.executable, "bench/soak.py", "--duration", "60", "--model", str(model), "--long-words", "150",
-               "--kv-cache-memory", "32MiB", "--sample-every", "15", "--json", str(out), "--plot",
-               str(tmp_path / "soak.png")]  # fmt: skip
+    command = [
+        sys.executable,
+        "bench/soak.py",
+        "--duration",
+        "60",
+        "--model",
+        str(model),
+        "--long-words",
+        "150",
+        "--kv-cache-memory",
+        "32MiB",
+        "--sample-every",
+        "15",
+        "--json",
+        str(out),
+        "--plot",
+        str(tmp_path / "soak.png"),
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=360)
     result = json.loads(out.read_text())
     log = out.with_suffix(".server.log").read_text()[-3000:]

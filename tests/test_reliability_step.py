@@ -9,15 +9,16 @@ import httpx
 import llguidance.torch
 import pytest
 import torch
+from server_util import MODEL
+from tiny import byte_tokenizer
 
 from server.api.errors import APIError, validation_error
 from server.api.intake import parse_request
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, RequestLimits
 from server.engine import structured
-from server.engine.request import SamplingParams, Sequence, StructuredSpec
+from server.engine.request import SamplingParams, SequenceState, StructuredSpec
 from server.engine.sampler import process_logits, sample
-from server_util import MODEL
-from tiny import byte_tokenizer
+from server.engine.structured_outputs import StructuredOutputManager
 
 LIMITS = RequestLimits(max_model_len=512, max_sequences=64)
 
@@ -48,7 +49,7 @@ def test_stop_token_ids_are_a_set_built_once() -> None:
     """check_stop runs per token per sample: it must not walk the request's list each time."""
     params = SamplingParams(max_tokens=500, stop_token_ids=CountingList([7] * 1000 + list(range(8, 40))))
     params.validate()
-    seq = Sequence("r-0", "r", 0, [1, 2], params, eos_token_ids=(3,))
+    seq = SequenceState("r-0", "r", 0, [1, 2], params, eos_token_ids=(3,))
     CountingList.uses = 0
     for token in range(100, 300):
         seq.output_token_ids.append(token)
@@ -60,7 +61,7 @@ def test_stop_token_ids_are_a_set_built_once() -> None:
 def test_logit_bias_tensors_are_built_once_per_request() -> None:
     bias = CountingDict({i: 50.0 if i == 9 else -1.0 for i in range(1, 200)})
     params = SamplingParams(logit_bias=bias, min_tokens=5, stop_token_ids=[4, 4, 5])
-    seqs = [Sequence(f"r-{i}", "r", i, [1], params, eos_token_ids=(3,)) for i in range(2)]
+    seqs = [SequenceState(f"r-{i}", "r", i, [1], params, eos_token_ids=(3,)) for i in range(2)]
     CountingDict.reads = 0
     for _ in range(6):
         out = process_logits(torch.zeros(2, 259), seqs)
@@ -71,9 +72,12 @@ def test_logit_bias_tensors_are_built_once_per_request() -> None:
 
 @pytest.mark.parametrize(
     "field,value,param",
-    [("stop_token_ids", [5] * 1025, "stop_token_ids"), ("logit_bias", {str(i): 1 for i in range(1025)}, "logit_bias"),
-     ("tools", [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)], "tools")],
-)  # fmt: skip
+    [
+        ("stop_token_ids", [5] * 1025, "stop_token_ids"),
+        ("logit_bias", {str(i): 1 for i in range(1025)}, "logit_bias"),
+        ("tools", [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)], "tools"),
+    ],
+)
 def test_list_caps_of_the_schema(field: str, value: object, param: str) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], field: value}
     with pytest.raises(APIError) as raised:
@@ -87,7 +91,9 @@ def test_prompt_lists_are_refused_by_length_first() -> None:
     """Token ids beyond the context: context_length_exceeded; more prompts than the sequence cap: 400."""
     for prompt, code in [([0] * 513, "context_length_exceeded"), ([[0]] * 65, None), (["a"] * 65, None)]:
         with pytest.raises(APIError) as raised:
-            parse_request(CompletionRequest, _json({"model": MODEL, "prompt": prompt}), None, LIMITS, ("prompt",), 10**6)
+            parse_request(
+                CompletionRequest, _json({"model": MODEL, "prompt": prompt}), None, LIMITS, ("prompt",), 10**6
+            )
         assert raised.value.status == 400 and raised.value.param == "prompt" and raised.value.code == code
 
 
@@ -102,9 +108,19 @@ def test_top_logprob_text_is_decoded_once_per_token_id(srv) -> None:
     tokenizer = srv.core.tokenizer
     decoded: list[int] = []
     decode = tokenizer.decode
-    tokenizer.decode = lambda ids, *a, **k: (decoded.append(len(ids)) if len(ids) == 1 else None, decode(ids, *a, **k))[1]
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "n": 4,
-            "logprobs": True, "top_logprobs": 5, "ignore_eos": True, "temperature": 0}  # fmt: skip
+    tokenizer.decode = lambda ids, *a, **k: (decoded.append(len(ids)) if len(ids) == 1 else None, decode(ids, *a, **k))[
+        1
+    ]
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 12,
+        "n": 4,
+        "logprobs": True,
+        "top_logprobs": 5,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
     try:
         first = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60).json()
         singles_after_first = len(decoded)
@@ -126,8 +142,13 @@ def test_grammar_matchers_are_built_off_the_engine_thread(srv) -> None:
         init(self, compiled)
 
     structured.GrammarState.__init__ = recording_init
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "n": 3,
-            "response_format": {"type": "json_object"}}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 6,
+        "n": 3,
+        "response_format": {"type": "json_object"},
+    }
     try:
         r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60)
     finally:
@@ -139,14 +160,23 @@ def test_grammar_masks_are_filled_in_one_batched_call(monkeypatch) -> None:
     tokenizer = byte_tokenizer()
     calls = {"row": 0, "batch": 0}
     row_fill, batch_fill = llguidance.torch.fill_next_token_bitmask, llguidance.torch.fill_next_token_bitmask_par
-    monkeypatch.setattr(llguidance.torch, "fill_next_token_bitmask",
-                        lambda *a, **k: (calls.__setitem__("row", calls["row"] + 1), row_fill(*a, **k))[1])
-    monkeypatch.setattr(llguidance.torch, "fill_next_token_bitmask_par",
-                        lambda *a, **k: (calls.__setitem__("batch", calls["batch"] + 1), batch_fill(*a, **k))[1])  # fmt: skip
+    monkeypatch.setattr(
+        llguidance.torch,
+        "fill_next_token_bitmask",
+        lambda *a, **k: (calls.__setitem__("row", calls["row"] + 1), row_fill(*a, **k))[1],
+    )
+    monkeypatch.setattr(
+        llguidance.torch,
+        "fill_next_token_bitmask_par",
+        lambda *a, **k: (calls.__setitem__("batch", calls["batch"] + 1), batch_fill(*a, **k))[1],
+    )
     params = SamplingParams(max_tokens=8, temperature=0, structured=StructuredSpec.choice(["yes", "no"]))
-    seqs = [Sequence(f"r-{i}", "r", i, [1], params, eos_token_ids=(2,)) for i in range(4)]
+    seqs = [SequenceState(f"r-{i}", "r", i, [1], params, eos_token_ids=(2,)) for i in range(4)]
+    manager = StructuredOutputManager(tokenizer)
+    manager.add(seqs, manager.new_matchers(params, len(seqs)))
     for _ in range(2):
-        tokens = [r.token_id for r in sample(torch.randn(4, len(tokenizer)), seqs, tokenizer)]
+        logits = torch.randn(4, len(tokenizer))
+        tokens = [r.token_id for r in sample(logits, seqs, manager.grammar_masks(seqs, len(tokenizer)))]
         for seq, token in zip(seqs, tokens):
             seq.output_token_ids.append(token)
     text = [tokenizer.decode(seq.output_token_ids) for seq in seqs]

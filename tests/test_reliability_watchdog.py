@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from server_util import MODEL, RunningServer, tiny_core_factory, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +54,14 @@ def test_a_stalled_step_fails_requests_and_stops_the_server() -> None:
         core.step = lambda: (gate.wait(60), step())[1]
         try:
             responses: list[httpx.Response] = []
-            workers = [threading.Thread(target=lambda: responses.append(
-                httpx.post(f"{server.url}/v1/chat/completions", json=BODY, timeout=30))) for _ in range(2)]  # fmt: skip
+            workers = [
+                threading.Thread(
+                    target=lambda: responses.append(
+                        httpx.post(f"{server.url}/v1/chat/completions", json=BODY, timeout=30)
+                    )
+                )
+                for _ in range(2)
+            ]
             for worker in workers:
                 worker.start()
             for worker in workers:
@@ -84,8 +89,13 @@ def test_the_process_exits_non_zero_when_the_engine_dies(tmp_path) -> None:
         AsyncEngine._deliver = broken
         main(["--model", "{model}", "--port", "{port}", "--device", "cpu", "--log-level", "warning"])
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TQDM_DISABLE": "1"})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _status(f"{url}/ready") == 200, "ready", limit=120)

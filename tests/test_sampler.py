@@ -5,15 +5,15 @@ from collections import Counter
 import pytest
 import torch
 
-from server.engine.request import SamplingParams, Sequence
+from server.engine.request import SamplingParams, SequenceState
 from server.engine.sampler import LOGPROB_FLOOR, _seeded_uniform, apply_penalties, sample
 
 
-def seq(params: SamplingParams, prompt=(0, 1), output=(2, 2, 3), index: int = 0, eos=()) -> Sequence:
-    return Sequence("s", "s", index, list(prompt), params, eos_token_ids=tuple(eos), output_token_ids=list(output))
+def seq(params: SamplingParams, prompt=(0, 1), output=(2, 2, 3), index: int = 0, eos=()) -> SequenceState:
+    return SequenceState("s", "s", index, list(prompt), params, eos_token_ids=tuple(eos), output_token_ids=list(output))
 
 
-def reference_token(logits: torch.Tensor, s: Sequence, uniform: float) -> int:
+def reference_token(logits: torch.Tensor, s: SequenceState, uniform: float) -> int:
     """One row, written the plain way (sort the whole vocabulary, loops over tokens)."""
     p, x = s.params, logits.float().clone()
     if p.repetition_penalty != 1.0:
@@ -47,7 +47,7 @@ def _kth(scaled: torch.Tensor, top_k: int) -> float:
     return float(torch.sort(scaled, descending=True).values[top_k - 1]) if top_k > 0 else float("-inf")
 
 
-def mixed_batch(vocab: int, rng: torch.Generator) -> list[Sequence]:
+def mixed_batch(vocab: int, rng: torch.Generator) -> list[SequenceState]:
     """Greedy, plain, seeded, filtered and penalized rows in one batch."""
     out = lambda n: torch.randint(0, vocab, (n,), generator=rng).tolist()  # noqa: E731
     settings = [
@@ -65,8 +65,13 @@ def mixed_batch(vocab: int, rng: torch.Generator) -> list[Sequence]:
         dict(temperature=0.5, top_p=0.3, min_p=0.2, repetition_penalty=2.0),
     ]
     return [
-        seq(SamplingParams(**kw), prompt=out(5), output=out(int(torch.randint(0, 8, (1,), generator=rng))),
-            index=i % 3, eos=(6,))  # fmt: skip
+        seq(
+            SamplingParams(**kw),
+            prompt=out(5),
+            output=out(int(torch.randint(0, 8, (1,), generator=rng))),
+            index=i % 3,
+            eos=(6,),
+        )
         for i, kw in enumerate(settings)
     ]
 
@@ -99,7 +104,10 @@ def test_penalties_exact() -> None:
     logits = torch.tensor([[1.0, -1.0, 2.0, 0.5, 0.0]] * 2)
     out = apply_penalties(
         logits,
-        [seq(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)), seq(SamplingParams(repetition_penalty=2.0))],
+        [
+            seq(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)),
+            seq(SamplingParams(repetition_penalty=2.0)),
+        ],
     )
     # row 0: token 2 seen twice, token 3 once in the output; prompt tokens are not penalized
     assert out[0].tolist() == [1.0, -1.0, 2.0 - 0.5 - 0.5, 0.5 - 0.5 - 0.25, 0.0]
@@ -110,8 +118,11 @@ def test_penalties_exact() -> None:
 
 def test_filters() -> None:
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+
     def draws(fields: dict) -> set[int]:
-        return {sample(logits[None], [seq(SamplingParams(seed=i, **fields), output=())])[0].token_id for i in range(200)}
+        return {
+            sample(logits[None], [seq(SamplingParams(seed=i, **fields), output=())])[0].token_id for i in range(200)
+        }
 
     assert draws({"top_k": 2}) == {0, 1}
     assert draws({"top_p": 0.7}) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
@@ -133,8 +144,12 @@ def test_unseeded_draws_follow_the_distribution() -> None:
 def test_seed_gives_the_same_tokens_whatever_the_batch() -> None:
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
     alone = sample(logits[2:3], [seq(SamplingParams(seed=9), output=())])[0].token_id
-    crowd = [seq(SamplingParams()), seq(SamplingParams(temperature=0)), seq(SamplingParams(seed=9), output=()),
-             seq(SamplingParams(top_p=0.5, seed=2))]  # fmt: skip
+    crowd = [
+        seq(SamplingParams()),
+        seq(SamplingParams(temperature=0)),
+        seq(SamplingParams(seed=9), output=()),
+        seq(SamplingParams(top_p=0.5, seed=2)),
+    ]
     for _ in range(3):
         assert sample(logits, crowd)[2].token_id == alone
     reordered = sample(logits[[2, 0]], [crowd[2], crowd[0]])[0].token_id
@@ -146,8 +161,11 @@ def test_seed_gives_the_same_tokens_whatever_the_batch() -> None:
 
 def test_logprobs_only_for_rows_that_ask() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 0.0], [1.0, 1.0, 1.0, 5.0]])
-    seqs = [seq(SamplingParams(temperature=0, logprobs=2)), seq(SamplingParams(temperature=0)),
-            seq(SamplingParams(temperature=0, logprobs=0))]  # fmt: skip
+    seqs = [
+        seq(SamplingParams(temperature=0, logprobs=2)),
+        seq(SamplingParams(temperature=0)),
+        seq(SamplingParams(temperature=0, logprobs=0)),
+    ]
     results = sample(logits, seqs)
     expected = torch.log_softmax(logits, dim=-1)
     assert [r.token_id for r in results] == [0, 1, 3]

@@ -2,17 +2,17 @@
 
 import pytest
 import torch
+from tiny import byte_tokenizer, tiny_model
 
 from server.engine import LLM
-from server.engine.request import SamplingParams, SamplingParamsError, Sequence
+from server.engine.request import SamplingParams, SamplingParamsError, SequenceState
 from server.engine.sampler import sample
-from tiny import byte_tokenizer, tiny_model
 
 EOS = 7
 
 
-def seq(params: SamplingParams, output=()) -> Sequence:
-    return Sequence("s", "s", 0, [1, 2], params, eos_token_ids=(EOS,), output_token_ids=list(output))
+def seq(params: SamplingParams, output=()) -> SequenceState:
+    return SequenceState("s", "s", 0, [1, 2], params, eos_token_ids=(EOS,), output_token_ids=list(output))
 
 
 @pytest.mark.parametrize(
@@ -43,8 +43,11 @@ def test_valid_bounds_pass() -> None:
 
 def test_logit_bias_moves_the_pick_per_row() -> None:
     logits = torch.tensor([[5.0, 1.0, 0.0, 0.0]] * 3)
-    seqs = [seq(SamplingParams(temperature=0, logit_bias={2: 100.0})), seq(SamplingParams(temperature=0)),
-            seq(SamplingParams(temperature=0, logit_bias={0: -100.0, 3: 1.5}))]  # fmt: skip
+    seqs = [
+        seq(SamplingParams(temperature=0, logit_bias={2: 100.0})),
+        seq(SamplingParams(temperature=0)),
+        seq(SamplingParams(temperature=0, logit_bias={0: -100.0, 3: 1.5})),
+    ]
     assert [r.token_id for r in sample(logits, seqs)] == [2, 0, 3]
     banned = seq(SamplingParams(logit_bias={0: -100.0, 1: -100.0}, seed=1))
     assert all(sample(logits[:1], [banned])[0].token_id in (2, 3) for _ in range(20))

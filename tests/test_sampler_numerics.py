@@ -7,15 +7,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.engine.request import GREEDY_TEMPERATURE, SamplingParams, Sequence
+from server.engine.request import GREEDY_TEMPERATURE, SamplingParams, SequenceState
 from server.engine.sampler import process_logits, sample
 
 SUBNORMAL = [5e-324, 1e-310, 1e-46, 1e-45, 1e-40, 1e-38]
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def seq(params: SamplingParams, output=(3, 3, 1), prompt=(1, 2, 3)) -> Sequence:
-    return Sequence("s", "s", 0, list(prompt), params, eos_token_ids=(0,), output_token_ids=list(output))
+def seq(params: SamplingParams, output=(3, 3, 1), prompt=(1, 2, 3)) -> SequenceState:
+    return SequenceState("s", "s", 0, list(prompt), params, eos_token_ids=(0,), output_token_ids=list(output))
 
 
 def test_subnormal_temperature_is_greedy() -> None:
@@ -90,7 +90,7 @@ def params_strategy(vocab: int) -> st.SearchStrategy[SamplingParams]:
 
 
 @st.composite
-def batches(draw: st.DrawFn) -> tuple[torch.Tensor, list[Sequence]]:
+def batches(draw: st.DrawFn) -> tuple[torch.Tensor, list[SequenceState]]:
     vocab = draw(st.integers(min_value=21, max_value=40))
     rows = draw(st.integers(min_value=1, max_value=5))
     extreme = st.sampled_from([0.0, FLOAT32_MAX, -FLOAT32_MAX, 1e38, -1e38, 1e-45, -1e-45])
@@ -108,7 +108,7 @@ def batches(draw: st.DrawFn) -> tuple[torch.Tensor, list[Sequence]]:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(batches())
-def test_any_valid_settings_and_logits_give_a_valid_token(batch: tuple[torch.Tensor, list[Sequence]]) -> None:
+def test_any_valid_settings_and_logits_give_a_valid_token(batch: tuple[torch.Tensor, list[SequenceState]]) -> None:
     logits, seqs = batch
     results = sample(logits, seqs)
     processed = process_logits(logits.float(), seqs)

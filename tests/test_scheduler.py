@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from logquant.kv_manager import KVManager
 from logquant.layout import KVLayout
 from logquant.policy import make_policy
-from logquant.kv_manager import KVManager
-from server.engine.request import SamplingParams, Sequence, SequenceStatus
+from server.engine.outputs import PromptLogprobs, SampleResult, StepResult
+from server.engine.request import SamplingParams, SequenceState, SequenceStatus
 from server.engine.scheduler import Scheduler, SchedulerConfig
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32, policy=make_policy("fp16"), dtype_bytes=2)
@@ -22,14 +23,17 @@ def make(num_pages: int, max_seqs: int = 8, budget: int = 64) -> Scheduler:
     return Scheduler(SchedulerConfig(max_seqs, budget, 4096), KVManager(LAYOUT, num_pages))
 
 
-def seq(name: str, prompt_len: int, max_tokens: int = 100) -> Sequence:
-    return Sequence(name, name, 0, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens, temperature=0))
+def seq(name: str, prompt_len: int, max_tokens: int = 100) -> SequenceState:
+    return SequenceState(name, name, 0, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens, temperature=0))
 
 
 def run_step(s: Scheduler, token: int = 7):
+    """One step with a hand-made runner result: every sampled chunk gets `token`."""
     out = s.schedule()
-    s.kv_manager.plan_step([(c.seq_id, len(c.token_ids)) for c in out.chunks])  # as the engine core does
-    s.update(out, {c.seq_id: token for c in out.chunks if c.sample})
+    assert (out.plan is None) == (not out.chunks)
+    if out.plan is not None:  # the output carries the plan of exactly its chunks, in order
+        assert out.plan.num_seqs == len(out.chunks) and out.plan.num_tokens == out.num_batched_tokens
+    s.update(out, StepResult(sampled={c.seq_id: SampleResult(token) for c in out.chunks if c.sample}))
     return out
 
 
@@ -148,7 +152,7 @@ def test_kv_manager_pages_follow_cost_model(policy: str) -> None:
         table = alloc.sequences["x"]
         (group,), (table,) = layout.groups, table.groups
         assert len(table.fp_pages) == group.fp_pages_for(n)
-        assert len(table.q_pages) + len(table.spare_q_pages) == group.q_pages_for(n)
+        assert len(table.packed_pages) + len(table.spare_packed_pages) == group.packed_pages_for(n)
     assert alloc.bytes_by_tier()["fp"] + alloc.bytes_by_tier()["2bit"] == layout.bytes_for(1000)
     assert SequenceStatus.WAITING.value == "waiting"
 
@@ -164,3 +168,43 @@ def test_exact_recompute_replays_outputs_one_per_step() -> None:
         sizes.append([(len(c.token_ids), c.sample) for c in out.chunks])
     # the prompt as first computed (one chunk: chunks are 64 - 8 = 56), then the three known tokens one by one
     assert sizes == [[(40, False)], [(1, False)], [(1, False)], [(1, True)]]
+
+
+def test_update_applies_tokens_logprobs_failures_and_prompt_logprobs() -> None:
+    ended: list[str] = []
+    s = Scheduler(SchedulerConfig(8, 64, 4096), KVManager(LAYOUT, 100), on_finish=ended.append)
+    for name in ("ok", "bad"):
+        s.add(seq(name, 5))
+    out = s.schedule()
+    assert [c.seq for c in out.chunks] == [s.sequences["ok"], s.sequences["bad"]]
+    result = StepResult(
+        sampled={"ok": SampleResult(3, -0.5, [(3, -0.5)]), "bad": SampleResult(4)},
+        failed={"bad": ValueError("nan logits")},
+    )
+    ok, bad = s.sequences["ok"], s.sequences["bad"]
+    outcome = s.update(out, result)
+    assert outcome.sampled == [ok] and outcome.failed == [bad] and outcome.progressed
+    assert ok.output_token_ids == [3] and ok.output_logprobs == [{"logprob": -0.5, "top": [(3, -0.5)]}]
+    assert ok.num_computed_tokens == 5 and ok.timings.first_token == ok.timings.last_token is not None
+    assert bad.finish_reason == "error" and bad.error == "ValueError: nan logits" and bad.output_token_ids == []
+    assert ended == ["bad"] and "bad" not in s.kv_manager.sequences and s.running == [ok]
+    out = s.schedule()
+    outcome = s.update(out, StepResult(sampled={"ok": SampleResult(9)}))
+    assert outcome.inter_token_latencies[0] >= 0 and ok.output_token_ids == [3, 9]
+    s.abort("ok")
+    assert ended == ["bad", "ok"]
+
+
+def test_prompt_logprobs_are_recorded_in_order() -> None:
+    s = make(num_pages=100)
+    s.add(seq("a", 4))
+    out = s.schedule()
+    entries = [{"logprob": -1.0, "top": []}, {"logprob": -2.0, "top": []}, {"logprob": -3.0, "top": []}]
+    s.update(out, StepResult(sampled={"a": SampleResult(1)}, prompt_logprobs={"a": PromptLogprobs(1, entries)}))
+    assert s.sequences["a"].prompt_logprobs == entries
+
+
+def test_a_step_with_nothing_to_run_reports_no_progress() -> None:
+    s = make(num_pages=100)
+    out = s.schedule()
+    assert out.chunks == [] and out.plan is None and not s.update(out, StepResult()).progressed

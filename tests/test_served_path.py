@@ -2,14 +2,19 @@
 both run one `KVManager` and one `PagedKVStore`, so with the same prefill cut points they keep
 the same tokens at full precision and quantize the same blocks."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from tiny import byte_tokenizer, tiny_model
 
 from logquant.hf import LogQuantCache
 from server.engine import SamplingParams
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore
-from tiny import byte_tokenizer, tiny_model
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # bench/eval_engine.py drives the engine
 
 PROMPTS = ["hello world, this is a test of the engine", "abc", "The quick brown fox jumps over the lazy dog" * 2]
 CHUNK = 8  # prefill cut points of both paths: every 8 tokens
@@ -27,9 +32,16 @@ def generate_with_cache(prompt: str, policy: str, fp_budget: int, n: int, **vari
 
 def engine_outputs(policy: str, fp_budget: int, n: int, **variant: int) -> dict[str, list[int]]:
     config = EngineConfig(
-        policy=policy, fp_budget=fp_budget, group_size=8, kv_cache_memory=64 << 20, max_num_batched_tokens=2 * CHUNK,
-        max_num_seqs=CHUNK, device="cpu", debug_integrity=True, **variant,
-    )  # fmt: skip
+        policy=policy,
+        fp_budget=fp_budget,
+        group_size=8,
+        kv_cache_memory=64 << 20,
+        max_num_batched_tokens=2 * CHUNK,
+        max_num_seqs=CHUNK,
+        device="cpu",
+        debug_integrity=True,
+        **variant,
+    )
     engine = EngineCore(config, tiny_model(), byte_tokenizer())
     assert engine.scheduler.config.prefill_chunk_tokens == CHUNK
     seqs = {}
@@ -68,8 +80,15 @@ def test_different_cut_points_change_quantized_outputs() -> None:
 
     def logits(chunk: int | None) -> torch.Tensor:
         cache = LogQuantCache(model.config, policy="logquant", fp_budget=12, group_size=8)
-        out = model.generate(**ids, past_key_values=cache, max_new_tokens=1, do_sample=False, prefill_chunk_size=chunk,
-                             output_logits=True, return_dict_in_generate=True)  # fmt: skip
+        out = model.generate(
+            **ids,
+            past_key_values=cache,
+            max_new_tokens=1,
+            do_sample=False,
+            prefill_chunk_size=chunk,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         return out.logits[0]
 
     assert not torch.allclose(logits(None), logits(CHUNK), atol=1e-3)
@@ -81,8 +100,9 @@ def test_engine_perplexity_matches_cache_on_the_default_model(model_and_tokenize
     fp16 agrees to float noise; with 2-bit blocks, float noise (attention kernels differ: the
     engine's flash attention with a log-sum-exp merge, transformers' SDPA for the cache) can
     move a value across a rounding boundary of the 2-bit grid, so the bound is looser."""
+    from eval_engine import engine_predictions
+
     from logquant.eval.configs import parse_spec
-    from logquant.eval.engine import engine_predictions
     from logquant.eval.modes import text_ids
     from logquant.eval.perplexity import argmax_agreement, decode_predictions, perplexity
 

@@ -7,7 +7,6 @@ import threading
 import httpx
 import openai
 import pytest
-
 from server_util import MODEL, RunningServer, tiny_core_factory, wait_for
 from test_reliability_server import block_steps
 
@@ -56,10 +55,12 @@ def test_streaming_matches_non_streaming(client) -> None:
 def test_async_client(srv) -> None:
     async def go():
         client = openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0, timeout=60)
-        rs = await asyncio.gather(*[
-            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0)
-            for _ in range(3)
-        ])  # fmt: skip
+        rs = await asyncio.gather(
+            *[
+                client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0)
+                for _ in range(3)
+            ]
+        )
         return {r.choices[0].message.content for r in rs}
 
     assert len(asyncio.run(go())) == 1  # concurrent identical greedy requests agree
@@ -107,16 +108,19 @@ def test_logprobs(client) -> None:
 
 
 def test_completions_endpoint(client) -> None:
-    r = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=5, temperature=0, echo=True,
-                                  extra_body={"ignore_eos": True})  # fmt: skip
+    r = client.completions.create(
+        model=MODEL, prompt="Once upon", max_tokens=5, temperature=0, echo=True, extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].text.startswith("Once upon") and r.usage.prompt_tokens == 9
     multi = client.completions.create(model=MODEL, prompt=["a", "bb"], max_tokens=3, n=2, temperature=0)
     assert [c.index for c in multi.choices] == [0, 1, 2, 3] and multi.usage.prompt_tokens == 3
-    lp = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=3, temperature=0, logprobs=2,
-                                   extra_body={"ignore_eos": True})  # fmt: skip
+    lp = client.completions.create(
+        model=MODEL, prompt=[5, 6, 7], max_tokens=3, temperature=0, logprobs=2, extra_body={"ignore_eos": True}
+    )
     assert len(lp.choices[0].logprobs.token_logprobs) == 3 and len(lp.choices[0].logprobs.top_logprobs[0]) == 2
-    streamed = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=5, temperature=0,
-                                         stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+    streamed = client.completions.create(
+        model=MODEL, prompt="Once upon", max_tokens=5, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
     assert "Once upon" + "".join(c.choices[0].text for c in streamed) == r.choices[0].text
 
 

@@ -9,12 +9,12 @@ import sys
 import threading
 
 import httpx
-from pydantic import ValidationError
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+from server_util import MODEL, RunningServer, openai_client, tiny_core_factory, wait_for
 
 from server.cli import parse_settings
-from server_util import MODEL, RunningServer, openai_client, tiny_core_factory, wait_for
 
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 8}
 
@@ -68,7 +68,9 @@ def test_metrics_parse_and_move(srv) -> None:
     assert "policy=logquant" in info and "fp_budget=24" in info and "device=cpu" in info
     client = openai_client(srv, api_key="x")
     long_prompt = [{"role": "user", "content": "word " * 40}]
-    r = client.chat.completions.create(model=MODEL, messages=long_prompt, max_tokens=10, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=MODEL, messages=long_prompt, max_tokens=10, extra_body={"ignore_eos": True}
+    )
     after = scrape(srv.url)
 
     def delta(name: str) -> float:
@@ -77,20 +79,35 @@ def test_metrics_parse_and_move(srv) -> None:
     assert delta("logquant:prompt_tokens_total{}") == r.usage.prompt_tokens
     assert delta("logquant:generation_tokens_total{}") == 10
     assert delta("logquant:request_success_total{finished_reason=length}") == 1
-    for hist in ["time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
-                 "request_prompt_tokens", "request_generation_tokens"]:  # fmt: skip
+    for hist in [
+        "time_to_first_token_seconds",
+        "e2e_request_latency_seconds",
+        "request_queue_time_seconds",
+        "request_prompt_tokens",
+        "request_generation_tokens",
+    ]:
         assert delta(f"logquant:{hist}_count{{}}") == 1, hist
     assert delta("logquant:inter_token_latency_seconds_count{}") == 9
     assert delta("logquant:request_generation_tokens_sum{}") == 10
     assert after["logquant:num_requests_running{}"] == 0 and after["logquant:kv_cache_usage_perc{}"] == 0
-    for name in ["logquant:num_requests_waiting{}", "logquant:kv_cache_bytes{tier=fp}", "logquant:kv_cache_bytes{tier=2bit}",
-                 "logquant:kv_compression_ratio{}", "logquant:num_preemptions_total{}"]:  # fmt: skip
+    for name in [
+        "logquant:num_requests_waiting{}",
+        "logquant:kv_cache_bytes{tier=fp}",
+        "logquant:kv_cache_bytes{tier=2bit}",
+        "logquant:kv_compression_ratio{}",
+        "logquant:num_preemptions_total{}",
+    ]:
         assert name in after, name
 
 
 def test_kv_metrics_while_running_and_disconnect_frees_pages(srv) -> None:
-    body = {**BODY, "messages": [{"role": "user", "content": "word " * 40}], "max_tokens": 250, "stream": True,
-            "ignore_eos": True}  # fmt: skip
+    body = {
+        **BODY,
+        "messages": [{"role": "user", "content": "word " * 40}],
+        "max_tokens": 250,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         for _ in range(3):
@@ -99,7 +116,9 @@ def test_kv_metrics_while_running_and_disconnect_frees_pages(srv) -> None:
         live = scrape(srv.url)
         used = live["logquant:kv_cache_bytes{tier=fp}"] + live["logquant:kv_cache_bytes{tier=2bit}"]
         assert live["logquant:num_requests_running{}"] == 1
-        assert live["logquant:kv_cache_usage_perc{}"] == pytest.approx(used / live["logquant:kv_cache_capacity_bytes{}"])
+        assert live["logquant:kv_cache_usage_perc{}"] == pytest.approx(
+            used / live["logquant:kv_cache_capacity_bytes{}"]
+        )
         assert live["logquant:kv_compression_ratio{}"] > 1.0
     # the client went away mid-stream: the request is aborted and its pages are freed
     wait_for(lambda: scrape(srv.url)["logquant:kv_cache_usage_perc{}"] == 0, "pages freed after disconnect")
@@ -130,8 +149,14 @@ def test_sigterm_drains_and_exits_zero(tmp_path) -> None:
     from tiny import save_tiny
 
     model_dir = save_tiny(tmp_path / "model")
-    env = {**os.environ, "LOGQUANT_MODEL": str(model_dir), "LOGQUANT_KV_CACHE_MEMORY": "32MiB",
-           "LOGQUANT_PORT": "0", "LOGQUANT_DEVICE": "cpu", "LOGQUANT_POLICY": "logquant"}  # fmt: skip
+    env = {
+        **os.environ,
+        "LOGQUANT_MODEL": str(model_dir),
+        "LOGQUANT_KV_CACHE_MEMORY": "32MiB",
+        "LOGQUANT_PORT": "0",
+        "LOGQUANT_DEVICE": "cpu",
+        "LOGQUANT_POLICY": "logquant",
+    }
     proc = subprocess.Popen([sys.executable, "-m", "server.cli"], env=env, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if "Uvicorn running on" in line:
@@ -141,8 +166,9 @@ def test_sigterm_drains_and_exits_zero(tmp_path) -> None:
     model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "ignore_eos": True}
     result = {}
-    worker = threading.Thread(target=lambda: result.update(r=httpx.post(f"{url}/v1/chat/completions", json=body,
-                                                                          timeout=120)))  # fmt: skip
+    worker = threading.Thread(
+        target=lambda: result.update(r=httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120))
+    )
     worker.start()
     wait_for(lambda: scrape(url)["logquant:num_requests_running{}"] == 1, "request running")
     proc.send_signal(signal.SIGTERM)

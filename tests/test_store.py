@@ -4,17 +4,23 @@ import pytest
 import torch
 
 from logquant.attention import attend
+from logquant.kv_manager import KVManager
 from logquant.layout import KVLayout
 from logquant.policy import make_policy
 from logquant.quant import dequantize, quantize
-from logquant.kv_manager import KVManager
 from logquant.store import PagedKVStore
 
 H, KVH, D, LAYERS = 4, 2, 32, 2
 
 
 def make_store(
-    policy_name: str, budget: int, num_pages: int = 400, kv_heads: int = KVH, sinks: int = 0, kout: int = 0, bits: int = 2,
+    policy_name: str,
+    budget: int,
+    num_pages: int = 400,
+    kv_heads: int = KVH,
+    sinks: int = 0,
+    kout: int = 0,
+    bits: int = 2,
     backend: str = "torch",
 ) -> tuple[PagedKVStore, KVManager]:
     policy = make_policy(policy_name, budget, group_size=8, sink_tokens=sinks)
@@ -44,9 +50,14 @@ def dense_reference(policy_name, budget, keys, values, sinks: int = 0, kout: int
 
 
 def run_steps(
-    policy_name: str, budget: int, kv_heads: int, steps: list[dict[str, int]], seed: int, backend: str = "torch",
+    policy_name: str,
+    budget: int,
+    kv_heads: int,
+    steps: list[dict[str, int]],
+    seed: int,
+    backend: str = "torch",
     **variant: int,
-) -> None:  # fmt: skip
+) -> None:
     """Run mixed steps (seq -> new tokens) through the manager and the batched store; check
     every layer's output against the per-sequence oracle on the dense reference. `variant`:
     sinks, kout, bits (see `make_store`); `backend`: decodes on `torch` or the `cpu` kernel."""
@@ -117,7 +128,7 @@ def test_variant_accounting_matches_cost_model(variant: dict[str, int]) -> None:
     base = KVLayout(LAYERS, KVH, D, make_policy("logquant", 12, group_size=8), dtype_bytes=4, group_size=8)
     if "kout" in variant:  # per block and head: kout float16 values per token plus kout channel ids
         bt = base.block_tokens
-        assert store.layout.q_block_bytes - base.q_block_bytes >= KVH * variant["kout"] * (bt * 2 + 1)
+        assert store.layout.packed_block_bytes - base.packed_block_bytes >= KVH * variant["kout"] * (bt * 2 + 1)
 
 
 def test_decode_attention_matches_naive_softmax_gqa() -> None:

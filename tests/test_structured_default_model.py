@@ -5,11 +5,11 @@ import json
 import jsonschema
 import pytest
 import torch
+from test_structured import SCHEMAS, generate, make_seq
 from transformers import DynamicCache
 
-from server.engine.request import SamplingParams, Sequence, StructuredSpec
+from server.engine.request import SamplingParams, SequenceState, StructuredSpec
 from server.engine.sampler import sample
-from test_structured import SCHEMAS, generate, make_seq
 
 pytestmark = pytest.mark.real_model
 
@@ -29,7 +29,7 @@ def test_random_logits_outputs_validate(model_and_tokenizer) -> None:
 @torch.inference_mode()
 def model_generate(model, tok, prompt: str, params: SamplingParams, max_tokens: int = 80) -> str:
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False)
-    s = Sequence("s", "s", 0, list(ids), params, eos_token_ids=(tok.eos_token_id,))
+    s = SequenceState("s", "s", 0, list(ids), params, eos_token_ids=(tok.eos_token_id,))
     cache, step_ids = DynamicCache(), torch.tensor([ids])
     for _ in range(max_tokens):
         logits = model(input_ids=step_ids, past_key_values=cache, use_cache=True).logits[:, -1]
@@ -55,7 +55,11 @@ def test_model_logits_outputs_validate(model_and_tokenizer) -> None:
         "additionalProperties": False,
     }
     prompt = "Describe a person as JSON with name, age and hobbies."
-    settings = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=1), SamplingParams(top_p=0.9, seed=2)]
+    settings = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.0, seed=1),
+        SamplingParams(top_p=0.9, seed=2),
+    ]
     for params in settings:
         params.structured = StructuredSpec.json_schema(person)
         jsonschema.validate(json.loads(model_generate(model, tok, prompt, params)), person)

@@ -4,10 +4,10 @@ import json
 
 import jsonschema
 import pytest
-
-from server.engine.request import SamplingParams, StructuredSpec
 from test_engine import PROMPTS, make_engine
 from test_structured import SCHEMAS
+
+from server.engine.request import SamplingParams, StructuredSpec
 
 
 def run(engine, schemas: list[dict]) -> list[list[int]]:
@@ -37,3 +37,18 @@ def test_structured_outputs_survive_preemption(policy: str) -> None:
     tight = make_engine(policy, kv=roomy.layout.pages_for(100) * 2 * page, budget=64, fp_budget=24)
     assert run(tight, schemas) == expected
     assert tight.scheduler.num_preemptions > 0
+
+
+def test_matchers_live_from_add_to_finish() -> None:
+    engine = make_engine("fp16", budget=64)
+    spec = StructuredSpec.choice(["yes", "no"])
+    seqs = engine.add_request("a", engine.tokenizer.encode(PROMPTS[0]), SamplingParams(n=2, structured=spec, seed=0))
+    engine.add_request("b", engine.tokenizer.encode(PROMPTS[1]), SamplingParams(max_tokens=4, ignore_eos=True))
+    assert sorted(engine.structured.matchers) == ["a-0", "a-1"]  # created with the request, none for b
+    engine.step()
+    engine.abort_sample("a", 1)
+    assert sorted(engine.structured.matchers) == ["a-0"]  # freed on abort
+    while engine.has_work():
+        engine.step()
+    assert engine.structured.matchers == {} and seqs[0].finish_reason == "stop"
+    assert engine.tokenizer.decode(seqs[0].output_token_ids, skip_special_tokens=True) in ("yes", "no")

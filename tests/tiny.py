@@ -27,13 +27,30 @@ ARCHS = {
 WINDOW_ARCHS = {
     "qwen2_sliding": dict(model_type="qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
     "mistral_sliding": dict(model_type="mistral", sliding_window=20),  # every layer: 19 tokens span two pages
-    "gemma2": dict(model_type="gemma2", head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW,
-                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
-    "gemma3": dict(model_type="gemma3_text", head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW,
-                   layer_types=["sliding_attention", "full_attention"]),
-    "gpt_oss": dict(model_type="gpt_oss", head_dim=32, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-}  # fmt: skip
+    "gemma2": dict(
+        model_type="gemma2",
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=WINDOW,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+    ),
+    "gemma3": dict(
+        model_type="gemma3_text",
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    "gpt_oss": dict(
+        model_type="gpt_oss",
+        head_dim=32,
+        sliding_window=WINDOW,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+}
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import yaml
 
-VARIABLE = re.compile(r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:-|-)?(?P<default>[^}]*)\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
+VARIABLE = re.compile(
+    r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:-|-)?(?P<default>[^}]*)\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))"
+)
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -53,6 +55,9 @@ def service_environment(service: str, env_file: Path, *compose_files: Path) -> d
 
 def compose_tool() -> list[str] | None:
     """The compose plugin, or Debian's docker-compose; None where neither is installed."""
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True, check=False).returncode == 0:
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True, check=False).returncode == 0
+    ):
         return ["docker", "compose"]
     return ["docker-compose"] if shutil.which("docker-compose") else None

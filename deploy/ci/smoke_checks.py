@@ -97,8 +97,13 @@ def check_api(url: str, api_key: str | None) -> None:
 
 
 def tokens_per_second(url: str, api_key: str | None, model: str) -> float:
-    body = {"model": model, "messages": [{"role": "user", "content": "Count to fifty."}],
-            "max_tokens": 48, "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Count to fifty."}],
+        "max_tokens": 48,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     run = stream_chat(url, body, api_key)
     check(run.done and run.usage["completion_tokens"] == 48, f"probe stream: {run}")
     return 47 / max(run.last_token_at - run.first_token_at, 1e-3)
@@ -108,19 +113,30 @@ def send_traffic(url: str, api_key: str | None) -> None:
     """Requests of every kind the dashboard plots, and one stream the client abandons (an abort)."""
     model = model_id(url, api_key)
     for index in range(6):
-        body = {"model": model, "messages": [{"role": "user", "content": f"Tell me fact {index}."}],
-                "max_tokens": 24, "temperature": 0.7, "seed": index}  # fmt: skip
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": f"Tell me fact {index}."}],
+            "max_tokens": 24,
+            "temperature": 0.7,
+            "seed": index,
+        }
         if index % 2:
             check(stream_chat(url, body, api_key).done, "traffic stream")
         else:
             check(post_json(f"{url}/v1/chat/completions", body, api_key)["status"] == 200, "traffic chat")
     completion = {"model": model, "prompt": "The sky is", "max_tokens": 8}
     check(post_json(f"{url}/v1/completions", completion, api_key)["status"] == 200, "completion")
-    body = {"model": model, "messages": [{"role": "user", "content": "Write a long story."}],
-            "max_tokens": 400, "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Write a long story."}],
+        "max_tokens": 400,
+        "ignore_eos": True,
+    }
     abandoned = stream_chat(url, body, api_key, stop_after_tokens=3)
     check(not abandoned.done, "the abandoned stream ran to its end")
-    print(f"traffic: 7 requests and a stream abandoned after 3 tokens; {tokens_per_second(url, api_key, model):.0f} tok/s")
+    print(
+        f"traffic: 7 requests and a stream abandoned after 3 tokens; {tokens_per_second(url, api_key, model):.0f} tok/s"
+    )
 
 
 def check_drain(url: str, api_key: str | None, command: list[str], seconds_of_stream: float) -> None:
@@ -130,8 +146,13 @@ def check_drain(url: str, api_key: str | None, command: list[str], seconds_of_st
     model = model_id(url, api_key)
     rate = tokens_per_second(url, api_key, model)
     max_tokens = max(32, min(1024, int(rate * seconds_of_stream)))
-    body = {"model": model, "messages": [{"role": "user", "content": "Write a long story."}],
-            "max_tokens": max_tokens, "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Write a long story."}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     started, result = threading.Event(), {}
     reader = threading.Thread(target=lambda: result.update(run=stream_chat(url, body, api_key, on_token=started.set)))
     reader.start()
@@ -146,8 +167,10 @@ def check_drain(url: str, api_key: str | None, command: list[str], seconds_of_st
     check(run.finish_reason == "length" and run.usage["completion_tokens"] == max_tokens, f"stream short: {run}")
     check(run.last_token_at > signal_at + 1, "the stream ended before the stop began: nothing was drained")
     what = " ".join(word for word in command[-2:] if not word.endswith(".yml"))
-    print(f"drain ({what}): {max_tokens}-token stream finished {run.last_token_at - signal_at:.1f}s "
-          f"after the stop began, [DONE] sent; the stop took {stopped_at - signal_at:.1f}s")  # fmt: skip
+    print(
+        f"drain ({what}): {max_tokens}-token stream finished {run.last_token_at - signal_at:.1f}s "
+        f"after the stop began, [DONE] sent; the stop took {stopped_at - signal_at:.1f}s"
+    )
 
 
 @dataclass

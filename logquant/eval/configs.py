@@ -25,9 +25,8 @@ from dataclasses import dataclass, replace
 
 from transformers import PretrainedConfig
 
-from logquant.attention_spec import attention_spec
 from logquant.hf import LogQuantCache
-from logquant.layout import KVLayout, head_dim_of
+from logquant.layout import KVLayout
 from logquant.policy import TokenPolicy, make_policy
 
 GROUP_SIZE = 32
@@ -70,23 +69,32 @@ class CacheConfig:
     def token_policy(self, group_size: int = GROUP_SIZE) -> TokenPolicy:
         assert self.anchor is None or self.fp_budget, "resolve a matched budget first"
         return make_policy(
-            self.policy, self.fp_budget or 192, group_size, sink_tokens=self.sink_tokens, window_divisor=self.window_divisor
+            self.policy,
+            self.fp_budget or 192,
+            group_size,
+            sink_tokens=self.sink_tokens,
+            window_divisor=self.window_divisor,
         )
 
     def layout(self, model_config: PretrainedConfig) -> KVLayout:
         """The product's layout for this column: sliding-window layers in their own KV group."""
-        text = model_config.get_text_config(decoder=True)
-        return KVLayout(
-            num_layers=text.num_hidden_layers, num_kv_heads=text.num_key_value_heads, head_dim=head_dim_of(text),
-            policy=self.token_policy(), dtype_bytes=FP_TIER_BYTES, group_size=GROUP_SIZE, bits=self.bits,
-            key_fp_channels=self.key_fp_channels, layer_windows=attention_spec(model_config).windows,
-        )  # fmt: skip
+        return KVLayout.for_model(
+            model_config,
+            self.token_policy(),
+            dtype_bytes=FP_TIER_BYTES,
+            group_size=GROUP_SIZE,
+            bits=self.bits,
+            key_fp_channels=self.key_fp_channels,
+        )
 
     def make_cache(self, model) -> LogQuantCache:
         return LogQuantCache(
-            model.config, policy=self.token_policy(), group_size=GROUP_SIZE, bits=self.bits,
+            model.config,
+            policy=self.token_policy(),
+            group_size=GROUP_SIZE,
+            bits=self.bits,
             key_fp_channels=self.key_fp_channels,
-        )  # fmt: skip
+        )
 
 
 def _number(value: float) -> str:

@@ -39,9 +39,7 @@ def fp_mask(config: CacheConfig, query_positions: list[int], length: int, group_
     return mask
 
 
-def coverage(
-    maps: list[torch.Tensor], config: CacheConfig, query_positions: list[int], group_size: int = 32
-) -> float:
+def coverage(maps: list[torch.Tensor], config: CacheConfig, query_positions: list[int], group_size: int = 32) -> float:
     """Mean over layers, heads and queries of fp attention mass / all mass (token 0 excluded)."""
     length = maps[0].shape[-1]
     mask = fp_mask(config, query_positions, length, group_size).float()  # [Q, T]

@@ -15,6 +15,7 @@ from logquant.eval import coverage as cov
 from logquant.eval import passkey as pk
 from logquant.eval import perplexity as ppl
 from logquant.eval.common import CacheConfig, column_facts, print_table
+from logquant.eval.served import EvalEngine
 
 FACTS = ["B", "bytes/token", "fp tokens"]
 
@@ -34,7 +35,9 @@ def _fact_cells(label: str, facts: dict) -> dict[tuple[str, str], str]:
     }
 
 
-def run_coverage(args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig]) -> dict:
+def run_coverage(
+    args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig], engine: EvalEngine | None
+) -> dict:
     ids = text_ids(tokenizer, args.length)
     maps = cov.attention_maps(model, ids)
     queries = list(range(min(256, args.length - 1), args.length, 16))
@@ -43,23 +46,34 @@ def run_coverage(args: argparse.Namespace, model: PreTrainedModel, tokenizer, co
         resolved, facts = column_facts(c, model.config, queries)
         result[c.label] = facts | {"coverage": cov.coverage(maps, resolved, queries)}
         cells |= _fact_cells(c.label, facts) | {(c.label, "coverage"): f"{result[c.label]['coverage']:.3f}"}
-    print_table(f"attention coverage of the full-precision set ({args.length} tokens, token 0 excluded)",
-                list(result), FACTS + ["coverage"], cells)  # fmt: skip
+    print_table(
+        f"attention coverage of the full-precision set ({args.length} tokens, token 0 excluded)",
+        list(result),
+        FACTS + ["coverage"],
+        cells,
+    )
     return result
 
 
-def run_ppl(args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig]) -> dict:
+def run_ppl(
+    args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig], engine: EvalEngine | None
+) -> dict:
+    """Through `engine` if given (each column one engine, fed one token per step), else
+    through LogQuantCache (every column one row of a batch)."""
     ids = text_ids(tokenizer, args.length)
     lengths = list(range(1, len(ids)))  # the cache holds t tokens when it predicts token t
     resolved = {c.label: column_facts(c, model.config, lengths) for c in cols}
     quantized = [c for c in cols if c.policy != "fp16"]
-    if args.engine:
-        from logquant.eval.engine import engine_predictions  # imports the server package
-
-        reference = engine_predictions(model, tokenizer, CacheConfig("fp16"), ids)
-        predicted = {c.label: engine_predictions(model, tokenizer, resolved[c.label][0], ids) for c in tqdm(quantized, desc="ppl")}
+    if engine is not None:
+        reference = engine.predictions(model, tokenizer, CacheConfig("fp16"), ids)
+        predicted = {
+            c.label: engine.predictions(model, tokenizer, resolved[c.label][0], ids)
+            for c in tqdm(quantized, desc="ppl")
+        }
     else:  # every column is one row of a batch: the model's weights are read once per step for all
-        rows = ppl.decode_predictions_many(model, [CacheConfig("fp16")] + [resolved[c.label][0] for c in quantized], ids)
+        rows = ppl.decode_predictions_many(
+            model, [CacheConfig("fp16")] + [resolved[c.label][0] for c in quantized], ids
+        )
         reference, predicted = rows[0], {c.label: p for c, p in zip(quantized, rows[1:])}
     result, cells = {}, {}
     for c in cols:
@@ -71,12 +85,16 @@ def run_ppl(args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: l
         }
         cells |= _fact_cells(c.label, facts)
         cells |= {(c.label, k): f"{result[c.label][k]:.4f}" for k in ("ppl", "top1_agreement")}
-    path = "the engine (LLM), one token per step" if args.engine else "LogQuantCache, one token at a time"
-    print_table(f"perplexity, {args.length} tokens through {path}", list(result), FACTS + ["ppl", "top1_agreement"], cells)
+    path = "the engine (LLM), one token per step" if engine is not None else "LogQuantCache, one token at a time"
+    print_table(
+        f"perplexity, {args.length} tokens through {path}", list(result), FACTS + ["ppl", "top1_agreement"], cells
+    )
     return result
 
 
-def run_agreement(args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig]) -> dict:
+def run_agreement(
+    args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig], engine: EvalEngine | None
+) -> dict:
     rng = random.Random(args.seed)
     prompts = []
     for _ in range(args.cases):
@@ -93,12 +111,18 @@ def run_agreement(args: argparse.Namespace, model: PreTrainedModel, tokenizer, c
         counts = [ppl.forced_agreement(model, resolved, p, g) for p, g in pairs]
         result[c.label] = facts | {"agreement": round(sum(m for m, _ in counts) / max(1, sum(n for _, n in counts)), 4)}
         cells |= _fact_cells(c.label, facts) | {(c.label, "agreement"): f"{result[c.label]['agreement']:.3f}"}
-    print_table(f"greedy agreement with fp16 ({args.cases} prompts of {args.length} tokens, {args.tokens} tokens)",
-                list(result), FACTS + ["agreement"], cells)  # fmt: skip
+    print_table(
+        f"greedy agreement with fp16 ({args.cases} prompts of {args.length} tokens, {args.tokens} tokens)",
+        list(result),
+        FACTS + ["agreement"],
+        cells,
+    )
     return result
 
 
-def run_passkey(args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig]) -> dict:
+def run_passkey(
+    args: argparse.Namespace, model: PreTrainedModel, tokenizer, cols: list[CacheConfig], engine: EvalEngine | None
+) -> dict:
     rng = random.Random(args.seed)
     haystack = tokenizer.encode(essays_text())
     lengths = [int(n) for n in args.lengths.split(",")]
@@ -106,13 +130,21 @@ def run_passkey(args: argparse.Namespace, model: PreTrainedModel, tokenizer, col
     for n in lengths:
         cases = [pk.make_case(tokenizer, haystack, n, rng) for _ in range(args.cases)]
         resolved = {c.label: column_facts(c, model.config, [n]) for c in cols}
-        answers = pk.run_cases(model, tokenizer, cases, [resolved[c.label][0] for c in cols], args.engine, f"passkey {n}")
+        answers = pk.run_cases(model, tokenizer, cases, [resolved[c.label][0] for c in cols], engine, f"passkey {n}")
         for c, texts in zip(cols, answers):
             hits = [pk.is_correct(case, text) for case, text in zip(cases, texts)]
             result[c.label][str(n)] = resolved[c.label][1] | {"accuracy": sum(hits) / len(hits), "hits": sum(hits)}
-    cells = {(lbl, n): f"{v['accuracy']:.2f} (B={v['fp_budget'] or '-'})" for lbl, row in result.items() for n, v in row.items()}
-    print_table(f"passkey accuracy ({args.cases} cases per length; the budget B at that length in brackets)",
-                list(result), [str(n) for n in lengths], cells)  # fmt: skip
+    cells = {
+        (lbl, n): f"{v['accuracy']:.2f} (B={v['fp_budget'] or '-'})"
+        for lbl, row in result.items()
+        for n, v in row.items()
+    }
+    print_table(
+        f"passkey accuracy ({args.cases} cases per length; the budget B at that length in brackets)",
+        list(result),
+        [str(n) for n in lengths],
+        cells,
+    )
     return result
 
 

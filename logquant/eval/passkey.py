@@ -1,20 +1,24 @@
 """Passkey retrieval: a 5-digit number hidden at a random depth in real text (Paul Graham's
 essays), then asked for. Through `LogQuantCache` the context is prefilled as one chunk (once,
 shared by every column), the question is a second chunk that attends to the already-compressed
-cache, and the answer is decoded greedily. Through the engine (`engine=True`) each column is
-one `LLM` that serves all cases together, with the engine's own prefill chunks."""
+cache, and the answer is decoded greedily. Through a serving engine (`engine`, see `served.py`)
+each column is one engine that serves all cases together, with its own prefill chunks."""
 
 from __future__ import annotations
 
 import random
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from logquant.eval.common import CacheConfig, feed
+
+if TYPE_CHECKING:
+    from logquant.eval.served import EvalEngine
 
 INTRO = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
@@ -46,15 +50,18 @@ def make_case(
 
 
 def run_cases(
-    model: PreTrainedModel, tokenizer, cases: list[PasskeyCase], configs: list[CacheConfig], engine: bool, desc: str
+    model: PreTrainedModel,
+    tokenizer,
+    cases: list[PasskeyCase],
+    configs: list[CacheConfig],
+    engine: EvalEngine | None,
+    desc: str,
 ) -> list[list[str]]:
     """The greedy answer of every case under every config (`configs` have concrete budgets):
-    `answers[config][case]`."""
-    if engine:
-        from logquant.eval.engine import engine_generate  # imports the server package
-
+    `answers[config][case]`, through `engine` if given."""
+    if engine is not None:
         prompts = [case.context_ids + case.question_ids for case in cases]
-        return [engine_generate(model, tokenizer, c, prompts, ANSWER_TOKENS) for c in tqdm(configs, desc=desc)]
+        return [engine.generate(model, tokenizer, c, prompts, ANSWER_TOKENS) for c in tqdm(configs, desc=desc)]
     answers: list[list[str]] = [[] for _ in configs]
     for case in tqdm(cases, desc=desc):
         context = prefill(model, case)
@@ -76,9 +83,13 @@ def prefill(model: PreTrainedModel, case: PasskeyCase) -> DynamicCache:
 
 @torch.inference_mode()
 def answer(
-    model: PreTrainedModel, config: CacheConfig, case: PasskeyCase, tokenizer, context: DynamicCache,
+    model: PreTrainedModel,
+    config: CacheConfig,
+    case: PasskeyCase,
+    tokenizer,
+    context: DynamicCache,
     max_new_tokens: int = ANSWER_TOKENS,
-) -> str:  # fmt: skip
+) -> str:
     """Store the prefilled context into `config`'s cache, then ask the question; greedy."""
     cache = config.make_cache(model)
     for index, layer in enumerate(context.layers):
@@ -96,9 +107,13 @@ def answer(
 
 @torch.inference_mode()
 def answer_many(
-    model: PreTrainedModel, configs: list[CacheConfig], case: PasskeyCase, tokenizer, context: DynamicCache,
+    model: PreTrainedModel,
+    configs: list[CacheConfig],
+    case: PasskeyCase,
+    tokenizer,
+    context: DynamicCache,
     max_new_tokens: int = ANSWER_TOKENS,
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """`answer` for several configs at once, one batch row each (`batched.RowCaches`): a row
     that reaches EOS stops answering while the others go on."""
     from logquant.eval.batched import RowCaches, feed_rows

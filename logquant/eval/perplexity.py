@@ -35,7 +35,9 @@ def decode_predictions(model: PreTrainedModel, config: CacheConfig, ids: list[in
 
 
 @torch.inference_mode()
-def decode_predictions_many(model: PreTrainedModel, configs: list[CacheConfig], ids: list[int], desc: str = "") -> list[Predictions]:
+def decode_predictions_many(
+    model: PreTrainedModel, configs: list[CacheConfig], ids: list[int], desc: str = ""
+) -> list[Predictions]:
     """`decode_predictions` for several configs at once: each is one row of a batch with its
     own cache (`batched.RowCaches`), so every step reads the model's weights once for all."""
     from logquant.eval.batched import RowCaches, feed_rows

@@ -56,8 +56,15 @@ def isa_flags() -> str:
 
 def build_key() -> str:
     """What a build depends on: source, torch, Python, flags, machine and its instructions."""
-    parts = [SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS), torch.__version__.encode(), sys.version.encode(), " ".join(CFLAGS).encode(),
-             platform.machine().encode(), isa_flags().encode()]  # fmt: skip
+    parts = [
+        SOURCE.read_bytes(),
+        *(h.read_bytes() for h in HEADERS),
+        torch.__version__.encode(),
+        sys.version.encode(),
+        " ".join(CFLAGS).encode(),
+        platform.machine().encode(),
+        isa_flags().encode(),
+    ]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
@@ -102,9 +109,15 @@ def load_cpu_kernel() -> Callable[..., None]:
 
     try:
         with _ninja_on_path():
-            load(name=f"logquant_cpu_{build_key()}", sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
-                 extra_ldflags=list(LDFLAGS), build_directory=str(build_dir), is_python_module=False,
-                 verbose=False)  # fmt: skip
+            load(
+                name=f"logquant_cpu_{build_key()}",
+                sources=[str(SOURCE)],
+                extra_cflags=list(CFLAGS),
+                extra_ldflags=list(LDFLAGS),
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=False,
+            )
     except (RuntimeError, OSError, ImportError) as exc:  # compiler errors arrive as RuntimeError
         raise KernelBuildError(f"building the CPU kernel failed: {_first_error(str(exc))}") from exc
     return torch.ops.logquant_cpu.decode_attention

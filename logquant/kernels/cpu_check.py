@@ -9,7 +9,7 @@ The result is cached per layout shape and dtype for the life of the process.
 from __future__ import annotations
 
 import dataclasses
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -26,7 +26,7 @@ def check_cpu_kernel(layout: KVLayout, dtype: torch.dtype) -> str | None:
     return _check(dataclasses.replace(layout, num_layers=1, layer_windows=()), dtype)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _check(layout: KVLayout, dtype: torch.dtype) -> str | None:
     reason = cpu_kernel_supports(layout, dtype)
     if reason is not None:

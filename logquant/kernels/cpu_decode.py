@@ -38,12 +38,21 @@ def page_layout_args(group: KVGroup) -> list[int]:
     """A KV group's page layout as the kernel's 13 integers: the page stride (the bytes of a
     page id: a layer's pages are that far apart), fp tokens per page, block tokens, value
     group size, byte offsets of the 2-bit sections, key outlier channels and their offsets."""
-    sections = group.q_sections() if group.block_tokens else {}
+    sections = group.packed_sections() if group.block_tokens else {}
     names = ("key_codes", "value_codes", "key_scale", "key_zero", "value_scale", "value_zero")
     offsets = [sections[name][0] if sections else 0 for name in names]
-    outliers = [sections["key_outlier_values"][0], sections["key_outlier_channels"][0]] if group.key_fp_channels else [0, 0]
-    return [group.page_stride, group.fp_page_tokens, group.block_tokens, group.group_size, *offsets,
-            group.key_fp_channels, *outliers]  # fmt: skip
+    outliers = (
+        [sections["key_outlier_values"][0], sections["key_outlier_channels"][0]] if group.key_fp_channels else [0, 0]
+    )
+    return [
+        group.page_stride,
+        group.fp_page_tokens,
+        group.block_tokens,
+        group.group_size,
+        *offsets,
+        group.key_fp_channels,
+        *outliers,
+    ]
 
 
 @dataclass(frozen=True)
@@ -73,8 +82,21 @@ class CpuDecode:
     ) -> None:
         query, key, value = (t.to(self.dtype) for t in (query, key, value))  # no-ops: the model runs in it
         target = out if out.dtype == self.dtype else torch.empty_like(query)
-        self.op(query, key, value, index.query_rows, index.fp_ptr, index.fp_slots, index.q_ptr, index.q_pages,
-                index.item_ptr, layer_bytes, target, self.layout_args, scaling)  # fmt: skip
+        self.op(
+            query,
+            key,
+            value,
+            index.query_rows,
+            index.fp_ptr,
+            index.fp_slots,
+            index.packed_ptr,
+            index.packed_pages,
+            index.item_ptr,
+            layer_bytes,
+            target,
+            self.layout_args,
+            scaling,
+        )
         if target is not out:
             out[index.new_src] = target[index.new_src].to(out.dtype)
 
@@ -82,4 +104,6 @@ class CpuDecode:
         """Store the bucket's new tokens that stay full precision in their fp slots (after
         attention: a slot may still hold a token this step demoted)."""
         key, value = key.to(self.dtype), value.to(self.dtype)
-        torch.ops.logquant_cpu.write_tokens(key, value, index.write_rows, index.write_slots, layer_bytes, self.layout_args)
+        torch.ops.logquant_cpu.write_tokens(
+            key, value, index.write_rows, index.write_slots, layer_bytes, self.layout_args
+        )

@@ -4,7 +4,7 @@
 KV head holds all of that head's GQA query heads as the rows of a `[BLOCK_G, BLOCK_D]` tile,
 so every K/V tile is loaded once and multiplied with a tensor-core dot. A sequence's keys
 are its cached fp tokens (token-level flat slots, CSR `fp_ptr`/`fp_slots`), its 2-bit pages
-(CSR `q_ptr`/`q_pages`) and its new token (read from the step's own K/V, never from the
+(CSR `packed_ptr`/`packed_pages`) and its new token (read from the step's own K/V, never from the
 store, whose slot may still hold a token demoted in this step). Split `k` of `n` takes the
 k-th n-th of the fp tokens and of the pages; split 0 also takes the new token. 2-bit codes
 are unpacked in registers (`(byte >> 2 * (d % 4)) & 3`): the key scale is per channel over
@@ -70,14 +70,14 @@ def _fp_tiles(
 
 @triton.jit
 def _page_tiles(
-    q, m, l, acc, codes, scales, q_pages, lo, hi, kv_head, qk_scale,
+    q, m, l, acc, codes, scales, packed_pages, lo, hi, kv_head, qk_scale,
     KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
     PAGE_BYTES: tl.constexpr, PAGE_HALVES: tl.constexpr, KEY_CODES: tl.constexpr, VALUE_CODES: tl.constexpr,
     KEY_SCALE: tl.constexpr, KEY_ZERO: tl.constexpr, VALUE_SCALE: tl.constexpr, VALUE_ZERO: tl.constexpr,
     KEY_OUT: tl.constexpr, KEY_OUT_VALUES: tl.constexpr, KEY_OUT_CHANNELS: tl.constexpr,
     BLOCK_BT: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """2-bit pages q_pages[lo:hi], one page (BLOCK_TOKENS tokens) at a time. With KEY_OUT
+    """2-bit pages packed_pages[lo:hi], one page (BLOCK_TOKENS tokens) at a time. With KEY_OUT
     16-bit key channels per head, each adds q[c] * (exact - dequantized) to the scores."""
     d = tl.arange(0, BLOCK_D)
     t = tl.arange(0, BLOCK_BT)
@@ -89,7 +89,7 @@ def _page_tiles(
     shift = ((d % 4) * 2).to(tl.uint8)[None, :]
     group_at = token_head * (HEAD_DIM // GROUP_SIZE) + d[None, :] // GROUP_SIZE
     for i in range(lo, hi):
-        page = tl.load(q_pages + i).to(tl.int64)
+        page = tl.load(packed_pages + i).to(tl.int64)
         byte0 = page * PAGE_BYTES
         half0 = page * PAGE_HALVES + kv_head * HEAD_DIM
         k_scale = tl.load(scales + half0 + KEY_SCALE + d, mask=d_ok, other=0.0).to(tl.float32)
@@ -121,7 +121,9 @@ def _outlier_channel(
     """Score correction [G, BLOCK_BT] for the j-th 16-bit key channel c of this head: the
     2-bit dot product counted q[c] * dequantized[c]; the stored exact value replaces it."""
     channel = tl.load(codes + byte0 + KEY_OUT_CHANNELS + kv_head * KEY_OUT + j).to(tl.int32)
-    byte = tl.load(codes + byte0 + KEY_CODES + (t * KV_HEADS + kv_head) * (HEAD_DIM // 4) + channel // 4, mask=t_ok, other=0)
+    byte = tl.load(
+        codes + byte0 + KEY_CODES + (t * KV_HEADS + kv_head) * (HEAD_DIM // 4) + channel // 4, mask=t_ok, other=0
+    )
     code = (byte >> ((channel % 4) * 2).to(tl.uint8)) & 3  # [BLOCK_BT]
     scale = tl.load(scales + half0 + KEY_SCALE + channel).to(tl.float32)
     zero = tl.load(scales + half0 + KEY_ZERO + channel).to(tl.float32)
@@ -149,7 +151,8 @@ def _new_token(
 @triton.jit
 def decode_partial_kernel(
     query, new_keys, new_values, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    query_rows, fp_ptr, fp_slots, q_ptr, q_pages, fp_tier, codes, scales, part_out, part_lse, num_splits, sm_scale,
+    query_rows, fp_ptr, fp_slots, packed_ptr, packed_pages, fp_tier, codes, scales, part_out, part_lse, num_splits,
+    sm_scale,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_TOKENS: tl.constexpr, FP_PAGE_TOKENS: tl.constexpr, PAGE_BYTES: tl.constexpr, PAGE_ELEMS: tl.constexpr,
     PAGE_HALVES: tl.constexpr, KEY_CODES: tl.constexpr, VALUE_CODES: tl.constexpr, KEY_SCALE: tl.constexpr,
@@ -162,10 +165,10 @@ def decode_partial_kernel(
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g, d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + g
-    q_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
+    query_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
     row = tl.load(query_rows + seq).to(tl.int64)
     q_at = query + row * stride_qt + heads[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_at, mask=q_mask, other=0.0).to(tl.float32)
+    q = tl.load(q_at, mask=query_mask, other=0.0).to(tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # exp2 instead of exp
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
@@ -179,9 +182,9 @@ def decode_partial_kernel(
         q, m, l, acc, fp_tier, fp_slots, lo, hi, kv_head, qk_scale,
         KV_HEADS, HEAD_DIM, FP_PAGE_TOKENS, PAGE_ELEMS, BLOCK_N, BLOCK_D, DOT_DTYPE, PRECISION,
     )  # fmt: skip
-    lo, hi = _split_range(q_ptr, seq, split, num_splits, 1)
+    lo, hi = _split_range(packed_ptr, seq, split, num_splits, 1)
     m, l, acc = _page_tiles(
-        q, m, l, acc, codes, scales, q_pages, lo, hi, kv_head, qk_scale,
+        q, m, l, acc, codes, scales, packed_pages, lo, hi, kv_head, qk_scale,
         KV_HEADS, HEAD_DIM, GROUP_SIZE, BLOCK_TOKENS, PAGE_BYTES, PAGE_HALVES, KEY_CODES, VALUE_CODES,
         KEY_SCALE, KEY_ZERO, VALUE_SCALE, VALUE_ZERO, KEY_OUT, KEY_OUT_VALUES, KEY_OUT_CHANNELS,
         BLOCK_BT, BLOCK_D, DOT_DTYPE, PRECISION,
@@ -191,7 +194,7 @@ def decode_partial_kernel(
     lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, l, 1.0)), float("-inf"))
     tl.store(part_lse + part, lse, mask=g < GROUP)
     out = acc / tl.where(has_keys, l, 1.0)[:, None]
-    tl.store(part_out + part[:, None] * HEAD_DIM + d[None, :], out, mask=q_mask)
+    tl.store(part_out + part[:, None] * HEAD_DIM + d[None, :], out, mask=query_mask)
 
 
 @triton.jit

@@ -21,8 +21,8 @@ from server.api.chat import create_chat_completion
 from server.api.completions import create_completion
 from server.api.errors import APIError, error_responses, install_error_handlers
 from server.api.info import BODY_MODELS, info_routes
-from server.api.middleware import AuthMiddleware, BodyLimitMiddleware
 from server.api.intake import accept, add_body_schemas, json_body, read_request
+from server.api.middleware import AuthMiddleware, BodyLimitMiddleware
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
 from server.api.sampling import generation_defaults, vocab_width
 from server.api.serving import ServingContext
@@ -37,16 +37,22 @@ logger = logging.getLogger(__name__)
 WATCHDOG_INTERVAL = 1.0  # seconds between the watchdog's looks at the engine (at most)
 ENGINE_STOPPED = "The engine stopped; the server is restarting."
 SSE_EVENT = {  # one server-sent event (OpenAPI's generic text/event-stream item)
-    "type": "object", "required": ["data"],
-    "properties": {"data": {"type": "string", "description": "a JSON chunk or error object; last, [DONE]"},
-                   "event": {"type": "string", "enum": ["message"]}, "id": {"type": "string"},
-                   "retry": {"type": "integer"}},
-}  # fmt: skip
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "description": "a JSON chunk or error object; last, [DONE]"},
+        "event": {"type": "string", "enum": ["message"]},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
 COMPLETION_RESPONSES = {
-    200: {"description": "A completion; with `stream: true`, server-sent events ending in `data: [DONE]`",
-          "content": {"application/json": {}, "text/event-stream": {"schema": SSE_EVENT}}},
+    200: {
+        "description": "A completion; with `stream: true`, server-sent events ending in `data: [DONE]`",
+        "content": {"application/json": {}, "text/event-stream": {"schema": SSE_EVENT}},
+    },
     **error_responses(400, 401, 404, 413, 429, 500, 503),
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -104,8 +110,12 @@ def create_app(
     if settings.api_key is not None:
         app.add_middleware(AuthMiddleware, api_key=settings.api_key)
     if settings.allowed_origins:  # outermost: preflight requests are answered without a key
-        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     _add_routes(app, state)
     return app
 
@@ -156,9 +166,16 @@ async def _start_engine(s: ServerSettings, factory: Callable[[], EngineCore]) ->
     core = await asyncio.to_thread(factory)
     sampling_defaults = generation_defaults(core.model, s.generation_config)
     sinks = sink_tokens_of(core.layout.policy)
-    cache_info = {"policy": s.policy, "fp_budget": str(s.fp_budget), "group_size": str(s.group_size),
-                  "sink_tokens": str(sinks), "key_fp_channels": str(s.key_fp_channels), "kv_bits": str(s.kv_bits),
-                  "dtype": str(core.dtype).removeprefix("torch."), "device": str(core.device)}  # fmt: skip
+    cache_info = {
+        "policy": s.policy,
+        "fp_budget": str(s.fp_budget),
+        "group_size": str(s.group_size),
+        "sink_tokens": str(sinks),
+        "key_fp_channels": str(s.key_fp_channels),
+        "kv_bits": str(s.kv_bits),
+        "dtype": str(core.dtype).removeprefix("torch."),
+        "device": str(core.device),
+    }
     metrics = Metrics(s.model_name, core.max_model_len, cache_info)
     engine = AsyncEngine(core, metrics.on_step, s.stream_buffer_tokens, s.stream_stall_timeout, s.step_timeout)
     engine.start()
@@ -171,11 +188,27 @@ async def _start_engine(s: ServerSettings, factory: Callable[[], EngineCore]) ->
     fingerprint = f"{s.policy}-fp{s.fp_budget}-g{s.group_size}"
     fingerprint += (f"-s{sinks}" if sinks else "") + (f"-k{s.key_fp_channels}" if s.key_fp_channels else "")
     fingerprint += f"-b{s.kv_bits}" if s.kv_bits != 2 else ""
-    ctx = ServingContext(engine, core.tokenizer, s.model_name, core.max_model_len, s.max_waiting_requests,
-                         fingerprint, vocab_width(core.model, core.tokenizer), s.max_sequences_per_request,
-                         s.max_response_bytes, s.log_prompts, s.max_log_len, sampling_defaults=sampling_defaults)  # fmt: skip
-    logger.info("ready: %s (%s, KV %.1f MiB, %d pages)", s.model_name, fingerprint,
-                core.kv_manager.capacity_bytes / 2**20, core.kv_manager.num_pages)  # fmt: skip
+    ctx = ServingContext(
+        engine,
+        core.tokenizer,
+        s.model_name,
+        core.max_model_len,
+        s.max_waiting_requests,
+        fingerprint,
+        vocab_width(core.model, core.tokenizer),
+        s.max_sequences_per_request,
+        s.max_response_bytes,
+        s.log_prompts,
+        s.max_log_len,
+        sampling_defaults=sampling_defaults,
+    )
+    logger.info(
+        "ready: %s (%s, KV %.1f MiB, %d pages)",
+        s.model_name,
+        fingerprint,
+        core.kv_manager.capacity_bytes / 2**20,
+        core.kv_manager.num_pages,
+    )
     return ctx, metrics
 
 

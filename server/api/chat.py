@@ -17,8 +17,8 @@ from server.api.serving import (
     ChoiceEvent,
     ServingContext,
     check_request,
-    collect_choices,
     choice_events,
+    collect_choices,
     log_request,
     stream_sse,
     until_disconnect,
@@ -35,9 +35,7 @@ def logprob_entries(ctx: ServingContext, entries: list[dict]) -> list[dict]:
     def one(token_id: int, logprob: float) -> dict:
         return {"token": texts.text(token_id), "logprob": logprob, "bytes": list(texts.bytes(token_id))}
 
-    return [
-        {**one(e["token_id"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]} for e in entries
-    ]
+    return [{**one(e["token_id"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"]]} for e in entries]
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest, raw: Request):
@@ -65,8 +63,17 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         message, finish[i] = assistant_message(plan, texts[i], finish[i])
         entries = {"content": logprob_entries(ctx, logprobs[i])} if req.logprobs else None
         choices.append({"index": i, "message": message, "logprobs": entries, "finish_reason": finish[i]})
-    log_request(ctx, request_id, "chat", started, prompt_tokens=len(prompt), completion_tokens=generated,
-                finish_reasons=finish, user=req.user, prompt=[m.text() for m in req.messages])  # fmt: skip
+    log_request(
+        ctx,
+        request_id,
+        "chat",
+        started,
+        prompt_tokens=len(prompt),
+        completion_tokens=generated,
+        finish_reasons=finish,
+        user=req.user,
+        prompt=[m.text() for m in req.messages],
+    )
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage([prompt], generated)})
 
 
@@ -98,4 +105,6 @@ def _stream(ctx, req, plan: ToolPlan, head, prompt, events, started: float) -> A
         return out
 
     opening = [choice(i, {"role": "assistant", "content": ""}) for i in range(req.n)]
-    return stream_sse(ctx, "chat.stream", head, [prompt], events, req.stream_options, started, req.user, opening, render)
+    return stream_sse(
+        ctx, "chat.stream", head, [prompt], events, req.stream_options, started, req.user, opening, render
+    )

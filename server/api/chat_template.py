@@ -44,8 +44,9 @@ def render_chat(
     """The conversation through the model's chat template: token ids, or the text when
     `tokenize` is False."""
     if add_generation_prompt and continue_final_message:
-        raise APIError(400, "add_generation_prompt and continue_final_message cannot both be true",
-                       param="continue_final_message")  # fmt: skip
+        raise APIError(
+            400, "add_generation_prompt and continue_final_message cannot both be true", param="continue_final_message"
+        )
     try:
         rendered = tokenizer.apply_chat_template(
             template_messages(messages, template_renders_tools(tokenizer)),

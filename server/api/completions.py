@@ -16,8 +16,8 @@ from server.api.serving import (
     ChoiceEvent,
     ServingContext,
     check_request,
-    collect_choices,
     choice_events,
+    collect_choices,
     log_request,
     stream_sse,
     until_disconnect,
@@ -72,8 +72,13 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
     events = choice_events(ctx, request_id, prompts, params, output_options(req), grammars)
     texts = await ctx.run_tokenizer(ctx.tokenizer.batch_decode, prompts) if req.echo else [""] * len(prompts)
     echo = [text for text in texts for _ in range(req.n)]
-    head = {"id": request_id, "object": "text_completion", "created": now(), "model": ctx.model_name,
-            "system_fingerprint": ctx.fingerprint}  # fmt: skip
+    head = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": now(),
+        "model": ctx.model_name,
+        "system_fingerprint": ctx.fingerprint,
+    }
     if req.stream:
         body = _stream(ctx, req, head, prompts, echo, await admitted(raw, events), started)
         return StreamingResponse(body, media_type="text/event-stream")
@@ -87,8 +92,17 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest, raw: Re
         }
         for i in range(num)
     ]
-    log_request(ctx, request_id, "completions", started, prompt_tokens=sum(map(len, prompts)),
-                completion_tokens=generated, finish_reasons=finish, user=req.user, prompt=req.prompt)  # fmt: skip
+    log_request(
+        ctx,
+        request_id,
+        "completions",
+        started,
+        prompt_tokens=sum(map(len, prompts)),
+        completion_tokens=generated,
+        finish_reasons=finish,
+        user=req.user,
+        prompt=req.prompt,
+    )
     return JSONResponse({**head, "choices": choices, "usage": usage(prompts, generated)})
 
 
@@ -106,5 +120,6 @@ def _stream(ctx, req, head, prompts, echo, events, started: float) -> AsyncItera
         return [choice(event.index, event.text, event.finish_reason, logprobs)]
 
     opening = [choice(i, text, None, None) for i, text in enumerate(echo) if text]
-    return stream_sse(ctx, "completions.stream", head, prompts, events, req.stream_options, started, req.user, opening,
-                      render)  # fmt: skip
+    return stream_sse(
+        ctx, "completions.stream", head, prompts, events, req.stream_options, started, req.user, opening, render
+    )

@@ -77,10 +77,12 @@ class TextTracker:
 
 
 class IncrementalDecoder:
-    """Token ids -> text one token at a time; the concatenated output (after `flush`) equals
-    `decode_tokens` of all ids. Runs of ordinary tokens go through tokenizers' `DecodeStream`
-    (`WindowDecodeStream` for tokenizers without a Rust backend), which returns text only once
-    its UTF-8 characters are complete; added tokens are handled as `decode_tokens` does."""
+    """Token ids -> text one token at a time; the concatenated output (after `flush`) equals a
+    decode of all ids as HF's Python tokenizers (and vLLM) do it: runs of ordinary tokens
+    decoded together, added tokens as their text (special ones dropped with
+    skip_special_tokens), joined by " " when spaces_between_special_tokens. Runs go through
+    tokenizers' `DecodeStream` (`WindowDecodeStream` for tokenizers without a Rust backend),
+    which returns text only once its UTF-8 characters are complete."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, options: OutputOptions) -> None:
         self.tokenizer, self.options = tokenizer, options
@@ -101,7 +103,7 @@ class IncrementalDecoder:
             self._run_text.append(text)
             return prefix + text
         if token.special and self.options.skip_special_tokens:
-            return ""  # dropped without ending the run, as in decode_tokens
+            return ""  # dropped without ending the run, as a whole decode does
         return self.flush() + self._start_piece() + token.content
 
     def flush(self) -> str:
@@ -142,28 +144,6 @@ class WindowDecodeStream:
         self._prefix = tokenizer.decode(self._ids)
         self._prefix_index = next_index
         return new
-
-
-def decode_tokens(
-    tokenizer: PreTrainedTokenizerBase, ids: list[int], options: OutputOptions, added: dict[int, AddedToken]
-) -> str:
-    """Decode as HF's Python tokenizers (and vLLM) do: runs of ordinary tokens decoded
-    together, added tokens as their text (special ones dropped with skip_special_tokens),
-    joined by " " when spaces_between_special_tokens."""
-    if not any(i in added for i in ids):
-        return tokenizer.decode(ids)
-    pieces: list[str] = []
-    run: list[int] = []
-    for token_id in ids:
-        token = added.get(token_id)
-        if token is None:
-            run.append(token_id)
-        elif not (token.special and options.skip_special_tokens):
-            pieces += [tokenizer.decode(run)] if run else []
-            pieces.append(token.content)
-            run = []
-    pieces += [tokenizer.decode(run)] if run else []
-    return (" " if options.spaces_between_special_tokens else "").join(pieces)
 
 
 class TokenTexts:

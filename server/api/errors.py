@@ -16,13 +16,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 logger = logging.getLogger(__name__)
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code; also a pydantic error type in protocol
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}  # fmt: skip
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
 
 
-_DESCRIPTIONS = {400: "Invalid request", 401: "Missing or invalid API key", 404: "Unknown model",
-                 413: "Request body too large", 429: "Too many requests waiting", 500: "Internal error",
-                 503: "Model loading or server shutting down"}  # fmt: skip
+_DESCRIPTIONS = {
+    400: "Invalid request",
+    401: "Missing or invalid API key",
+    404: "Unknown model",
+    413: "Request body too large",
+    429: "Too many requests waiting",
+    500: "Internal error",
+    503: "Model loading or server shutting down",
+}
 
 
 class ErrorDetail(BaseModel):

@@ -65,8 +65,15 @@ TOKENIZER_ERRORS = error_responses(400, 401, 404, 413, 429, 500, 503)
 
 
 def model_card(ctx: ServingContext, root: str) -> dict:
-    return {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": OWNER, "root": root,
-            "parent": None, "max_model_len": ctx.max_model_len}  # fmt: skip
+    return {
+        "id": ctx.model_name,
+        "object": "model",
+        "created": ctx.created,
+        "owned_by": OWNER,
+        "root": root,
+        "parent": None,
+        "max_model_len": ctx.max_model_len,
+    }
 
 
 def check_model(ctx: ServingContext, model: str | None) -> None:
@@ -78,8 +85,9 @@ def _tokenize(ctx: ServingContext, req: TokenizeRequest) -> dict:
     if req.messages is not None:
         tools = [tool.model_dump(exclude_none=True) for tool in req.tools or []]
         shown = tools if tools and template_renders_tools(ctx.tokenizer) else None
-        text = render_chat(ctx.tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message, shown,
-                           tokenize=False)  # fmt: skip
+        text = render_chat(
+            ctx.tokenizer, req.messages, req.add_generation_prompt, req.continue_final_message, shown, tokenize=False
+        )
         ids = ctx.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
     else:
         assert req.prompt is not None, "checked by TokenizeRequest"

@@ -41,7 +41,9 @@ async def read_request(ctx: ServingContext, raw: Request, model: type[M], prompt
     body = await raw.body()
     content_type = raw.headers.get("content-type")
     limits = ctx.request_limits
-    return await ctx.run_tokenizer(parse_request, model, body, content_type, limits, prompt_fields, ctx.max_prompt_chars)
+    return await ctx.run_tokenizer(
+        parse_request, model, body, content_type, limits, prompt_fields, ctx.max_prompt_chars
+    )
 
 
 async def accept(ctx: ServingContext, num_sequences: int, handle: Callable[[], Awaitable[T]]) -> T:
@@ -79,8 +81,9 @@ def parse_request(
 
 def _json_object(body: bytes, content_type: str | None) -> dict[str, Any]:
     if content_type is not None and not _is_json(content_type):
-        raise APIError(400, f"The body must be JSON (Content-Type: application/json), not {content_type}.",
-                       code="invalid_json")  # fmt: skip
+        raise APIError(
+            400, f"The body must be JSON (Content-Type: application/json), not {content_type}.", code="invalid_json"
+        )
     try:
         data = json.loads(body)
     except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8

@@ -110,8 +110,9 @@ def check_unicode(body: dict) -> None:
         except UnicodeEncodeError as exc:
             code_point = f"U+{ord(text[exc.start]):04X}"
             what = f"a field name in {path or 'the body'}" if is_key else path
-            raise APIError(400, f"{what} is not valid Unicode: it contains the lone surrogate {code_point}.",
-                           param=path or None) from None  # fmt: skip
+            raise APIError(
+                400, f"{what} is not valid Unicode: it contains the lone surrogate {code_point}.", param=path or None
+            ) from None
 
 
 def _texts_and_keys(value: object, path: str) -> Iterator[tuple[str, str, bool]]:

@@ -12,8 +12,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import error_body
 
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs",
-                          "/docs/oauth2-redirect", "/redoc"})  # fmt: skip
+PUBLIC_PATHS = frozenset(
+    {"/health", "/ready", "/metrics", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+)
 
 
 def bearer_token(authorization: str) -> str | None:

@@ -69,7 +69,9 @@ def check_sequence_count(count: int, limits: RequestLimits | None) -> None:
 
 
 def sequence_cap_message(count: int, cap: int) -> str:
-    return f"This request asks for {count} sequences (prompts x n); the server runs at most {cap} sequences per request."
+    return (
+        f"This request asks for {count} sequences (prompts x n); the server runs at most {cap} sequences per request."
+    )
 
 
 Name = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
@@ -220,9 +222,10 @@ class SamplingFields(StructuredFields):
     include_stop_str_in_output: Bool = False
     skip_special_tokens: Bool = True
     spaces_between_special_tokens: Bool = True
-    logit_bias: Annotated[
-        dict[TokenIdKey, Annotated[Float, Field(ge=-100, le=100)]], Field(max_length=MAX_LOGIT_BIAS_ENTRIES)
-    ] | None = None
+    logit_bias: (
+        Annotated[dict[TokenIdKey, Annotated[Float, Field(ge=-100, le=100)]], Field(max_length=MAX_LOGIT_BIAS_ENTRIES)]
+        | None
+    ) = None
     min_tokens: Annotated[Int, Field(ge=0, le=MAX_INT)] = 0
 
     @field_validator("stop", mode="wrap")

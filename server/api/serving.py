@@ -19,11 +19,11 @@ from transformers import PreTrainedTokenizerBase
 
 from server.api.detokenize import OutputOptions, TextTracker, TokenTexts
 from server.api.errors import APIError, error_body
-from server.api.protocol import RequestLimits, SamplingFields, StreamOptions, now
 from server.api.limits import clipped, current_admission, mean_token_chars, prompt_char_limit
+from server.api.protocol import RequestLimits, SamplingFields, StreamOptions, now
 from server.engine.async_engine import AsyncEngine
-from server.engine.streams import EngineDeadError, EngineShuttingDownError, SequenceDelta, StreamStalledError
 from server.engine.request import SamplingParams
+from server.engine.streams import EngineDeadError, EngineShuttingDownError, SequenceDelta, StreamStalledError
 
 if TYPE_CHECKING:
     from server.engine.structured import GrammarState
@@ -201,8 +201,9 @@ def _as_api_error(exc: Exception, request_id: str) -> APIError:
     if isinstance(exc, ValueError):  # raised by the engine on admission for this request
         return APIError(400, str(exc))
     logger.error("request %s failed", request_id, exc_info=exc)
-    return APIError(500, f"The server had an error while processing your request (request id {request_id}).",
-                    code="internal_error")  # fmt: skip
+    return APIError(
+        500, f"The server had an error while processing your request (request id {request_id}).", code="internal_error"
+    )
 
 
 async def until_disconnect(raw: Request, work: Awaitable[T]) -> T:
@@ -233,8 +234,11 @@ def log_request(ctx: ServingContext, request_id: str, kind: str, started: float,
 
 def usage(prompts: list[list[int]], num_generated: int) -> dict:
     prompt_tokens = sum(len(p) for p in prompts)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": num_generated,
-            "total_tokens": prompt_tokens + num_generated}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": num_generated,
+        "total_tokens": prompt_tokens + num_generated,
+    }
 
 
 async def stream_sse(
@@ -271,12 +275,17 @@ async def stream_sse(
         yield sse(error_body(err.status, err.message, err.param, err.code))
     finally:
         await events.aclose()
-        log_request(ctx, head["id"], endpoint, started, prompt_tokens=sum(map(len, prompts)),
-                    completion_tokens=generated, user=user)  # fmt: skip
+        log_request(
+            ctx,
+            head["id"],
+            endpoint,
+            started,
+            prompt_tokens=sum(map(len, prompts)),
+            completion_tokens=generated,
+            user=user,
+        )
     yield sse("[DONE]")
 
 
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
-
-

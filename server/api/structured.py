@@ -19,8 +19,9 @@ def request_constraint(req: SamplingFields) -> Constraint | None:
     """The one constraint the request sets, if any (two or more is a 400)."""
     found = [c for c in (_response_format(req), _structured_outputs(req.structured_outputs), *_guided(req)) if c]
     if len(found) > 1:
-        raise APIError(400, f"set one structured-output constraint, not both {found[0][1]} and {found[1][1]}",
-                       param=found[1][1])  # fmt: skip
+        raise APIError(
+            400, f"set one structured-output constraint, not both {found[0][1]} and {found[1][1]}", param=found[1][1]
+        )
     return found[0] if found else None
 
 
@@ -67,18 +68,28 @@ def _structured_outputs(options: StructuredOutputs | None) -> Constraint | None:
         return None
     given = {name: value for name, value in options.model_dump(by_alias=True).items() if value not in (None, False)}
     if len(given) != 1:
-        raise APIError(400, "structured_outputs needs exactly one of json, regex, choice, grammar, json_object",
-                       param="structured_outputs")  # fmt: skip
+        raise APIError(
+            400,
+            "structured_outputs needs exactly one of json, regex, choice, grammar, json_object",
+            param="structured_outputs",
+        )
     (name, value), field = next(iter(given.items())), "structured_outputs"
     return _spec(name, value, field)
 
 
 def _guided(req: SamplingFields) -> list[Constraint | None]:
     fields = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
-    return [_spec(kind, getattr(req, field), field) for field, kind in fields.items() if getattr(req, field) is not None]
+    return [
+        _spec(kind, getattr(req, field), field) for field, kind in fields.items() if getattr(req, field) is not None
+    ]
 
 
 def _spec(kind: str, value: object, field: str) -> Constraint:
-    makers = {"json": StructuredSpec.json_schema, "regex": StructuredSpec.regex, "choice": StructuredSpec.choice,
-              "grammar": StructuredSpec.grammar, "json_object": lambda _: StructuredSpec.json_object()}  # fmt: skip
+    makers = {
+        "json": StructuredSpec.json_schema,
+        "regex": StructuredSpec.regex,
+        "choice": StructuredSpec.choice,
+        "grammar": StructuredSpec.grammar,
+        "json_object": lambda _: StructuredSpec.json_object(),
+    }
     return _build(lambda: makers[kind](value), field)

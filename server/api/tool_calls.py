@@ -49,19 +49,9 @@ def parse_hermes(text: str) -> tuple[str | None, list[dict]]:
     return (rest if rest.strip() else None), calls
 
 
-def parse_required(text: str) -> list[dict] | None:
-    """The JSON list of {"name", "parameters"} objects that tool_choice "required" forces."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(value, list):
-        return None
-    calls = [parse_call_json(json.dumps(item), "parameters") for item in value]
-    return calls if calls and all(c is not None for c in calls) else None  # type: ignore[return-value]
-
-
-def parse_output(mode: Mode, text: str, name: str | None, max_calls: int | None = None) -> tuple[str | None, list[dict]]:
+def parse_output(
+    mode: Mode, text: str, name: str | None, max_calls: int | None = None
+) -> tuple[str | None, list[dict]]:
     """(content, tool calls) of a finished output. A "required" list cut short by max_tokens
     gives the calls it completed, as its stream does. Calls past `max_calls` are dropped."""
     if mode == "named":

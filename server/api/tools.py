@@ -52,8 +52,12 @@ def plan_tools(req: ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase) -
         return ToolPlan("none")
     if choice == "auto":
         if not renders:
-            raise APIError(400, "This model's chat template does not render tools, so tool_choice \"auto\" is not "
-                           "available; use \"required\", a named function or \"none\"", param="tool_choice")  # fmt: skip
+            raise APIError(
+                400,
+                'This model\'s chat template does not render tools, so tool_choice "auto" is not '
+                'available; use "required", a named function or "none"',
+                param="tool_choice",
+            )
         return ToolPlan("auto", shown, max_calls=1 if req.parallel_tool_calls is False else None)
     if isinstance(choice, NamedToolChoice):
         tool = _find(req.tools, choice.function.name)
@@ -73,8 +77,10 @@ def _required_schema(tools: list[Tool], parallel: bool) -> dict:
     items = [
         {
             "type": "object",
-            "properties": {"name": {"type": "string", "enum": [t.function.name]},
-                           "parameters": t.function.parameters or NO_ARGUMENTS},  # fmt: skip
+            "properties": {
+                "name": {"type": "string", "enum": [t.function.name]},
+                "parameters": t.function.parameters or NO_ARGUMENTS,
+            },
             "required": ["name", "parameters"],
             "additionalProperties": False,
         }

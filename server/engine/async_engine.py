@@ -2,7 +2,8 @@
 
 `generate()` submits a request and yields `SequenceDelta`s as tokens arrive; closing the
 iterator early (client gone) aborts the request and frees its pages at once. Commands (add,
-abort, wake) go to the engine thread through a queue, so only that thread touches the core.
+abort, wake) go to the engine thread through a queue, so only that thread touches the core,
+and only through the core's own methods (it owns the scheduler).
 
 Admission: `admit()` reserves room in the waiting queue from the moment the server accepts a
 request (while it is still being tokenized); `generate()` turns the reservation into a queued
@@ -27,9 +28,17 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from server.engine.core import EngineCore, EngineStats
-from server.engine.request import SamplingParams, Sequence
-from server.engine.streams import (Admission, EngineDeadError, EngineShuttingDownError, EngineStepError,
-                                   QueueFullError, RequestStream, SequenceDelta, StreamStalledError)  # fmt: skip
+from server.engine.request import SamplingParams, SequenceState
+from server.engine.streams import (
+    Admission,
+    EngineDeadError,
+    EngineShuttingDownError,
+    EngineStepError,
+    QueueFullError,
+    RequestStream,
+    SequenceDelta,
+    StreamStalledError,
+)
 
 if TYPE_CHECKING:
     from server.engine.structured import GrammarState
@@ -42,7 +51,7 @@ class AsyncEngine:
     def __init__(
         self,
         core: EngineCore,
-        on_step: Callable[[EngineStats, list[Sequence], list[float]], None] | None = None,
+        on_step: Callable[[EngineStats, list[SequenceState], list[float]], None] | None = None,
         stream_buffer_tokens: int = 0,
         stall_timeout: float = 60.0,
         step_timeout: float | None = None,
@@ -51,7 +60,8 @@ class AsyncEngine:
         request pauses (0: never); `step_timeout`: seconds one step may take (None: no limit)."""
         self.core = core
         self.on_step = on_step
-        self.stream_buffer_tokens, self.stall_timeout, self.step_timeout = stream_buffer_tokens, stall_timeout, step_timeout
+        self.stream_buffer_tokens = stream_buffer_tokens
+        self.stall_timeout, self.step_timeout = stall_timeout, step_timeout
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, RequestStream] = {}  # requests in the core (engine thread)
         self._paused: dict[str, RequestStream] = {}  # of those, the paused ones (engine thread)
@@ -66,7 +76,7 @@ class AsyncEngine:
     @property
     def num_waiting(self) -> int:
         """Sequences admitted, queued as commands, or waiting in the scheduler."""
-        return len(self.core.scheduler.waiting) + self._commands.qsize() + self._admitted
+        return self.core.num_waiting + self._commands.qsize() + self._admitted
 
     def admit(self, num_sequences: int, limit: int) -> Admission:
         """Reserve room for a request's sequences, or raise QueueFullError if more than
@@ -74,7 +84,10 @@ class AsyncEngine:
         if self.num_waiting + num_sequences > limit:
             raise QueueFullError(f"more than {limit} sequences would be waiting")
         self._admitted += num_sequences
-        return Admission(self, num_sequences)
+        return Admission(self._give_back, num_sequences)
+
+    def _give_back(self, count: int) -> None:
+        self._admitted -= count
 
     def fail_all_requests(self, error: EngineDeadError) -> None:
         """From the event loop: end every running `generate()` now with `error` (its request
@@ -125,8 +138,8 @@ class AsyncEngine:
             raise self._refusal
         if self._stopping.is_set():
             raise EngineDeadError("the engine is not running")
-        stream = RequestStream(request_id, prompt_token_ids, params, asyncio.get_running_loop(), asyncio.Queue(),
-                               grammars, self.stream_buffer_tokens * params.n)  # fmt: skip
+        loop, limit = asyncio.get_running_loop(), self.stream_buffer_tokens * params.n
+        stream = RequestStream(request_id, prompt_token_ids, params, loop, asyncio.Queue(), grammars, limit)
         self._commands.put(("add", stream))
         if admission is not None:
             admission.release(params.n)  # now counted by the command queue
@@ -171,11 +184,9 @@ class AsyncEngine:
     def _step(self) -> bool:
         """Run one step and deliver its tokens; False if nothing could run (every running
         sequence is paused, and nothing waiting fits beside them)."""
-        running = self.core.scheduler.running
-        before = (len(running), sum(seq.num_computed_tokens for seq in running))
         self._step_started = time.monotonic()
         try:
-            updated = self.core.step()
+            outcome = self.core.step()
         except Exception as exc:  # a failed step must not hang clients: fail their requests
             logger.exception("engine step failed; aborting requests %s", sorted(self._streams))
             failure = EngineStepError("engine step failed")
@@ -184,11 +195,11 @@ class AsyncEngine:
             return True
         finally:
             self._step_started = None
-        self._deliver(updated)
+        self._deliver(outcome.sequences)
         if self.on_step is not None:
-            self.on_step(self.core.stats, [s for s in updated if s.is_finished], self.core.last_step_itl)
-        running = self.core.scheduler.running
-        return bool(updated) or before != (len(running), sum(seq.num_computed_tokens for seq in running))
+            finished = [s for s in outcome.sequences if s.is_finished]
+            self.on_step(self.core.stats, finished, outcome.inter_token_latencies)
+        return outcome.progressed
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -208,7 +219,7 @@ class AsyncEngine:
         elif command == "abort_sample":
             request_id, index = arg  # type: ignore[misc]
             stream = self._streams.get(request_id)
-            seq = self.core.scheduler.abort(f"{request_id}-{index}") if stream else None
+            seq = self.core.abort_sample(request_id, index) if stream else None
             if stream is not None and seq is not None:
                 self._send(stream, SequenceDelta(index, None, None, "abort", seq))
                 self._close_if_done(stream)
@@ -223,7 +234,7 @@ class AsyncEngine:
             self._report(self.core.abort_request(request_id, stream.params.n))
         return stream
 
-    def _report(self, ended: list[Sequence]) -> None:
+    def _report(self, ended: list[SequenceState]) -> None:
         if self.on_step is not None:
             self.on_step(self.core.stats, ended, [])
 
@@ -231,7 +242,7 @@ class AsyncEngine:
         """Errors go to that request only and never kill the loop: a ValueError is the
         request's fault (a 400 with its message), anything else is internal (a 500)."""
         try:
-            seqs = self.core.add_request(stream.request_id, stream.prompt_token_ids, stream.params)
+            self.core.add_request(stream.request_id, stream.prompt_token_ids, stream.params, stream.grammars)
         except ValueError as exc:
             self._send(stream, exc)
             return
@@ -241,11 +252,9 @@ class AsyncEngine:
             failure.__cause__ = exc
             self._send(stream, failure)
             return
-        for seq, grammar in zip(seqs, stream.grammars or ()):
-            seq.grammar = grammar
         self._streams[stream.request_id] = stream
 
-    def _deliver(self, updated: list[Sequence]) -> None:
+    def _deliver(self, updated: list[SequenceState]) -> None:
         finished: dict[str, RequestStream] = {}
         for seq in updated:
             stream = self._streams.get(seq.request_id)
@@ -263,7 +272,7 @@ class AsyncEngine:
             elif stream.over_limit():  # (again, if preemption put a paused sequence back to work)
                 if stream.paused_since is None:
                     logger.debug("request %s paused: %d deltas unread", stream.request_id, stream.unread)
-                stream.set_paused(self.core.scheduler, stream.paused_since or time.monotonic())
+                stream.set_paused(self.core, stream.paused_since or time.monotonic())
                 self._paused[stream.request_id] = stream
         for stream in finished.values():  # after the loop: samples may finish in the same step
             self._close_if_done(stream)
@@ -273,17 +282,16 @@ class AsyncEngine:
         now = time.monotonic()
         for request_id, stream in list(self._paused.items()):
             if stream.drained():
-                stream.set_paused(self.core.scheduler, None)
+                stream.set_paused(self.core, None)
                 del self._paused[request_id]
             elif now - (stream.paused_since or now) > self.stall_timeout:
-                logger.warning("request %s: its client read nothing for %.0f s; aborting it", request_id,
-                               self.stall_timeout)  # fmt: skip
+                stalled = self.stall_timeout
+                logger.warning("request %s: its client read nothing for %.0f s; aborting it", request_id, stalled)
                 self._abort(request_id)
                 self._send(stream, StreamStalledError("the client stopped reading the stream"))
 
     def _close_if_done(self, stream: RequestStream) -> None:
-        running = self.core.scheduler.sequences
-        if all(f"{stream.request_id}-{i}" not in running for i in range(stream.params.n)):
+        if self.core.is_done(stream.request_id, stream.params.n):
             self._streams.pop(stream.request_id, None)
             self._paused.pop(stream.request_id, None)
 

@@ -1,4 +1,9 @@
-"""Engine configuration (no I/O here: resolution of device/dtype/budget happens in the runner)."""
+"""Engine configuration (a frozen dataclass) and byte sizes (`parse_bytes`).
+
+Device and dtype defaults resolve here (`resolved_device`, `resolved_dtype`); the KV budget's
+default (a share of free GPU memory, or 1 GiB on the CPU) and the context length are resolved
+by `EngineCore`, which knows the model.
+"""
 
 from __future__ import annotations
 

@@ -1,24 +1,35 @@
-"""EngineCore: one step = schedule -> run -> postprocess, plus statistics for metrics."""
+"""EngineCore: the engine's one owner of a step, as nano-vllm and vLLM v1 write it:
+
+    output = scheduler.schedule()          # chunks picked, pages allocated, the step planned
+    result = runner.execute(output)        # the model over the flat batch, then sampling
+    outcome = scheduler.update(output, result)   # tokens, logprobs, timings, stops, failures
+    stats                                  # for metrics
+
+It also owns the requests' structured-output matchers (`StructuredOutputManager`). The async
+front (`AsyncEngine`) and the offline `LLM` talk to the core only.
+"""
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from logquant.attention_spec import AttentionSpec, attention_spec
-from logquant.models import load_model
 from logquant.kv_manager import KVManager
+from logquant.layout import KVLayout
+from logquant.models import load_model
 from logquant.policy import make_policy
 from logquant.store import PagedKVStore
 from server.engine.config import EngineConfig
-from server.engine.request import SamplingParams, Sequence
-from server.engine.runner import ModelRunner, layout_for
+from server.engine.outputs import StepOutcome
+from server.engine.request import SamplingParams, SequenceState
+from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.engine.structured import compile_structured
+from server.engine.structured import GrammarState
+from server.engine.structured_outputs import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 CPU_DEFAULT_KV_BYTES = 2**30
@@ -43,21 +54,33 @@ class EngineCore:
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.device, self.dtype = config.resolved_device(), config.resolved_dtype()
         policy = make_policy(config.policy, config.fp_budget, config.group_size, sink_tokens=config.sink_tokens)
-        self.layout = layout_for(model, policy, self.dtype, config.group_size, config.key_fp_channels, config.kv_bits)
+        self.layout = KVLayout.for_model(
+            model.config,
+            policy,
+            dtype_bytes=self.dtype.itemsize,
+            group_size=config.group_size,
+            bits=config.kv_bits,
+            key_fp_channels=config.key_fp_channels,
+        )
         kv_bytes = config.kv_cache_memory or self._default_kv_bytes()
         self.kv_manager = KVManager.for_budget(self.layout, kv_bytes)
         backend = decode_backend_for(attention_spec(model.config), config.decode_backend)
-        self.store = PagedKVStore(self.layout, self.kv_manager.num_pages, self.dtype, self.device, decode_backend=backend)
+        self.store = PagedKVStore(
+            self.layout, self.kv_manager.num_pages, self.dtype, self.device, decode_backend=backend
+        )
         logger.info("decode backend: %s", self.store.decode_backend)
         self.max_model_len = self._fit_max_model_len(model)
         scheduler_config = SchedulerConfig(
-            config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, exact_recompute=policy.block_tokens > 0
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self.max_model_len,
+            exact_recompute=policy.block_tokens > 0,
         )
-        self.scheduler = Scheduler(scheduler_config, self.kv_manager)
-        self.runner = ModelRunner(model, self.store, tokenizer)
+        self.structured = StructuredOutputManager(tokenizer)
+        self.scheduler = Scheduler(scheduler_config, self.kv_manager, on_finish=self.structured.free)
+        self.runner = ModelRunner(model, self.store, self.structured)
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.stats = EngineStats(kv_capacity_bytes=self.kv_manager.capacity_bytes)
-        self.last_step_itl: list[float] = []  # inter-token latencies observed by the last step
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> EngineCore:
@@ -102,72 +125,72 @@ class EngineCore:
         return low
 
     # ---- requests ------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[Sequence]:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        grammars: list[GrammarState] | None = None,
+    ) -> list[SequenceState]:
+        """Queue a request's `params.n` samples; `grammars`: their structured-output matchers
+        if the caller built them (off the engine thread), else they are built here. Raises
+        ValueError for a request that cannot run (bad parameters or spec, too long)."""
         params.validate()
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
-        if params.structured is not None:  # an invalid spec fails here, never inside a step
-            compile_structured(params.structured, self.tokenizer)
+        matchers = self.structured.new_matchers(params, params.n, grammars)  # an invalid spec fails here
         seqs = [
-            Sequence(f"{request_id}-{i}", request_id, i, list(prompt_token_ids), params, self.eos_token_ids)
+            SequenceState(_seq_id(request_id, i), request_id, i, list(prompt_token_ids), params, self.eos_token_ids)
             for i in range(params.n)
         ]
         for seq in seqs:
             self.scheduler.add(seq)
+        self.structured.add(seqs, matchers)
         return seqs
 
-    def abort_request(self, request_id: str, n: int) -> list[Sequence]:
+    def abort_request(self, request_id: str, n: int) -> list[SequenceState]:
         """Abort the request's unfinished samples; return them. Their pages are free at once."""
-        aborted = [self.scheduler.abort(f"{request_id}-{i}") for i in range(n)]
+        aborted = [self.scheduler.abort(_seq_id(request_id, i)) for i in range(n)]
         self._update_stats()
         return [seq for seq in aborted if seq is not None]
+
+    def abort_sample(self, request_id: str, index: int) -> SequenceState | None:
+        """Abort one sample of a request (e.g. it hit a stop string); None if it had ended."""
+        seq = self.scheduler.abort(_seq_id(request_id, index))
+        self._update_stats()
+        return seq
+
+    def set_paused(self, request_id: str, n: int, paused: bool) -> None:
+        """Pause a request's running samples (not scheduled, pages kept) or resume them."""
+        self.scheduler.set_paused([_seq_id(request_id, i) for i in range(n)], paused)
+
+    def is_done(self, request_id: str, n: int) -> bool:
+        """Whether every sample of the request has ended."""
+        return all(_seq_id(request_id, i) not in self.scheduler.sequences for i in range(n))
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
     # ---- one step ------------------------------------------------------------------------
-    def step(self) -> list[Sequence]:
-        """Run one step; return the sequences that got a new token (finished ones included)."""
+    def step(self) -> StepOutcome:
+        """Run one step: the sequences that got a new token, then those whose row failed
+        (finished ones included), with the step's inter-token latencies."""
         output = self.scheduler.schedule()
-        sampled, failed = {}, []
-        if output.chunks:
-            plan = self.kv_manager.plan_step([(c.seq_id, len(c.token_ids)) for c in output.chunks])
-            result = self.runner.execute(output, plan, self.scheduler.sequences)
-            sampled, failed = result.sampled, self._fail(result.failed)
-            self._record_prompt_logprobs(result.prompt_logprobs)
+        result = self.runner.execute(output)
+        outcome = self.scheduler.update(output, result)
         if self.config.debug_integrity:
             self.kv_manager.check_integrity()
-        now = time.monotonic()
-        updated = self.scheduler.update(output, {s: r.token_id for s, r in sampled.items()})
-        self.last_step_itl = [now - s.timings.last_token for s in updated if s.timings.last_token is not None]
-        for seq in updated:
-            result = sampled[seq.seq_id]
-            if result.logprob is not None:
-                seq.output_logprobs.append({"logprob": result.logprob, "top": result.top_logprobs})
-            if len(seq.output_token_ids) == 1:
-                self.stats.prompt_tokens += seq.num_prompt_tokens
-                seq.timings.first_token = now
-            seq.timings.last_token = now
-        self.stats.generation_tokens += len(updated)
+        self._count(outcome)
         self._update_stats()
-        return updated + failed
+        return outcome
 
-    def _record_prompt_logprobs(self, computed: dict[str, tuple[int, list[dict]]]) -> None:
-        for seq_id, (first_position, entries) in computed.items():
-            seq = self.scheduler.sequences.get(seq_id)
-            if seq is not None:
-                assert len(seq.prompt_logprobs) + 1 == first_position, "prompt logprobs recorded out of order"
-                seq.prompt_logprobs.extend(entries)
-
-    def _fail(self, failures: dict[str, Exception]) -> list[Sequence]:
-        """Finish the sequences whose rows failed, with finish_reason "error" and `seq.error`
-        set; their pages are freed at once and the rest of the step goes on."""
-        failed = []
-        for seq_id, exc in failures.items():
-            seq = self.scheduler.fail(seq_id, f"{type(exc).__name__}: {exc}")
-            if seq is not None:
-                failed.append(seq)
-        return failed
+    def _count(self, outcome: StepOutcome) -> None:
+        self.stats.generation_tokens += len(outcome.sampled)
+        self.stats.prompt_tokens += sum(s.num_prompt_tokens for s in outcome.sampled if len(s.output_token_ids) == 1)
 
     def _update_stats(self) -> None:
         s = self.stats
@@ -179,14 +202,25 @@ class EngineCore:
         s.num_preemptions = self.scheduler.num_preemptions
 
 
+def _seq_id(request_id: str, index: int) -> str:
+    return f"{request_id}-{index}"
+
+
 def decode_backend_for(spec: AttentionSpec, requested: str) -> str:
     """`requested`, unless the model's attention needs what only the torch path applies
     (softcapped logits, learned sinks): then `torch`, or an error if a fused kernel was asked for."""
-    needs = [name for name, used in (("attention logit softcapping", spec.softcap), ("learned attention sinks", spec.sinks)) if used]
+    needs = [
+        name
+        for name, used in (("attention logit softcapping", spec.softcap), ("learned attention sinks", spec.sinks))
+        if used
+    ]
     if not needs:
         return requested
     if requested in ("cpu", "triton"):
-        raise ValueError(f"--decode-backend {requested}: the fused kernels do not apply {' or '.join(needs)} ({spec.model_type}); use auto or torch")
+        raise ValueError(
+            f"--decode-backend {requested}: the fused kernels do not apply {' or '.join(needs)} "
+            f"({spec.model_type}); use auto or torch"
+        )
     return "torch"
 
 

@@ -1,8 +1,8 @@
 """Offline API for scripts and benchmarks:
 
-    from server.engine import LLM, SamplingParams
-    llm = LLM(model="SmolLM2-135M-Instruct", policy="logquant", fp_budget=192, kv_cache_memory="256MiB")
-    outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
+from server.engine import LLM, SamplingParams
+llm = LLM(model="SmolLM2-135M-Instruct", policy="logquant", fp_budget=192, kv_cache_memory="256MiB")
+outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from server.engine.config import EngineConfig, parse_bytes
 from server.engine.core import EngineCore
-from server.engine.request import SamplingParams, Sequence
+from server.engine.request import SamplingParams, SequenceState
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Run all prompts to completion with continuous batching; outputs in prompt order."""
         params = params or SamplingParams()
-        requests: list[tuple[str, list[int], list[Sequence]]] = []
+        requests: list[tuple[str, list[int], list[SequenceState]]] = []
         for prompt in prompts:
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             request_id = f"llm-{next(self._ids)}"
@@ -68,18 +68,18 @@ class LLM:
         total = sum(len(seqs) for _, _, seqs in requests)
         with tqdm(total=total, disable=not progress, desc="generate") as bar:
             while self.engine.has_work():
-                bar.update(sum(1 for s in self.engine.step() if s.is_finished))
+                bar.update(sum(1 for s in self.engine.step().sequences if s.is_finished))
         return [
             RequestOutput(rid, ids, [self._completion(s) for s in seqs], _prompt_logprobs(seqs[0]))
             for rid, ids, seqs in requests
         ]
 
-    def _completion(self, seq: Sequence) -> CompletionOutput:
+    def _completion(self, seq: SequenceState) -> CompletionOutput:
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
         return CompletionOutput(seq.index, text, list(seq.output_token_ids), seq.finish_reason, seq.output_logprobs)
 
 
-def _prompt_logprobs(seq: Sequence) -> list[dict | None] | None:
+def _prompt_logprobs(seq: SequenceState) -> list[dict | None] | None:
     if seq.params.prompt_logprobs is None:
         return None
     return [None, *seq.prompt_logprobs]

@@ -11,13 +11,13 @@ import itertools
 
 import torch
 
-from server.engine.request import SamplingParams, Sequence
+from server.engine.request import SamplingParams, SequenceState
 
 FLOAT_MAX = torch.finfo(torch.float32).max
 FLOAT_TINY = torch.finfo(torch.float32).tiny
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, seqs: list[SequenceState]) -> torch.Tensor:
     """Repetition penalty (HF rule, over prompt and output), then presence and frequency
     penalties (OpenAI rule, over the output). Returns a new tensor. Works on the (row, token)
     pairs that occur, not on whole rows."""
@@ -45,7 +45,7 @@ def has_count_penalty(params: SamplingParams) -> bool:
     return params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
 
-def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+def apply_logit_bias(logits: torch.Tensor, seqs: list[SequenceState]) -> None:
     rows = [i for i, seq in enumerate(seqs) if seq.params.logit_bias]
     if not rows:
         return
@@ -64,7 +64,7 @@ def _logit_bias_tensors(params: SamplingParams, device: torch.device) -> tuple[t
     return params.derived[key]  # type: ignore[return-value]
 
 
-def apply_min_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+def apply_min_tokens(logits: torch.Tensor, seqs: list[SequenceState]) -> None:
     """Mask EOS (unless ignore_eos) and stop_token_ids until min_tokens output tokens, unless
     that would leave a row without any candidate (a finished grammar allows only EOS)."""
     rows = [i for i, seq in enumerate(seqs) if len(seq.output_token_ids) < seq.params.min_tokens]
@@ -77,7 +77,7 @@ def apply_min_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     logits.copy_(torch.where(has_candidate, blocked, logits))
 
 
-def _min_tokens_blocked(seq: Sequence, device: torch.device) -> torch.Tensor:
+def _min_tokens_blocked(seq: SequenceState, device: torch.device) -> torch.Tensor:
     """[ids] the EOS and stop tokens masked before min_tokens, built once per request."""
     eos = () if seq.params.ignore_eos else seq.eos_token_ids
     key = ("min_tokens_blocked", eos, device)
@@ -87,7 +87,9 @@ def _min_tokens_blocked(seq: Sequence, device: torch.device) -> torch.Tensor:
     return seq.params.derived[key]  # type: ignore[return-value]
 
 
-def _rows_for(rows: list[int], per_row: tuple[torch.Tensor, ...] | list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def _rows_for(
+    rows: list[int], per_row: tuple[torch.Tensor, ...] | list[torch.Tensor], device: torch.device
+) -> torch.Tensor:
     """The row index of every element of `per_row` (one tensor per row of `rows`), concatenated."""
     lengths = torch.tensor([len(t) for t in per_row], device=device)
     return torch.repeat_interleave(torch.tensor(rows, device=device), lengths)

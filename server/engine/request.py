@@ -8,10 +8,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from server.engine.structured import GrammarState
+from typing import Any, Literal
 
 # Temperatures below this sample greedily (vLLM's epsilon): dividing logits by a subnormal
 # temperature overflows, and the distribution is a point mass on the argmax anyway.
@@ -38,7 +35,7 @@ class StructuredSpec:
     - regex: `spec` is a regular expression the whole output matches;
     - choice: `spec` is a JSON list of strings; the output is exactly one of them;
     - grammar: `spec` is a Lark or GBNF (llama.cpp) grammar.
-    Build one with the class methods; `server.engine.structured.compile_structured` checks it.
+    Build one with the class methods; the engine compiles and checks it (`structured.py`).
     """
 
     kind: StructuredKind
@@ -132,7 +129,11 @@ class SamplingParams:
             (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", "must be in (0, 10]"),
             (1 <= self.n <= 16, "n", "must be between 1 and 16"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20"),
-            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs", "must be between 0 and 20"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                "prompt_logprobs",
+                "must be between 0 and 20",
+            ),
             (self.seed is None or -(2**63) <= self.seed < 2**63, "seed", "must fit in 64 bits"),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be between 0 and max_tokens"),
         ]
@@ -162,7 +163,7 @@ class SequenceTimings:
 
 
 @dataclass
-class Sequence:
+class SequenceState:
     """One generated sample. `num_computed_tokens` tokens are in the KV cache."""
 
     seq_id: str
@@ -180,10 +181,6 @@ class Sequence:
     error: str | None = None  # why a sequence ended with "error" (logged, never shown to clients)
     num_preemptions: int = 0
     timings: SequenceTimings = field(default_factory=SequenceTimings)
-    # The grammar matcher of a structured request, created by the sampler at its first token.
-    # It follows `output_token_ids` (not the sampler's picks), so recompute and aborted steps
-    # never desynchronize it.
-    grammar: GrammarState | None = field(default=None, repr=False)
 
     @property
     def num_prompt_tokens(self) -> int:

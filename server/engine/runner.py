@@ -1,40 +1,32 @@
 """Model runner: the only engine code that touches tensors.
 
-Packs every scheduled chunk of a step into one flat batch `[1, num_tokens]` (no padding),
-turns the step's `StepPlan` into index tensors once, and runs the Hugging Face model once
+`execute(scheduler_output)` packs every scheduled chunk of a step into one flat batch
+`[1, num_tokens]` (no padding), turns the step's `StepPlan` (carried by the scheduler's output)
+into index tensors once, and runs the Hugging Face model once
 with our attention (registered with transformers' `AttentionInterface`): in every layer one
 `PagedKVStore.forward` call attends all of the step's sequences and writes their new tokens.
-Then it samples the rows that end a sequence's known tokens.
+Then it samples the rows that end a sequence's known tokens, with the grammar masks of the
+constrained ones from the core's `StructuredOutputManager`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
-from logquant.attention_spec import attention_spec
-from logquant.kv_manager import StepPlan
-from logquant.layout import KVLayout, head_dim_of
 from logquant.step import StepTensors
 from logquant.store import PagedKVStore
-from server.engine.request import Sequence
-from server.engine.sampler import SampleResult, sample, token_logprobs
-from server.engine.scheduler import ScheduledChunk, SchedulerOutput
+from server.engine.outputs import PromptLogprobs, SampleResult, ScheduledChunk, SchedulerOutput, StepResult
+from server.engine.request import SequenceState
+from server.engine.sampler import sample, token_logprobs
+from server.engine.structured_outputs import StructuredOutputManager
 
 ATTENTION_NAME = "logquant_paged"
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StepResult:
-    sampled: dict[str, SampleResult]  # seq_id -> the token sampled for it
-    failed: dict[str, Exception]  # seq_id -> why its row could not be sampled
-    # seq_id -> (first prompt position covered, one {"logprob", "top"} per position from there)
-    prompt_logprobs: dict[str, tuple[int, list[dict]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -45,6 +37,30 @@ class PromptRow:
     row: int  # row of the flat batch
     position: int  # position of the prompt token it predicts
     target: int  # that token
+    num_top: int  # top alternatives the request asked for
+
+
+@dataclass
+class FlatBatch:
+    """A step's chunks packed into one flat batch of rows."""
+
+    token_ids: list[int]
+    positions: list[int]
+    sample_rows: list[int]  # rows whose next token is sampled
+    sample_seqs: list[SequenceState]  # their sequences
+    prompt_rows: list[PromptRow]
+
+    @classmethod
+    def pack(cls, chunks: list[ScheduledChunk]) -> FlatBatch:
+        batch = cls([], [], [], [], [])
+        for chunk in chunks:
+            batch.prompt_rows += _prompt_rows(chunk, len(batch.token_ids))
+            batch.token_ids += chunk.token_ids
+            batch.positions += range(chunk.start_position, chunk.start_position + len(chunk.token_ids))
+            if chunk.sample:
+                batch.sample_rows.append(len(batch.token_ids) - 1)
+                batch.sample_seqs.append(chunk.seq)
+        return batch
 
 
 @dataclass(frozen=True)
@@ -84,70 +100,59 @@ AttentionInterface.register(ATTENTION_NAME, paged_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
 
 
-def layout_for(
-    model: PreTrainedModel, policy, dtype: torch.dtype, group_size: int, key_fp_channels: int = 0, bits: int = 2
-) -> KVLayout:
-    """The model's KV layout; raises UnsupportedModelError for attention we cannot run."""
-    config = model.config.get_text_config(decoder=True)
-    return KVLayout(
-        layer_windows=attention_spec(model.config).windows,
-        num_layers=config.num_hidden_layers,
-        num_kv_heads=config.num_key_value_heads,
-        head_dim=head_dim_of(config),
-        policy=policy,
-        dtype_bytes=torch.empty((), dtype=dtype).element_size(),
-        group_size=group_size,
-        key_fp_channels=key_fp_channels,
-        bits=bits,
-    )
-
-
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, store: PagedKVStore, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+    def __init__(
+        self, model: PreTrainedModel, store: PagedKVStore, structured: StructuredOutputManager | None = None
+    ) -> None:
+        """`structured`: the grammar masks of structured-output rows (needed only for them)."""
         self.model = model
         self.store = store
-        self.tokenizer = tokenizer  # for structured-output masks
+        self.structured = structured
         self.device = store.device
         model.set_attn_implementation(ATTENTION_NAME)
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput, plan: StepPlan, sequences: dict[str, Sequence]) -> StepResult:
-        """Run the step's chunks (`plan` is their KV plan, in the same order); sample."""
-        token_ids, positions, sample_rows, sample_ids, prompt_rows = [], [], [], [], []
-        for chunk in output.chunks:
-            prompt_rows += _prompt_rows(chunk, sequences[chunk.seq_id], len(token_ids))
-            token_ids += chunk.token_ids
-            positions += range(chunk.start_position, chunk.start_position + len(chunk.token_ids))
-            if chunk.sample:
-                sample_rows.append(len(token_ids) - 1)
-                sample_ids.append(chunk.seq_id)
-        step = self.store.prepare(plan)
-        rows = sample_rows + [r.row for r in prompt_rows]
-        logits = self._forward(token_ids, positions, step, rows or [len(token_ids) - 1])  # [len(rows), vocab]
-        result = StepResult({}, {})
-        if sample_rows:
-            result = self._sample(logits[: len(sample_rows)], [sequences[s] for s in sample_ids])
-        if prompt_rows:
-            result.prompt_logprobs.update(_prompt_logprobs(logits[len(sample_rows) :], prompt_rows, sequences))
-        return result
+    def execute(self, output: SchedulerOutput) -> StepResult:
+        """Run the step's chunks with their KV plan (`output.plan`, same order); sample."""
+        if not output.chunks:
+            return StepResult()
+        assert output.plan is not None, "scheduled chunks come with their plan"
+        batch = FlatBatch.pack(output.chunks)
+        step = self.store.prepare(output.plan)
+        rows = batch.sample_rows + [r.row for r in batch.prompt_rows]
+        logits = self._forward(
+            batch.token_ids, batch.positions, step, rows or [len(batch.token_ids) - 1]
+        )  # [rows, vocab]
+        num_sampled = len(batch.sample_rows)
+        sampled, failed = self._sample(logits[:num_sampled], batch.sample_seqs) if num_sampled else ({}, {})
+        prompt_logprobs = _prompt_logprobs(logits[num_sampled:], batch.prompt_rows) if batch.prompt_rows else {}
+        return StepResult(sampled, failed, prompt_logprobs)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> StepResult:
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[SequenceState]
+    ) -> tuple[dict[str, SampleResult], dict[str, Exception]]:
         """Sample every row at once; if that fails, row by row, so that only the rows that
         fail (e.g. a request whose parameters break the numerics) lose their sequence."""
         try:
-            return StepResult({s.seq_id: r for s, r in zip(seqs, sample(logits, seqs, tokenizer=self.tokenizer))}, {})
+            return {s.seq_id: r for s, r in zip(seqs, self._sample_rows(logits, seqs))}, {}
         except Exception:
             logger.exception("batched sampling failed; retrying the %d rows one by one", len(seqs))
-        result = StepResult({}, {})
+        sampled, failed = {}, {}
         for row, seq in enumerate(seqs):
             try:
-                (result.sampled[seq.seq_id],) = sample(logits[row : row + 1], [seq], tokenizer=self.tokenizer)
+                (sampled[seq.seq_id],) = self._sample_rows(logits[row : row + 1], [seq])
             except Exception as exc:
                 logger.exception("sampling failed for %s", seq.seq_id)
-                result.failed[seq.seq_id] = exc
-        return result
+                failed[seq.seq_id] = exc
+        return sampled, failed
 
-    def _forward(self, token_ids: list[int], positions: list[int], step: StepTensors, logits_rows: list[int]) -> torch.Tensor:
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[SequenceState]) -> list[SampleResult]:
+        masks = self.structured.grammar_masks(seqs, logits.shape[1]) if self.structured is not None else None
+        return sample(logits, seqs, masks)
+
+    def _forward(
+        self, token_ids: list[int], positions: list[int], step: StepTensors, logits_rows: list[int]
+    ) -> torch.Tensor:
         out = self.model(
             input_ids=torch.tensor([token_ids], device=self.device),
             position_ids=torch.tensor([positions], device=self.device),
@@ -159,27 +164,25 @@ class ModelRunner:
         return out.logits[0]
 
 
-def _prompt_rows(chunk: ScheduledChunk, seq: Sequence, first_row: int) -> list[PromptRow]:
-    """The chunk's rows that predict prompt tokens whose logprob `seq` still needs (a
+def _prompt_rows(chunk: ScheduledChunk, first_row: int) -> list[PromptRow]:
+    """The chunk's rows that predict prompt tokens whose logprob its sequence still needs (a
     recomputed prefill after preemption skips the positions already recorded)."""
+    seq = chunk.seq
     if seq.params.prompt_logprobs is None:
         return []
-    prompt = seq.prompt_token_ids
+    prompt, start = seq.prompt_token_ids, chunk.start_position
     have = len(seq.prompt_logprobs) + 1  # positions 1.. are recorded in order
     return [
-        PromptRow(seq.seq_id, first_row + j, chunk.start_position + j + 1, prompt[chunk.start_position + j + 1])
+        PromptRow(seq.seq_id, first_row + j, start + j + 1, prompt[start + j + 1], seq.params.prompt_logprobs)
         for j in range(len(chunk.token_ids))
-        if have <= chunk.start_position + j + 1 < len(prompt)
+        if have <= start + j + 1 < len(prompt)
     ]
 
 
-def _prompt_logprobs(
-    logits: torch.Tensor, rows: list[PromptRow], sequences: dict[str, Sequence]
-) -> dict[str, tuple[int, list[dict]]]:
+def _prompt_logprobs(logits: torch.Tensor, rows: list[PromptRow]) -> dict[str, PromptLogprobs]:
     """logits [len(rows), vocab] -> per sequence, its first position and the entries from it."""
     targets = torch.tensor([r.target for r in rows], device=logits.device)
-    counts = [sequences[r.seq_id].params.prompt_logprobs or 0 for r in rows]
-    out: dict[str, tuple[int, list[dict]]] = {}
-    for r, (chosen, top) in zip(rows, token_logprobs(logits.float(), targets, counts)):
-        out.setdefault(r.seq_id, (r.position, []))[1].append({"logprob": chosen, "top": top})
+    out: dict[str, PromptLogprobs] = {}
+    for r, (chosen, top) in zip(rows, token_logprobs(logits.float(), targets, [r.num_top for r in rows])):
+        out.setdefault(r.seq_id, PromptLogprobs(r.position, [])).entries.append({"logprob": chosen, "top": top})
     return out

@@ -1,6 +1,10 @@
 """Batched sampling over rows: penalties, logit bias, min_tokens, grammar masks, temperature,
 top-k, top-p, min-p, seeds, logprobs.
 
+A function of its inputs: the logits, the rows' sequences (read only: their settings and
+tokens) and the grammar masks of the constrained rows, which the engine core's
+`StructuredOutputManager` fills; the sampler keeps no state between calls.
+
 Every step of the pipeline runs once over all rows (per-row settings are tensors), and the
 chosen tokens reach Python with one `.tolist()` (logprobs with two more, for the rows that ask);
 nothing syncs per row (top-p checks once per candidate size whether every row's nucleus fit).
@@ -22,10 +26,10 @@ import random
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
+from server.engine.outputs import SampleResult
 from server.engine.processors import apply_logit_bias, apply_min_tokens, apply_penalties, has_count_penalty
-from server.engine.request import SamplingParams, Sequence
+from server.engine.request import SamplingParams, SequenceState
 
 LOGPROB_FLOOR = -9999.0
 # top-k/top-p look for the nucleus among this many best tokens first (a sort of the whole
@@ -35,29 +39,26 @@ CDF_BLOCK = 256
 
 
 @dataclass(frozen=True)
-class SampleResult:
-    token_id: int
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
+class GrammarMasks:
+    """The tokens the grammars allow, for the constrained rows of a batch."""
+
+    rows: list[int]  # rows of the batch with a structured-output constraint
+    allowed: torch.Tensor  # [len(rows), vocab] bool
 
 
-def sample(
-    logits: torch.Tensor, seqs: list[Sequence], tokenizer: PreTrainedTokenizerBase | None = None
-) -> list[SampleResult]:
-    """logits: [len(seqs), vocab] for the last position of each sequence. `tokenizer` is needed
-    only when a sequence has a structured-output constraint."""
+def sample(logits: torch.Tensor, seqs: list[SequenceState], masks: GrammarMasks | None = None) -> list[SampleResult]:
+    """logits: [len(seqs), vocab] for the last position of each sequence. `masks` is needed
+    when a sequence has a structured-output constraint."""
     assert logits.shape[0] == len(seqs), "one row of logits per sequence"
     if not seqs:
         return []
     raw = logits.float()
-    processed = process_logits(raw, seqs, tokenizer)
+    processed = process_logits(raw, seqs, masks)
     tokens = choose_tokens(processed, seqs)
     return _results(raw, tokens, seqs)
 
 
-def process_logits(
-    logits: torch.Tensor, seqs: list[Sequence], tokenizer: PreTrainedTokenizerBase | None = None
-) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, seqs: list[SequenceState], masks: GrammarMasks | None = None) -> torch.Tensor:
     """Penalties, logit bias, grammar masks and min_tokens (on a copy; `logits` itself when
     no row has any of them)."""
     if not any(_modifies_logits(seq) for seq in seqs):
@@ -65,22 +66,31 @@ def process_logits(
     out = apply_penalties(logits, seqs)
     apply_logit_bias(out, seqs)
     if any(seq.params.structured is not None for seq in seqs):
-        from server.engine.structured import apply_grammar_masks  # llguidance loads on first use
-
-        apply_grammar_masks(out, seqs, tokenizer)
+        apply_grammar_masks(out, masks)
     apply_min_tokens(out, seqs)
     return out
 
 
-def _modifies_logits(seq: Sequence) -> bool:
+def apply_grammar_masks(logits: torch.Tensor, masks: GrammarMasks | None) -> None:
+    """Set the logits of tokens the grammar forbids to -inf, in place, for the masked rows."""
+    if masks is None:
+        raise RuntimeError("a structured-output row reached the sampler without its grammar mask")
+    index = torch.tensor(masks.rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~masks.allowed.to(logits.device), float("-inf"))
+
+
+def _modifies_logits(seq: SequenceState) -> bool:
     p = seq.params
     return bool(
-        p.repetition_penalty != 1.0 or has_count_penalty(p) or p.logit_bias or p.structured is not None
+        p.repetition_penalty != 1.0
+        or has_count_penalty(p)
+        or p.logit_bias
+        or p.structured is not None
         or len(seq.output_token_ids) < p.min_tokens
-    )  # fmt: skip
+    )
 
 
-def choose_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def choose_tokens(logits: torch.Tensor, seqs: list[SequenceState]) -> torch.Tensor:
     """One token id per row: argmax for greedy rows, a draw for the others."""
     rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
     if len(rows) == len(seqs):
@@ -92,7 +102,7 @@ def choose_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return tokens
 
 
-def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def _draw(logits: torch.Tensor, seqs: list[SequenceState]) -> torch.Tensor:
     params = [seq.params for seq in seqs]
     temperature = _column([p.temperature for p in params], logits.device)
     scaled = logits.sub(logits.amax(dim=-1, keepdim=True)).div_(temperature)  # the best token is at 0
@@ -161,7 +171,7 @@ def _cutoff_among_best(
     return torch.where(no_top_p, kth, torch.maximum(last_kept, kth)), covered
 
 
-def _uniforms(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
+def _uniforms(seqs: list[SequenceState], device: torch.device) -> torch.Tensor:
     """One uniform number in [0, 1) per row; seeded rows get theirs from their own generator."""
     uniforms = torch.rand(len(seqs), dtype=torch.float64, device=device)
     seeded = [i for i, seq in enumerate(seqs) if seq.params.seed is not None]
@@ -171,7 +181,7 @@ def _uniforms(seqs: list[Sequence], device: torch.device) -> torch.Tensor:
     return uniforms
 
 
-def _seeded_uniform(seq: Sequence) -> float:
+def _seeded_uniform(seq: SequenceState) -> float:
     """A function of (seed, sample index, output length) only (string seeds hash with SHA-512,
     the same in every process)."""
     return random.Random(f"{seq.params.seed}:{seq.index}:{len(seq.output_token_ids)}").random()
@@ -210,7 +220,7 @@ def token_logprobs(
     return [(values[row][0], list(zip(ids[row][:k], values[row][1 : k + 1]))) for row, k in enumerate(top_counts)]
 
 
-def _results(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+def _results(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[SequenceState]) -> list[SampleResult]:
     token_ids = tokens.tolist()
     rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
     results = [SampleResult(token) for token in token_ids]

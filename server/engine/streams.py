@@ -12,14 +12,14 @@ StreamStalledError if it stays paused for `stall_timeout` seconds. Each counter 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from server.engine.request import SamplingParams, Sequence, SequenceStatus
+from server.engine.request import SamplingParams, SequenceState
 
 if TYPE_CHECKING:
-    from server.engine.async_engine import AsyncEngine
-    from server.engine.scheduler import Scheduler
+    from server.engine.core import EngineCore
     from server.engine.structured import GrammarState
 
 
@@ -29,7 +29,7 @@ class SequenceDelta:
     token_id: int | None  # None on the delta that reports an aborted sample
     logprob: dict | None  # {"logprob": float, "top": [(id, logprob), ...]}
     finish_reason: str | None  # set on the last delta of this sample
-    sequence: Sequence  # read-only view for timings and counts
+    sequence: SequenceState  # read-only view for timings and counts
 
 
 class EngineDeadError(RuntimeError):
@@ -57,13 +57,14 @@ class Admission:
     releases a request's share once it is queued; `release()` frees whatever is left (the
     request failed before reaching the engine). Used from the event loop only."""
 
-    def __init__(self, engine: AsyncEngine, held: int) -> None:
-        self.engine, self.held = engine, held
+    def __init__(self, give_back: Callable[[int], None], held: int) -> None:
+        """`give_back(count)`: return `count` reserved places to the engine's count."""
+        self.give_back, self.held = give_back, held
 
     def release(self, count: int | None = None) -> None:
         count = self.held if count is None else min(count, self.held)
         self.held -= count
-        self.engine._admitted -= count
+        self.give_back(count)
 
 
 @dataclass
@@ -93,14 +94,8 @@ class RequestStream:
         """Back under half the limit: a paused request may run again."""
         return self.unread <= self.buffer_limit // 2
 
-    def set_paused(self, scheduler: Scheduler, paused_since: float | None) -> None:
+    def set_paused(self, core: EngineCore, paused_since: float | None) -> None:
         """Pause the request's running sequences (the scheduler skips them; they keep their
         pages), or let its paused ones run again."""
-        pausing = paused_since is not None
-        old = SequenceStatus.RUNNING if pausing else SequenceStatus.PAUSED
-        new = SequenceStatus.PAUSED if pausing else SequenceStatus.RUNNING
-        for i in range(self.params.n):
-            seq = scheduler.sequences.get(f"{self.request_id}-{i}")
-            if seq is not None and seq.status is old:
-                seq.status = new
+        core.set_paused(self.request_id, self.params.n, paused=paused_since is not None)
         self.paused_since, self.wake_asked = paused_since, False

@@ -1,5 +1,6 @@
-"""Structured outputs with llguidance: compile a `StructuredSpec` (cached), keep one matcher per
-sequence, and mask the logits of constrained rows inside the batched sampler.
+"""Structured outputs with llguidance: compile a `StructuredSpec` (cached) and follow one
+sequence's output with a matcher (`GrammarState`). The engine core's `StructuredOutputManager`
+(`structured_outputs.py`) holds the matchers and hands the sampler a batch of masks.
 
 - `compile_structured(spec, tokenizer)` validates and compiles a spec (cached by tokenizer and
   spec, the cache bounded by the size of the texts it holds); it raises `StructuredSpecError` (a
@@ -28,12 +29,9 @@ from dataclasses import dataclass
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
-import numpy as np
-import torch
 from transformers import PreTrainedTokenizerBase
 
-from server.engine.request import Sequence, StructuredSpec
+from server.engine.request import SequenceState, StructuredSpec
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +181,7 @@ class GrammarState:
         self.stop_ids: list[int] = []  # the sequence's EOS and stop tokens inside the logits
         self._stop_set: frozenset[int] | None = None  # the same, set on the first `follow`
 
-    def follow(self, seq: Sequence, vocab: int) -> None:
+    def follow(self, seq: SequenceState, vocab: int) -> None:
         """Consume the output tokens appended since the last call."""
         if self._stop_set is None:
             self._stop_set = frozenset(t for t in seq.params.stop_token_set.union(seq.eos_token_ids) if t < vocab)
@@ -198,56 +196,3 @@ class GrammarState:
                 self.finished = True
         self.num_followed = len(seq.output_token_ids)
         self.finished = self.finished or self.matcher.is_stopped()
-
-
-_executor: llguidance.LLExecutor | None = None
-
-
-def mask_executor() -> llguidance.LLExecutor:
-    """llguidance's thread pool for batched masks, made on first use (by the engine thread)."""
-    global _executor
-    if _executor is None:
-        _executor = llguidance.LLExecutor()
-    return _executor
-
-
-def apply_grammar_masks(
-    logits: torch.Tensor, seqs: list[Sequence], tokenizer: PreTrainedTokenizerBase | None
-) -> None:
-    """Set the logits of tokens the grammar forbids to -inf, in place, for rows with a spec.
-    The masks of every constrained row are filled by one call of llguidance's executor."""
-    rows = [i for i, seq in enumerate(seqs) if seq.params.structured is not None]
-    if tokenizer is None:
-        raise RuntimeError("a structured-output sequence reached the sampler without the tokenizer")
-    compiler = compiler_for(tokenizer)
-    vocab = logits.shape[1]
-    states = [_followed_state(seqs[i], compiler, vocab) for i in rows]
-    bitmask = torch.zeros(llguidance.torch.get_bitmask_shape(len(rows), compiler.vocab_size), dtype=torch.int32)
-    live = [(state.matcher, row) for row, state in enumerate(states) if not state.finished]
-    if live:
-        llguidance.torch.fill_next_token_bitmask_par(mask_executor(), live, bitmask)
-    allowed = _unpack(bitmask, vocab)
-    for row, state in enumerate(states):
-        if state.finished or state.matcher.is_accepting():
-            allowed[row, state.stop_ids] = True
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
-
-
-def _followed_state(seq: Sequence, compiler: GrammarCompiler, vocab: int) -> GrammarState:
-    """The sequence's matcher, up to date with its output. The server builds it with the
-    request (`grammar_states`); only sequences added without one (the offline LLM) get it here."""
-    if seq.grammar is None:
-        seq.grammar = GrammarState(compiler.compile(seq.params.structured))  # type: ignore[arg-type]
-    seq.grammar.follow(seq, vocab)
-    return seq.grammar
-
-
-def _unpack(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[rows, words] int32 bitmask (bit j of word w: token 32 w + j) -> [rows, vocab] bool."""
-    as_bytes = bitmask.numpy().astype("<i4", copy=False).view(np.uint8)
-    bits = torch.from_numpy(np.unpackbits(as_bytes, axis=1, bitorder="little")).bool()
-    allowed = torch.zeros(bitmask.shape[0], vocab, dtype=torch.bool)
-    width = min(vocab, bits.shape[1])
-    allowed[:, :width] = bits[:, :width]
-    return allowed

@@ -2,7 +2,7 @@
 //
 // One call per layer attends every decode sequence of a step (one new token each) over its
 // cached full-precision tokens (token-level flat slots, CSR fp_ptr/fp_slots), its 2-bit pages
-// (CSR page_ptr/pages) and its new token (read from the step's own K/V, never from the store,
+// (CSR packed_ptr/packed_pages) and its new token (read from the step's own K/V, never from the store,
 // whose slot may still hold a token demoted in this step). The store is read in place: no
 // gather copy, no dequantized tensor. Work items are (sequence, split of its keys); the number
 // of splits depends only on the key count, never on the thread count, so the output is
@@ -106,7 +106,7 @@ void attend_pages(std::vector<Rows<G>>& rows, const uint8_t* layer, const PageLa
 struct Batch {  // one call's arguments, as raw pointers
   const void *query, *new_key, *new_value;
   int64_t query_stride[2], key_stride[2], value_stride[2];
-  const int32_t *query_rows, *fp_ptr, *fp_slots, *page_ptr, *pages, *item_ptr;
+  const int32_t *query_rows, *fp_ptr, *fp_slots, *packed_ptr, *packed_pages, *item_ptr;
   const uint8_t* layer;
   PageLayout pl;
   int64_t heads, kv_heads, group, dim;
@@ -146,8 +146,8 @@ void run_rows(const Batch& b, int64_t item, int64_t seq, int64_t split, int64_t 
   }
   auto [fp_lo, fp_hi] = split_range(b.fp_ptr, seq, split, splits);
   attend_fp<G, T>(rows, b.layer, b.pl, b.fp_slots + fp_lo, fp_hi - fp_lo);
-  auto [pg_lo, pg_hi] = split_range(b.page_ptr, seq, split, splits);
-  attend_pages<G>(rows, b.layer, b.pl, b.pages + pg_lo, pg_hi - pg_lo);
+  auto [pg_lo, pg_hi] = split_range(b.packed_ptr, seq, split, splits);
+  attend_pages<G>(rows, b.layer, b.pl, b.packed_pages + pg_lo, pg_hi - pg_lo);
   for (int64_t h = 0; h < b.kv_heads; ++h) {
     for (int g = 0; g < G; ++g) {
       const Rows<G>& r = rows[h];
@@ -221,7 +221,7 @@ void check_index(const at::Tensor& t, const char* name) {
 // key_out_values, key_out_channels.
 void decode_attention(const at::Tensor& query, const at::Tensor& new_key, const at::Tensor& new_value,
                       const at::Tensor& query_rows, const at::Tensor& fp_ptr, const at::Tensor& fp_slots,
-                      const at::Tensor& page_ptr, const at::Tensor& pages, const at::Tensor& item_ptr,
+                      const at::Tensor& packed_ptr, const at::Tensor& packed_pages, const at::Tensor& item_ptr,
                       const at::Tensor& layer, at::Tensor out, at::IntArrayRef layout, double scaling) {
   TORCH_CHECK(query.dim() == 3 && new_key.dim() == 3 && new_value.dim() == 3 && out.dim() == 3, "3-d q, k, v, out");
   TORCH_CHECK(query.stride(2) == 1 && new_key.stride(2) == 1 && new_value.stride(2) == 1 && out.stride(2) == 1,
@@ -231,12 +231,12 @@ void decode_attention(const at::Tensor& query, const at::Tensor& new_key, const 
               "q, k, v and out must share the store dtype");
   TORCH_CHECK(layer.scalar_type() == at::kByte && layer.is_contiguous(), "layer must be contiguous uint8");
   TORCH_CHECK(layout.size() == 13, "layout has 13 entries");
-  for (auto* t : {&query_rows, &fp_ptr, &fp_slots, &page_ptr, &pages, &item_ptr}) check_index(*t, "index");
+  for (auto* t : {&query_rows, &fp_ptr, &fp_slots, &packed_ptr, &packed_pages, &item_ptr}) check_index(*t, "index");
   const int64_t heads = query.size(1), kv_heads = new_key.size(1), dim = query.size(2), num_seqs = query_rows.size(0);
   TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of kv heads");
   TORCH_CHECK(dim % VL == 0 && dim <= MAX_DIM, "head_dim must be a multiple of ", VL, " and <= ", MAX_DIM);
   TORCH_CHECK(layout[3] % VL == 0 && dim % layout[3] == 0, "group_size must be a multiple of ", VL);
-  TORCH_CHECK(fp_ptr.size(0) == num_seqs + 1 && page_ptr.size(0) == num_seqs + 1 && item_ptr.size(0) == num_seqs + 1,
+  TORCH_CHECK(fp_ptr.size(0) == num_seqs + 1 && packed_ptr.size(0) == num_seqs + 1 && item_ptr.size(0) == num_seqs + 1,
               "CSR offsets are [S + 1]");
   Batch b{};
   b.query = query.data_ptr(), b.new_key = new_key.data_ptr(), b.new_value = new_value.data_ptr();
@@ -244,8 +244,8 @@ void decode_attention(const at::Tensor& query, const at::Tensor& new_key, const 
   b.key_stride[0] = new_key.stride(0), b.key_stride[1] = new_key.stride(1);
   b.value_stride[0] = new_value.stride(0), b.value_stride[1] = new_value.stride(1);
   b.query_rows = query_rows.data_ptr<int32_t>(), b.fp_ptr = fp_ptr.data_ptr<int32_t>();
-  b.fp_slots = fp_slots.data_ptr<int32_t>(), b.page_ptr = page_ptr.data_ptr<int32_t>();
-  b.pages = pages.data_ptr<int32_t>(), b.item_ptr = item_ptr.data_ptr<int32_t>();
+  b.fp_slots = fp_slots.data_ptr<int32_t>(), b.packed_ptr = packed_ptr.data_ptr<int32_t>();
+  b.packed_pages = packed_pages.data_ptr<int32_t>(), b.item_ptr = item_ptr.data_ptr<int32_t>();
   b.layer = layer.data_ptr<uint8_t>();
   b.pl = PageLayout{layout[0], layout[1], layout[2], layout[3], layout[4],  layout[5], layout[6],
                     layout[7], layout[8], layout[9], layout[10], layout[11], layout[12]};
@@ -296,7 +296,7 @@ void write_tokens(const at::Tensor& new_key, const at::Tensor& new_value, const 
 
 TORCH_LIBRARY(logquant_cpu, m) {
   m.def("decode_attention(Tensor query, Tensor new_key, Tensor new_value, Tensor query_rows, Tensor fp_ptr, "
-        "Tensor fp_slots, Tensor page_ptr, Tensor pages, Tensor item_ptr, Tensor layer, Tensor(a!) out, "
+        "Tensor fp_slots, Tensor packed_ptr, Tensor packed_pages, Tensor item_ptr, Tensor layer, Tensor(a!) out, "
         "int[] layout, float scaling) -> ()");
   m.def("write_tokens(Tensor new_key, Tensor new_value, Tensor rows, Tensor slots, Tensor(a!) layer, "
         "int[] layout) -> ()");
