@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine import make_llm, prompts  # noqa: E402
-from logquant.provenance import provenance  # noqa: E402
 
 from logquant.models import load_model  # noqa: E402
+from logquant.provenance import provenance  # noqa: E402
 from server.engine import LLM, SamplingParams  # noqa: E402
 
 
@@ -62,9 +62,15 @@ def measure(args: argparse.Namespace, model, tokenizer, policy: str, batch: int)
     del llm
     gc.collect()
     decode_tokens = batch * (args.max_tokens - 1)
-    return {"policy": policy, "batch": batch, "prefill_s": prefill_s, "full_s": full_s,
-            "prefill_tok_s": batch * args.prompt_len / prefill_s,
-            "decode_tok_s": decode_tokens / (full_s - prefill_s), "prefill_share": prefill_s / full_s}  # fmt: skip
+    return {
+        "policy": policy,
+        "batch": batch,
+        "prefill_s": prefill_s,
+        "full_s": full_s,
+        "prefill_tok_s": batch * args.prompt_len / prefill_s,
+        "decode_tok_s": decode_tokens / (full_s - prefill_s),
+        "prefill_share": prefill_s / full_s,
+    }
 
 
 def main() -> None:
@@ -75,12 +81,21 @@ def main() -> None:
         for batch in [int(b) for b in args.batch.split(",")]:
             row = measure(args, model, tokenizer, policy, batch)
             rows.append(row)
-            print(f"{policy:9s} batch {batch:3d}  prefill {row['prefill_tok_s']:7.1f} tok/s  "
-                  f"decode {row['decode_tok_s']:6.1f} tok/s  prefill share {row['prefill_share']:.0%}", flush=True)  # fmt: skip
+            print(
+                f"{policy:9s} batch {batch:3d}  prefill {row['prefill_tok_s']:7.1f} tok/s  "
+                f"decode {row['decode_tok_s']:6.1f} tok/s  prefill share {row['prefill_share']:.0%}",
+                flush=True,
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {"provenance": provenance(args.model), "threads": torch.get_num_threads(), "prompt_len": args.prompt_len,
-                  "max_tokens": args.max_tokens, "backend": args.backend, "rows": rows}  # fmt: skip
+        record = {
+            "provenance": provenance(args.model),
+            "threads": torch.get_num_threads(),
+            "prompt_len": args.prompt_len,
+            "max_tokens": args.max_tokens,
+            "backend": args.backend,
+            "rows": rows,
+        }
         args.json.write_text(json.dumps(record, indent=2))
 
 
