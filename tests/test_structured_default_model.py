@@ -5,11 +5,10 @@ import json
 import jsonschema
 import pytest
 import torch
-from test_structured import SCHEMAS, generate, make_seq
+from test_structured import SCHEMAS, constrained, draw, generate, make_seq
 from transformers import DynamicCache
 
 from server.engine.request import SamplingParams, SequenceState, StructuredSpec
-from server.engine.sampler import sample
 
 pytestmark = pytest.mark.real_model
 
@@ -30,10 +29,11 @@ def test_random_logits_outputs_validate(model_and_tokenizer) -> None:
 def model_generate(model, tok, prompt: str, params: SamplingParams, max_tokens: int = 80) -> str:
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False)
     s = SequenceState("s", "s", 0, list(ids), params, eos_token_ids=(tok.eos_token_id,))
+    manager = constrained(tok, [s])
     cache, step_ids = DynamicCache(), torch.tensor([ids])
     for _ in range(max_tokens):
         logits = model(input_ids=step_ids, past_key_values=cache, use_cache=True).logits[:, -1]
-        (result,) = sample(logits, [s], tok)
+        (result,) = draw(manager, logits, [s])
         s.output_token_ids.append(result.token_id)
         if result.token_id == tok.eos_token_id:
             break
