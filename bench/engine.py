@@ -68,12 +68,18 @@ def time_generate(model, ids: list[list[int]], max_tokens: int) -> float:
     return len(ids) * max_tokens / elapsed
 
 
-def time_engine(llm: LLM, ids: list[list[int]], max_tokens: int) -> float:
+def engine_seconds(llm: LLM, ids: list[list[int]], max_tokens: int) -> float:
+    """Wall time of the engine generating exactly `max_tokens` greedy tokens for every prompt."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     start = time.perf_counter()
     outputs = llm.generate(ids, params)
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == max_tokens for o in outputs)
+    return elapsed
+
+
+def time_engine(llm: LLM, ids: list[list[int]], max_tokens: int) -> float:
+    elapsed = engine_seconds(llm, ids, max_tokens)
     return len(ids) * max_tokens / elapsed
 
 

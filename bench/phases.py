@@ -16,17 +16,15 @@ import argparse
 import gc
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine import make_llm, prompts  # noqa: E402
+from engine import engine_seconds, make_llm, prompts  # noqa: E402
 
 from logquant.models import load_model  # noqa: E402
 from logquant.provenance import provenance  # noqa: E402
-from server.engine import LLM, SamplingParams  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,21 +42,12 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def timed(llm: LLM, ids: list[list[int]], max_tokens: int) -> float:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    start = time.perf_counter()
-    outputs = llm.generate(ids, params)
-    elapsed = time.perf_counter() - start
-    assert all(len(o.outputs[0].token_ids) == max_tokens for o in outputs)
-    return elapsed
-
-
 def measure(args: argparse.Namespace, model, tokenizer, policy: str, batch: int) -> dict:
     ids = prompts(batch, args.prompt_len, model.config.vocab_size)
     llm = make_llm(args, model, tokenizer, policy, args.backend, batch, args.prompt_len + args.max_tokens)
-    timed(llm, ids[:1], 2)  # warm-up
-    prefill_s = timed(llm, ids, 1)
-    full_s = timed(llm, ids, args.max_tokens)
+    engine_seconds(llm, ids[:1], 2)  # warm-up
+    prefill_s = engine_seconds(llm, ids, 1)
+    full_s = engine_seconds(llm, ids, args.max_tokens)
     del llm
     gc.collect()
     decode_tokens = batch * (args.max_tokens - 1)
