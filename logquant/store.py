@@ -222,9 +222,9 @@ class PagedKVStore:
             if index.block_pages.numel():
                 self._write_blocks(layer, index.block_pages, index.block_sources, rows)
         if self._cpu_decode is not None:
-            kernel = self._cpu_decode[self.layout.group_of[layer][0]]
-            kernel(self.layer_bytes(layer), index, query, key, value, scaling, out)
-            kernel.write(self.layer_bytes(layer), index, key, value)
+            kernel, layer_bytes = self._cpu_decode[self.layout.group_of[layer][0]], self.layer_bytes(layer)
+            kernel(layer_bytes, index, query, key, value, scaling, out)
+            kernel.write(layer_bytes, index, key, value)
             return
         from logquant.kernels.decode import StoreLayer, decode_attention  # imports Triton
 
